@@ -1,0 +1,255 @@
+"""The ``lmlab`` command: prepare, train, score, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lmlab import data as data_mod
+from lmlab.train import TrainConfig
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_values(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.replace("-", "_")] = _parse_value(value)
+    return out
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def cmd_prepare(args) -> int:
+    from lmlab.tokenizers import build_tokenizer
+
+    text = data_mod.read_corpus(args.corpus)
+    opts = {"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}
+    tokenizer = build_tokenizer(args.tokenizer, text, **opts)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise SystemExit(f"error: {out} already exists; choose a new directory or pass --force to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    ids = tokenizer.encode(text)
+    train, val = data_mod.split_by_position(ids, args.val_fraction)
+    data_mod.save_ids(train, out / "train.bin", tokenizer.vocab_size)
+    data_mod.save_ids(val, out / "val.bin", tokenizer.vocab_size)
+    meta = {"corpus": str(args.corpus or data_mod.bundled_corpus_path()), "tokenizer": args.tokenizer,
+            "vocab_size": tokenizer.vocab_size, "train_tokens": len(train), "val_tokens": len(val)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ train
+
+
+def _train_config(args) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return TrainConfig(**values)
+
+
+def load_training_data(args, block_size: int):
+    """(tokenizer, train batches, val batches) from --data (prepared dir) or --corpus."""
+    from lmlab.tokenizers import build_tokenizer, load_tokenizer
+
+    batch_size = args.batch_size or TrainConfig.batch_size
+    if args.sequences:
+        lines = data_mod.read_lines(args.corpus)
+        tokenizer = build_tokenizer(args.tokenizer, "\n".join(lines),
+                                    **({"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}))
+        train_lines, val_lines = data_mod.makemore_split(lines, seed=args.split_seed)
+        enc = lambda ls: [tokenizer.encode(s) for s in ls]  # noqa: E731
+        make = lambda seqs: data_mod.SequenceBatches(seqs, batch_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)  # noqa: E731
+        return tokenizer, make(enc(train_lines)), make(enc(val_lines))
+    if args.data:
+        directory = Path(args.data)
+        tokenizer = load_tokenizer(directory / "tokenizer.json")
+        train_ids = data_mod.load_ids(directory / "train.bin", tokenizer.vocab_size)
+        val_ids = data_mod.load_ids(directory / "val.bin", tokenizer.vocab_size)
+    else:
+        text = data_mod.read_corpus(args.corpus)
+        tokenizer = build_tokenizer(args.tokenizer, text, **({"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}))
+        ids = np.asarray(tokenizer.encode(text), dtype=data_mod.ids_dtype(tokenizer.vocab_size))
+        train_ids, val_ids = data_mod.split_by_position(ids, args.val_fraction)
+    return tokenizer, data_mod.StreamBatches(train_ids, block_size, batch_size), data_mod.StreamBatches(val_ids, block_size, batch_size)
+
+
+def build_from_args(args, vocab_size: int, block_size: int):
+    from lmlab.models import build_model
+    from lmlab.models.base import config_from_dict
+
+    values = {"vocab_size": vocab_size, "block_size": block_size}
+    for name in ("n_layer", "n_head", "n_embd", "dropout"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    values.update(_key_values(args.set))
+    return build_model(args.model, config_from_dict(args.model, values))
+
+
+def cmd_train(args) -> int:
+    from lmlab.train import Trainer
+
+    config = _train_config(args)
+    block = args.block_size or 256
+    tokenizer, train, val = load_training_data(args, block)
+    if args.sequences:
+        block = max(train.block_size, val.block_size)
+    if args.resume:
+        from lmlab.models.base import load_model
+        model = load_model(Path(args.out) / "last")
+    else:
+        model = build_from_args(args, tokenizer.vocab_size, block)
+    print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
+    summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume).fit()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ score
+
+
+def cmd_score(args) -> int:
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.score import score_sequences, score_text
+
+    model, tokenizer = load_checkpoint(args.model, args.device)
+    if args.sequences:
+        result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
+    else:
+        result = score_text(model, tokenizer, data_mod.read_corpus(args.text), args.window, args.stride)
+    print(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ generate
+
+
+def cmd_generate(args) -> int:
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.decode.generate import generate
+
+    model, tokenizer = load_checkpoint(args.model, args.device)
+    prompts = args.prompt or ["\n"]
+    ids = [tokenizer.encode(p) for p in prompts]
+    greedy = args.temperature == 0
+    processors = [] if greedy or args.temperature == 1.0 else [lambda logits, _ids: logits / args.temperature]
+    out = generate(model, [p for p in ids for _ in range(args.num_samples)], args.max_new_tokens,
+                   processors=processors, do_sample=not greedy, eos_id=tokenizer.eos_id,
+                   tokenizer=tokenizer, seed=args.seed)
+    for i, g in enumerate(out):
+        print(f"--- sample {i} ({g.finish_reason}, {len(g.token_ids)} tokens)")
+        print(prompts[i // args.num_samples] + g.text)
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+
+
+def cmd_demo(args) -> int:
+    from lmlab.demo import run_demo
+
+    run_demo(out=args.out, seconds=args.seconds, device=args.device, max_iters=args.max_iters)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmlab", description="A laboratory for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val id files")
+    p.add_argument("--corpus", help="UTF-8 text file (default: the bundled tiny Shakespeare)")
+    p.add_argument("--tokenizer", default="char", choices=["char", "word", "bpe"])
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model; a run directory holds checkpoints, metrics and plots")
+    p.add_argument("--model", default="transformer", help="model family")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a directory written by `lmlab prepare`")
+    src.add_argument("--corpus", help="a UTF-8 text file (default: the bundled corpus)")
+    p.add_argument("--sequences", action="store_true", help="one complete sequence per line (makemore split)")
+    p.add_argument("--split-seed", type=int, default=3407)
+    p.add_argument("--tokenizer", default="char", choices=["char", "word", "bpe"])
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any model config field, e.g. --set positions=sinusoidal")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
+            if f.name == "time_budget":
+                kind = float
+            p.add_argument(flag, type=kind or str, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
+    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
+    p.add_argument("--window", type=int)
+    p.add_argument("--stride", type=int)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("generate", help="continue prompts")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seconds", type=float, default=240.0, help="training time budget")
+    p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Corpora, splits, memmapped token ids, and the two batchers.
+
+- ``StreamBatches``: random contiguous windows of one token stream (Shakespeare, PTB).
+- ``SequenceBatches``: complete sequences, one per line, wrapped in
+  ``<bos> ... <eos>`` and right-padded; padded targets are ``IGNORE`` (-100) so
+  no loss or perplexity ever counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+IGNORE = -100  # target id that losses skip (torch's cross_entropy ignore_index)
+
+
+def bundled_corpus_path() -> Path:
+    """Path of the corpus shipped inside the package (tiny Shakespeare)."""
+    return Path(str(files("lmlab") / "corpora" / "tinyshakespeare.txt"))
+
+
+def read_corpus(path: str | Path | None = None) -> str:
+    """Text of ``path`` (UTF-8), or of the bundled corpus when ``path`` is None."""
+    path = bundled_corpus_path() if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {str(path)!r} does not exist; give a UTF-8 text file (or no path for the bundled corpus)")
+    if path.is_dir():
+        raise IsADirectoryError(f"corpus {str(path)!r} is a directory; give a UTF-8 text file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"corpus {str(path)!r} is empty; it needs at least one non-blank line of text")
+    return text
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty, stripped lines of a text file: one complete sequence each."""
+    lines = [line.strip() for line in read_corpus(path).splitlines()]
+    return [line for line in lines if line]
+
+
+def split_by_position(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """First (1 - val_fraction) of the stream for training, the rest for validation (as nanoGPT)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    n = int(len(ids) * (1 - val_fraction))
+    return ids[:n], ids[n:]
+
+
+def makemore_split(items: Sequence, seed: int = 3407) -> tuple[list, list]:
+    """makemore's split: test = min(1000, 10%) of items by a seeded permutation; (train, test)."""
+    test_size = min(1000, int(len(items) * 0.1))
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in perm[:-test_size]], [items[i] for i in perm[-test_size:]]
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def save_ids(ids: Sequence[int] | np.ndarray, path: str | Path, vocab_size: int) -> np.memmap:
+    """Write token ids as a flat binary file (uint16 or int32) and return a read-only memmap."""
+    path = Path(path)
+    arr = np.asarray(ids, dtype=ids_dtype(vocab_size))
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr.tofile(tmp)
+    tmp.replace(path)
+    return load_ids(path, vocab_size)
+
+
+def load_ids(path: str | Path, vocab_size: int) -> np.memmap:
+    return np.memmap(path, dtype=ids_dtype(vocab_size), mode="r")
+
+
+@dataclass
+class StreamBatches:
+    """Random windows of a token stream: ``sample()`` -> x, y of shape (B, T), y = x shifted by one."""
+
+    ids: np.ndarray
+    block_size: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.ids) < self.block_size + 1:
+            raise ValueError(
+                f"the stream has {len(self.ids)} tokens, fewer than block_size + 1 = {self.block_size + 1}; "
+                "use a smaller block_size or a longer corpus"
+            )
+
+    def sample(self, generator: torch.Generator, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=generator).numpy()
+        window = np.stack([np.asarray(self.ids[s : s + self.block_size + 1], dtype=np.int64) for s in starts])
+        w = torch.from_numpy(window)
+        x, y = w[:, :-1], w[:, 1:]
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def windows(self, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every disjoint window once, in order, in batches (for an exact evaluation)."""
+        n = (len(self.ids) - 1) // self.block_size
+        for b in range(0, n, self.batch_size):
+            starts = range(b * self.block_size, min(n, b + self.batch_size) * self.block_size, self.block_size)
+            window = np.stack([np.asarray(self.ids[s : s + self.block_size + 1], dtype=np.int64) for s in starts])
+            w = torch.from_numpy(window).to(device)
+            yield w[:, :-1], w[:, 1:]
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], bos_id: int, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wrap each sequence as x = <bos> s, y = s <eos>; right-pad x with pad_id and y with IGNORE.
+
+    Returns x, y of shape (B, L) with L = 1 + the longest sequence.
+    """
+    L = 1 + max(len(s) for s in sequences)
+    x = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    y = torch.full((len(sequences), L), IGNORE, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        s = torch.as_tensor(list(s), dtype=torch.long)
+        x[i, 0] = bos_id
+        x[i, 1 : 1 + len(s)] = s
+        y[i, : len(s)] = s
+        y[i, len(s)] = eos_id
+    return x, y
+
+
+@dataclass
+class SequenceBatches:
+    """Complete sequences (lists of ids) in padded batches; padding is never a target."""
+
+    sequences: list[list[int]]
+    batch_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        if not self.sequences:
+            raise ValueError("no sequences: the file has no non-empty lines")
+
+    @property
+    def block_size(self) -> int:
+        return 1 + max(len(s) for s in self.sequences)
+
+    def sample(self, generator: torch.Generator, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(len(self.sequences), (self.batch_size,), generator=generator).tolist()
+        x, y = pad_sequences([self.sequences[i] for i in rows], self.bos_id, self.eos_id, self.pad_id)
+        return x.to(device), y.to(device)
+
+    def windows(self, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sequence once, in order, in batches."""
+        for b in range(0, len(self.sequences), self.batch_size):
+            x, y = pad_sequences(self.sequences[b : b + self.batch_size], self.bos_id, self.eos_id, self.pad_id)
+            yield x.to(device), y.to(device)

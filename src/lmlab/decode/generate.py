@@ -1,0 +1,216 @@
+"""The generation loop: owns the state, the stop rules and the output.
+
+Prompts of different lengths need no padding choice from the user: the
+common prefix goes through the model in one call, then every row consumes one
+token per step — its own next prompt token while it still has one (forced),
+a chosen token afterwards. Rows therefore stay aligned, which works for every
+model family (KV cache, hidden vectors, n-gram contexts) without masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from lmlab.models.base import LanguageModel, State
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Generation:
+    """One row's result. ``token_ids`` are the new tokens (with the <eos> if one ended it);
+    ``logprobs`` are their log-probabilities under the model (before processors)."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" | "length" | "stop"
+    text: str = ""
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(
+                f"prompt {i} is empty; every prompt needs at least one token (start it with the <bos> id to generate from nothing)"
+            )
+    return prompts
+
+
+class ContextWindow:
+    """Keeps a model's state within its context: ``"slide"`` re-reads the most recent
+    tokens into a fresh state when the window is full, ``"error"`` refuses."""
+
+    def __init__(self, model: LanguageModel, policy: str = "slide") -> None:
+        if policy not in ("slide", "error"):
+            raise ValueError(f"context policy {policy!r}; accepted: 'slide', 'error'")
+        self.model, self.policy, self.limit = model, policy, model.max_context
+
+    def check_prompt(self, prompts: list[list[int]]) -> None:
+        longest = max(len(p) for p in prompts)
+        if self.limit is not None and self.policy == "error" and longest > self.limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens is longer than the model's context of {self.limit}; "
+                "shorten it or use the 'slide' context policy (keeps the last tokens)"
+            )
+
+    def step(self, history: torch.Tensor, state: State | None, new: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """Feed ``new`` (B, T) after ``history`` (B, t); returns logits (B, T, V) and the state."""
+        if self.limit is None or state is None and new.shape[1] <= self.limit or state is not None and state.length + new.shape[1] <= self.limit:
+            return self.model(new, state)
+        if self.policy == "error":
+            raise ValueError(f"the sequence would exceed the model's context of {self.limit} tokens")
+        window = torch.cat([history, new], dim=1)[:, -self.limit :]
+        return self.model(window, None)
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    processors: Sequence[Processor] = (),
+    do_sample: bool = True,
+    eos_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    context_policy: str = "slide",
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Extend each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    ``processors`` transform the (B, V) next-token logits in order; then the
+    token is the argmax (``do_sample=False``) or a draw from the softmax.
+    A row stops at ``eos_id``, at a stop string (needs ``tokenizer``), or at the
+    budget. ``on_token(row, token_id)`` is called for every new token as it is chosen.
+    """
+    options = dict(processors=processors, do_sample=do_sample, eos_id=eos_id, stop_strings=stop_strings,
+                   tokenizer=tokenizer, seed=seed, generator=generator, context_policy=context_policy,
+                   on_token=on_token)
+    for results in _run(model, prompts, max_new_tokens, **options):
+        pass
+    return results
+
+
+def stream(model: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> Iterator[tuple[int, int]]:
+    """Yield ``(row, token_id)`` as tokens are produced (same options as ``generate``)."""
+    events: list[tuple[int, int]] = []
+    user_callback = options.pop("on_token", None)
+
+    def record(row: int, token: int) -> None:
+        events.append((row, token))
+        if user_callback is not None:
+            user_callback(row, token)
+
+    for _ in _run(model, prompts, max_new_tokens, **{**_DEFAULTS, **options, "on_token": record}):
+        yield from events
+        events.clear()
+
+
+_DEFAULTS = dict(processors=(), do_sample=True, eos_id=None, stop_strings=(), tokenizer=None, seed=None,
+                 generator=None, context_policy="slide", on_token=None)
+
+
+@torch.no_grad()
+def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_strings, tokenizer, seed,
+         generator, context_policy, on_token) -> Iterator[list[Generation]]:
+    """Steps of the loop; yields after each step (results are filled in at the end)."""
+    prompts = _check_prompts(prompts)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the text; pass tokenizer=")
+    device = model.device
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    window = ContextWindow(model, context_policy)
+    window.check_prompt(prompts)
+    B = len(prompts)
+    results = [Generation(prompt_ids=p) for p in prompts]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p, device=device)
+    common = int(lengths.min())
+    history = padded[:, :common]
+    logits, state = window.step(history[:, :0], None, history)
+    # Bookkeeping stays on the device: new tokens, their log-probs, counts, finish codes.
+    budget = max(max_new_tokens, 1)
+    new_tokens = torch.zeros(B, budget, dtype=torch.long, device=device)
+    new_logprobs = torch.zeros(B, budget, dtype=torch.float32, device=device)
+    new_counts = torch.zeros(B, dtype=torch.long, device=device)
+    finish = torch.zeros(B, dtype=torch.long, device=device)  # 0 running, 1 eos, 2 length, 3 stop
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if max_new_tokens == 0:
+        done[:] = True
+        finish[:] = 2
+    rows = torch.arange(B, device=device)
+    position = common  # index of the token chosen this step
+    per_row_python = on_token is not None or bool(stop_strings)
+    while not bool(done.all()):
+        next_logits = logits[:, -1, :].float()
+        scores = next_logits
+        for proc in processors:
+            scores = proc(scores, history)
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            chosen = scores.argmax(dim=-1)
+        in_prompt = position < lengths
+        if position < longest:
+            chosen = torch.where(in_prompt, padded[:, position], chosen)
+        generating = ~in_prompt & ~done
+        token_logp = torch.log_softmax(next_logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        slot = new_counts.clamp_max(budget - 1)
+        new_tokens[rows, slot] = torch.where(generating, chosen, new_tokens[rows, slot])
+        new_logprobs[rows, slot] = torch.where(generating, token_logp, new_logprobs[rows, slot])
+        new_counts += generating.long()
+        if eos_id is not None:
+            hit_eos = generating & (chosen == eos_id)
+            finish = torch.where(hit_eos, torch.ones_like(finish), finish)
+            done |= hit_eos
+        if per_row_python:
+            for row in generating.nonzero().flatten().tolist():
+                if on_token is not None:
+                    on_token(row, int(chosen[row]))
+                if stop_strings and not done[row]:
+                    text = tokenizer.decode(new_tokens[row, : new_counts[row]].tolist())
+                    if any(s_ in text for s_ in stop_strings):
+                        finish[row], done[row] = 3, True
+        out_of_budget = ~done & (new_counts >= max_new_tokens)
+        finish = torch.where(out_of_budget, torch.full_like(finish, 2), finish)
+        done |= out_of_budget
+        yield results
+        if bool(done.all()):
+            break
+        step_ids = chosen[:, None]
+        logits, state = window.step(history, state, step_ids)
+        history = torch.cat([history, step_ids], dim=1)
+        position += 1
+    reasons = {1: "eos", 2: "length", 3: "stop"}
+    counts, tokens_cpu, logps_cpu, finish_cpu = new_counts.tolist(), new_tokens.tolist(), new_logprobs.tolist(), finish.tolist()
+    for i, r in enumerate(results):
+        r.token_ids = tokens_cpu[i][: counts[i]]
+        r.logprobs = logps_cpu[i][: counts[i]]
+        r.finish_reason = reasons[finish_cpu[i]]
+    if tokenizer is not None:
+        for r in results:
+            ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
+            text = tokenizer.decode(ids)
+            if r.finish_reason == "stop":
+                cut = min(text.index(s) for s in stop_strings if s in text)
+                text = text[:cut]
+            r.text = text
+    yield results

@@ -1,0 +1,321 @@
+"""Decoder-only transformer with a KV cache as its state.
+
+One configurable block covers the GPT family (learned or sinusoidal positions,
+LayerNorm, ReLU/GELU MLP, biases) and the Llama family (rotary positions,
+RMSNorm, SwiGLU, grouped-query attention, no biases). Attention runs through
+``torch.nn.functional.scaled_dot_product_attention``.
+
+State: ``k{i}``/``v{i}`` of shape (B, H_kv, capacity, D_head) per layer; the
+first ``state.length`` positions are filled. Capacity grows by doubling up to
+``block_size``, so appending a token costs O(1) amortised copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.models.base import LanguageModel, State, register
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    block_size: int = 256          # most positions the model attends to
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: int | None = None   # grouped-query attention; None = n_head
+    d_ff: int | None = None        # feed-forward width; None = 4 * n_embd
+    dropout: float = 0.0           # residual and attention dropout
+    embed_dropout: float = 0.0     # word-level: whole embedding rows dropped per forward
+    norm: str = "layernorm"        # "layernorm" | "rmsnorm" | "none"
+    norm_position: str = "pre"     # "pre" | "post"
+    norm_eps: float = 1e-5
+    positions: str = "learned"     # "learned" | "sinusoidal" | "rotary"
+    sinusoidal_layout: str = "interleaved"  # "interleaved" (sin, cos, sin, ...) | "concat" ([sin | cos])
+    rope_theta: float = 10000.0
+    activation: str = "gelu"       # "relu" | "gelu" | "gelu_tanh" | "swiglu"
+    bias: bool = True              # biases in linear layers and LayerNorm
+    lm_head_bias: bool = False
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "norm": ("layernorm", "rmsnorm", "none"),
+            "norm_position": ("pre", "post"),
+            "positions": ("learned", "sinusoidal", "rotary"),
+            "sinusoidal_layout": ("interleaved", "concat"),
+            "activation": ("relu", "gelu", "gelu_tanh", "swiglu"),
+        }
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; accepted: {accepted}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={kv}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0):
+            raise ValueError(f"dropout={self.dropout}, embed_dropout={self.embed_dropout}: each must be in [0, 1)")
+        if self.positions == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+
+
+def sinusoidal_table(num_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
+    """(num_positions, dim) table: sin/cos of pos / 10000^(2i/dim), interleaved or concatenated."""
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = pos * freq
+    if layout == "concat":
+        table = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    else:
+        table = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(num_positions, dim)
+    return table.float()
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) for rotary embeddings (the half-split layout Llama uses)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); rotate pairs (i, i + D/2) by the position angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.Identity()
+
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) self-attention with a cache."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """x: (B, T, C); cache: (k, v) each (B, H_kv, capacity, D) holding ``start`` positions."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k_all, v_all, cache = _append(cache, k, v, start)
+        if self.n_kv_head != self.n_head:
+            repeat = self.n_head // self.n_kv_head
+            k_all = k_all.repeat_interleave(repeat, dim=1)
+            v_all = v_all.repeat_interleave(repeat, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k_all.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))
+            weights = scores.softmax(-1)
+            y = weights @ v_all
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=T > 1, dropout_p=dropout)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=_causal_mask(T, start, x.device), dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o(y), cache, weights
+
+
+def _causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor:
+    """(T, start + T) bool: query i (at position start + i) sees keys 0..start + i."""
+    rows = torch.arange(T, device=device)[:, None] + start
+    cols = torch.arange(start + T, device=device)[None, :]
+    return cols <= rows
+
+
+def _append(cache, k, v, start):
+    """Write k, v (B, H, T, D) at positions start.. of the cache; return the filled views and the cache."""
+    T = k.shape[2]
+    if cache is None:
+        if start != 0:
+            raise ValueError(f"a state at position {start} has no cache for this layer")
+        return k, v, (k, v)
+    ck, cv = cache
+    end = start + T
+    if end > ck.shape[2]:
+        capacity = max(end, 2 * ck.shape[2])
+        grown_k = ck.new_empty(ck.shape[0], ck.shape[1], capacity, ck.shape[3])
+        grown_v = cv.new_empty(grown_k.shape)
+        grown_k[:, :, :start] = ck[:, :, :start]
+        grown_v[:, :, :start] = cv[:, :, :start]
+        ck, cv = grown_k, grown_v
+    ck[:, :, start:end] = k
+    cv[:, :, start:end] = v
+    return ck[:, :, :end], cv[:, :, :end], (ck, cv)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d_ff = config.d_ff or 4 * config.n_embd
+        self.activation = config.activation
+        self.fc = nn.Linear(config.n_embd, d_ff, bias=config.bias)
+        if config.activation == "swiglu":
+            self.gate = nn.Linear(config.n_embd, d_ff, bias=config.bias)
+        self.proj = nn.Linear(d_ff, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            h = F.silu(self.gate(x)) * self.fc(x)
+        elif self.activation == "relu":
+            h = F.relu(self.fc(x))
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(self.fc(x), approximate="tanh")
+        else:
+            h = F.gelu(self.fc(x))
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.ln1 = make_norm(config)
+        self.attn = Attention(config)
+        self.ln2 = make_norm(config)
+        self.mlp = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache, start, rotary, need_weights=False):
+        if self.pre_norm:
+            a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights)
+            x = x + self.drop(a)
+            x = x + self.drop(self.mlp(self.ln2(x)))
+        else:
+            a, cache, w = self.attn(x, cache, start, rotary, need_weights)
+            x = self.ln1(x + self.drop(a))
+            x = self.ln2(x + self.drop(self.mlp(x)))
+        return x, cache, w
+
+
+@register("transformer", TransformerConfig)
+class Transformer(LanguageModel):
+    """GPT-style decoder: ``logits, state = model(ids, state)``; ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.positions == "sinusoidal":
+            table = sinusoidal_table(config.block_size, config.n_embd, config.sinusoidal_layout)
+            self.register_buffer("sinusoid", table, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
+    def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, T) ids at positions start.. -> (B, T, C) input vectors."""
+        c = self.config
+        weight = self.wte.weight
+        if self.training and c.embed_dropout > 0:
+            keep = torch.empty(weight.shape[0], 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - c.embed_dropout)
+            weight = weight * keep / (1 - c.embed_dropout)
+        x = F.embedding(ids, weight)
+        T = ids.shape[1]
+        if c.positions == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=ids.device))
+        elif c.positions == "sinusoidal":
+            x = x + self.sinusoid[start : start + T]
+        return self.drop(x)
+
+    def forward(
+        self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
+    ) -> tuple[torch.Tensor, State]:
+        """ids: (B, T) int64 -> logits (B, T, V) float and the state after the last token.
+
+        With ``return_attention=True`` the state also holds ``attention{i}``
+        (B, H, T, start + T) weights per layer (slower: no fused kernel).
+        """
+        B, T = ids.shape
+        start = state.length if state is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"{start + T} positions exceed the model's block_size={self.config.block_size}; "
+                "crop the input or continue with a fresh state over the last block_size tokens"
+            )
+        x = self.embed(ids, start)
+        rotary = None
+        if self.config.positions == "rotary":
+            positions = torch.arange(start, start + T, device=ids.device)
+            rotary = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        tensors: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            cache = (state.tensors[f"k{i}"], state.tensors[f"v{i}"]) if state is not None else None
+            x, (ck, cv), w = block(x, cache, start, rotary, return_attention)
+            tensors[f"k{i}"], tensors[f"v{i}"] = ck, cv
+            if w is not None:
+                tensors[f"attention{i}"] = w
+        logits = self.lm_head(self.ln_f(x))
+        return logits, State(tensors, start + T)

@@ -1,0 +1,173 @@
+"""How probable is a text: log-probabilities, NLL, perplexity, bits per character.
+
+Rules kept everywhere here:
+- a corpus perplexity is exp(total NLL / total scored tokens), never a mean of
+  per-sequence perplexities;
+- padding is never scored;
+- a complete sequence is scored as <bos> s <eos>: every token of s and the
+  final <eos> count, <bos> does not;
+- a long stream is scored token by token from its second token on, each
+  token once, with as much context as the window allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from lmlab.data import IGNORE, pad_sequences
+from lmlab.models.base import LanguageModel
+
+
+@dataclass
+class Score:
+    """Totals of a scoring run; derived numbers are properties."""
+
+    nll: float          # total negative log-likelihood, nats
+    tokens: int         # scored tokens
+    characters: int = 0  # characters of the scored text (0 when unknown)
+
+    @property
+    def nll_per_token(self) -> float:
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_per_token) if self.tokens else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll_per_token / math.log(2)
+
+    @property
+    def bits_per_character(self) -> float:
+        return self.nll / math.log(2) / self.characters if self.characters else float("nan")
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(
+            nll_per_token=self.nll_per_token,
+            perplexity=self.perplexity,
+            bits_per_token=self.bits_per_token,
+            bits_per_character=self.bits_per_character,
+        )
+        return out
+
+
+@torch.no_grad()
+def target_logprobs(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log P(y[b, t] | x[b, :t+1]) of shape (B, T); 0 where y is IGNORE."""
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = y != IGNORE
+    picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked))
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: LanguageModel,
+    sequences: Sequence[Sequence[int]],
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 64,
+) -> list[tuple[float, int]]:
+    """(log P(s <eos> | <bos>), scored tokens = len(s) + 1) for each sequence of ids."""
+    device = model.device
+    out: list[tuple[float, int]] = []
+    for b in range(0, len(sequences), batch_size):
+        chunk = sequences[b : b + batch_size]
+        x, y = pad_sequences(chunk, bos_id, eos_id, pad_id)
+        _check_context(model, x.shape[1])
+        lp = target_logprobs(model, x.to(device), y.to(device))
+        counts = (y != IGNORE).sum(1)
+        out.extend((float(s), int(n)) for s, n in zip(lp.double().sum(1).tolist(), counts.tolist()))
+    return out
+
+
+def score_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> Score:
+    """Corpus score of complete sequences (one text each), <eos> included."""
+    if not texts:
+        raise ValueError("no texts to score; give at least one non-empty sequence")
+    ids = [tokenizer.encode(t) for t in texts]
+    results = sequence_logprobs(model, ids, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, batch_size)
+    nll = -sum(lp for lp, _ in results)
+    return Score(nll=nll, tokens=sum(n for _, n in results), characters=sum(len(t) + 1 for t in texts))
+
+
+def _check_context(model: LanguageModel, length: int) -> None:
+    if model.max_context is not None and length > model.max_context:
+        raise ValueError(
+            f"a sequence of {length} tokens (with <bos>) is longer than the model's context of "
+            f"{model.max_context}; score it as a stream with window <= {model.max_context}"
+        )
+
+
+@torch.no_grad()
+def stream_nll(
+    model: LanguageModel,
+    ids: Sequence[int] | torch.Tensor,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+) -> Score:
+    """NLL of tokens 1..N-1 of a stream, each scored once.
+
+    ``window`` is the most tokens a forward pass sees (default: the model's
+    context, or 1024 for unbounded models). ``stride`` = ``window`` gives
+    disjoint windows (each window starts from no context); a smaller stride
+    gives a sliding window: every token after the first window is scored with
+    at least ``window - stride`` tokens of context.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = ids.numel()
+    if n < 2:
+        raise ValueError(f"a stream of {n} token(s) has nothing to score; give at least 2 tokens")
+    window = window or model.max_context or 1024
+    stride = stride or window
+    if model.max_context is not None and window > model.max_context:
+        raise ValueError(f"window={window} is larger than the model's context of {model.max_context}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride={stride} must be in [1, window={window}]")
+    # Window j feeds ids[begin : begin + w] and scores the targets it is the first to reach.
+    jobs: list[tuple[int, int, int]] = []  # (begin, end, first scored target index)
+    scored_until = 1  # targets are positions 1..n-1
+    begin = 0
+    while scored_until < n:
+        end = min(begin + window, n - 1)
+        jobs.append((begin, end, scored_until))
+        scored_until = end + 1
+        begin += stride
+        if end == n - 1:
+            break
+    device = model.device
+    total = 0.0
+    count = 0
+    for b in range(0, len(jobs), batch_size):
+        group = jobs[b : b + batch_size]
+        width = max(e - s for s, e, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), IGNORE, dtype=torch.long)
+        for row, (s, e, first) in enumerate(group):
+            x[row, : e - s] = ids[s:e]
+            targets = ids[s + 1 : e + 1].clone()
+            targets[: first - (s + 1)] = IGNORE
+            y[row, : e - s] = targets
+        lp = target_logprobs(model, x.to(device), y.to(device))
+        total -= float(lp.double().sum())
+        count += int((y != IGNORE).sum())
+    assert count == n - 1, (count, n)
+    return Score(nll=total, tokens=count)
+
+
+def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None) -> Score:
+    """Stream score of a long text; bits per character count the characters after the first token."""
+    ids = tokenizer.encode(text)
+    score = stream_nll(model, ids, window, stride)
+    first = len(tokenizer.decode(ids[:1]))
+    score.characters = max(len(text) - first, 0)
+    return score

@@ -1,0 +1,32 @@
+"""Small models with known distributions, shared by the tests."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lmlab.models.base import LanguageModel, State
+
+
+@dataclass
+class TableConfig:
+    vocab_size: int
+
+
+class BigramTable(LanguageModel):
+    """P(x_t | x_{t-1}) = softmax(table[x_{t-1}]); state = the last token. Unbounded context."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.config = TableConfig(table.shape[0])
+        self.register_buffer("table", table.float())
+
+    def forward(self, ids, state=None):
+        logits = self.table[ids]
+        return logits, State({"last": ids[:, -1:]}, (state.length if state else 0) + ids.shape[1])
+
+
+@pytest.fixture
+def bigram_table():
+    g = torch.Generator().manual_seed(0)
+    return BigramTable(torch.randn(6, 6, generator=g) * 2)
