@@ -1,0 +1,48 @@
+"""lmlab.reference: a second, independent implementation of core computations in plain numpy.
+
+Short enough to read next to the math, and used to check the PyTorch code:
+
+- ``ops``: softmax, log_softmax, softmax_backward, layer_norm, rms_norm, gelu, sigmoid, ...
+- ``attention``: ``SelfAttention`` and ``MultiHeadAttention`` with forward and backward,
+  and the ``attention`` function (scaled dot-product, causal, grouped-query);
+- ``recurrent``: ``RecurrentLM`` (RNN / GRU / LSTM + dense output) from numpy weights,
+  ``from_torch_state_dict``;
+- ``keras``: ``load_keras_h5`` for Keras 2 ``.h5`` files (needs h5py; imported on use);
+- ``sequence``: ``sequence_nll``, ``perplexity``, ``sample`` for any step function.
+
+Only numpy (and h5py for Keras files) -- never torch.
+"""
+
+from lmlab.reference.attention import MultiHeadAttention, SelfAttention, attention
+from lmlab.reference.ops import gelu, layer_norm, log_softmax, rms_norm, softmax, softmax_backward
+from lmlab.reference.recurrent import GATES, RecurrentLM, from_torch_state_dict, random_weights
+from lmlab.reference.sequence import perplexity, sample, sequence_nll, token_nlls
+
+
+def load_keras_h5(path, dtype=None):
+    """A ``RecurrentLM`` from a Keras 2 ``.h5`` file; see ``lmlab.reference.keras``."""
+    from lmlab.reference.keras import load_keras_h5 as _load
+
+    return _load(path, dtype=dtype)
+
+
+__all__ = [
+    "GATES",
+    "MultiHeadAttention",
+    "RecurrentLM",
+    "SelfAttention",
+    "attention",
+    "from_torch_state_dict",
+    "gelu",
+    "layer_norm",
+    "load_keras_h5",
+    "log_softmax",
+    "perplexity",
+    "random_weights",
+    "rms_norm",
+    "sample",
+    "sequence_nll",
+    "softmax",
+    "softmax_backward",
+    "token_nlls",
+]
