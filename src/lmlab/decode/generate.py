@@ -14,9 +14,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from lmlab.decode.processors import apply_processors
 from lmlab.models.base import LanguageModel, State
 
-Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
+# (see lmlab.decode.processors); LogitsProcessor instances also get num_generated (B,).
+Processor = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -160,9 +163,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     per_row_python = on_token is not None or bool(stop_strings)
     while not bool(done.all()):
         next_logits = logits[:, -1, :].float()
-        scores = next_logits
-        for proc in processors:
-            scores = proc(scores, history)
+        scores = apply_processors(processors, next_logits, history, num_generated=new_counts)
         if do_sample:
             probs = torch.softmax(scores, dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)

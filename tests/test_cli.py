@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from lmlab.cli import main
+
+TEXT = "to be or not to be, that is the question.\n" * 60
+TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--max-iters", "12",
+         "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_prepare_train_score_generate(tmp_path, corpus, capsys):
+    data = tmp_path / "data"
+    assert main(["prepare", "--corpus", str(corpus), "--out", str(data)]) == 0
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] == len(TEXT)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "16", "--stride", "8"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["tokens"] == len(TEXT) - 1 and score["perplexity"] > 1
+    assert main(["generate", "--model", str(run), "--prompt", "to be", "--max-new-tokens", "20", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "to be" in out and "sample 0" in out
+    # resume continues the same run directory
+    more = [a if a != "12" else "18" for a in TRAIN]
+    assert main(["train", "--data", str(data), "--out", str(run), "--resume", *more]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 18
+
+
+def test_train_on_sequences(tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia"] * 20))
+    assert main(["train", "--corpus", str(names), "--sequences", "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", str(tmp_path / "run"), "--text", str(names), "--sequences"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["tokens"] == sum(len(n) + 1 for n in names.read_text().split())
+
+
+def test_errors_are_clear_and_lose_nothing(tmp_path, corpus, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "--corpus", str(empty), "--out", str(tmp_path / "r1"), *TRAIN]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["train", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r2"), *TRAIN]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    assert main(["train", "--corpus", str(corpus), "--out", str(run), *TRAIN]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "precious"
+    assert main(["score", "--model", str(tmp_path), "--text", str(corpus)]) == 2
+    assert "no lmlab model" in capsys.readouterr().err
+
+
+def test_checkpoint_with_a_mismatched_tokenizer_is_refused(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(run), *TRAIN]) == 0
+    from lmlab.tokenizers import CharTokenizer
+
+    CharTokenizer.train("abc").save(run / "best" / "tokenizer.json")
+    capsys.readouterr()
+    assert main(["score", "--model", str(run), "--text", str(corpus)]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+
+
+def test_block_size_beyond_positions_is_refused(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(run), *TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "32"]) == 2
+    assert "window=32 is larger than the model's context of 16" in capsys.readouterr().err
