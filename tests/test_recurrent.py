@@ -1,0 +1,224 @@
+"""RNN / GRU / LSTM language models: the one interface, torch weight names, the classic GRU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmlab.models import State, build_model, load_model, save_model
+from lmlab.models.recurrent import ClassicGRU, GRUConfig, LSTMConfig, RecurrentConfig, RNNConfig
+from lmlab.sources import MarkovChain
+
+V = 9
+BASE = {"vocab_size": V, "n_embd": 6, "n_hidden": 10, "n_layer": 2}
+CONFIGS = {
+    "rnn": ("rnn", BASE),
+    "rnn-relu": ("rnn", {**BASE, "nonlinearity": "relu", "n_layer": 1}),
+    "gru": ("gru", BASE),
+    "gru-classic": ("gru", {**BASE, "gru_variant": "classic"}),
+    "lstm": ("lstm", BASE),
+    "lstm-tied": ("lstm", {**BASE, "n_embd": 10, "tie_weights": True, "n_layer": 1}),
+}
+
+
+def make(name: str, **overrides):
+    family, cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    return build_model(family, {**cfg, **overrides}).eval()
+
+
+def chunked(model, ids, sizes):
+    out, state, t = [], None, 0
+    for size in sizes:
+        logits, state = model(ids[:, t : t + size], state)
+        out.append(logits)
+        t += size
+    return torch.cat(out, 1), state
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shapes_and_state(name):
+    model = make(name)
+    ids = torch.randint(0, V, (3, 7))
+    logits, state = model(ids)
+    assert logits.shape == (3, 7, V) and state.length == 7
+    L, H = model.config.n_layer, model.config.n_hidden
+    expected = {"h", "c"} if model.config.cell == "lstm" else {"h"}
+    assert set(state.tensors) == expected
+    assert all(t.shape == (3, L, H) for t in state.tensors.values())
+    assert model.max_context is None
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_incremental_equals_full(name):
+    model = make(name)
+    ids = torch.randint(0, V, (2, 11))
+    full, full_state = model(ids)
+    for sizes in ([1] * 11, [4, 0, 7], [11]):
+        inc, state = chunked(model, ids, sizes)
+        torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+        for k, v in full_state.tensors.items():
+            torch.testing.assert_close(state.tensors[k], v, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(list(CONFIGS)), st.lists(st.integers(1, 4), min_size=1, max_size=5), st.integers(0, 1000))
+def test_incremental_equals_full_any_split(name, sizes, seed):
+    model = make(name)
+    ids = torch.randint(0, V, (2, sum(sizes)), generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(chunked(model, ids, sizes)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_load_round_trip(name, tmp_path):
+    model = make(name)
+    ids = torch.randint(0, V, (2, 6))
+    save_model(model, tmp_path / name)
+    loaded = load_model(tmp_path / name).eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=0, rtol=0)
+    if model.config.tie_weights:
+        assert loaded.decoder.weight is loaded.encoder.weight
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_select(name):
+    model = make(name)
+    ids, nxt = torch.randint(0, V, (3, 5)), torch.randint(0, V, (3, 3))
+    _, state = model(ids)
+    index = torch.tensor([1, 1, 0])
+    logits, _ = model(nxt[index], state.select(index))
+    torch.testing.assert_close(logits, model(torch.cat([ids, nxt], 1)[index])[0][:, 5:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell, module", [("rnn", torch.nn.RNN), ("gru", torch.nn.GRU), ("lstm", torch.nn.LSTM)])
+def test_torch_weights_load_by_name(cell, module):
+    """A plain torch recurrent module's state dict loads under ``rnn.`` and gives the same outputs."""
+    torch.manual_seed(1)
+    model = make(cell)
+    ref = module(6, 10, num_layers=2, batch_first=True)
+    names = {f"rnn.{k}" for k in ref.state_dict()}
+    assert names == {k for k in model.state_dict() if k.startswith("rnn.")}
+    assert {"rnn.weight_ih_l0", "rnn.weight_hh_l1", "rnn.bias_ih_l1", "encoder.weight", "decoder.weight"} <= set(
+        model.state_dict()
+    )
+    model.rnn.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, V, (2, 5))
+    out, hidden = ref(model.encoder(ids))
+    logits, state = model(ids)
+    torch.testing.assert_close(logits, model.decoder(out))
+    h = hidden[0] if cell == "lstm" else hidden
+    torch.testing.assert_close(state.tensors["h"], h.transpose(0, 1))
+
+
+def _classic_gru_numpy(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """Cho et al. 2014 with torch's gate layout (r, z, n), one layer, float64."""
+    sig = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    H = h0.shape[-1]
+    h, outs = h0, []
+    for t in range(x.shape[1]):
+        gi = x[:, t] @ w_ih.T + b_ih
+        r = sig(gi[:, :H] + h @ w_hh[:H].T + b_hh[:H])
+        z = sig(gi[:, H : 2 * H] + h @ w_hh[H : 2 * H].T + b_hh[H : 2 * H])
+        n = np.tanh(gi[:, 2 * H :] + (r * h) @ w_hh[2 * H :].T + b_hh[2 * H :])
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return np.stack(outs, 1), h
+
+
+def test_classic_gru_matches_the_formula_and_differs_from_reset_after():
+    torch.manual_seed(0)
+    cell = ClassicGRU(4, 5, num_layers=1).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    h0 = torch.randn(1, 3, 5, dtype=torch.float64)
+    out, hn = cell(x, h0)
+    params = [getattr(cell, n).detach().numpy() for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
+    ref_out, ref_h = _classic_gru_numpy(x.numpy(), h0[0].numpy(), *params)
+    np.testing.assert_allclose(out.detach().numpy(), ref_out, atol=1e-12)
+    np.testing.assert_allclose(hn[0].detach().numpy(), ref_h, atol=1e-12)
+    # Same parameters in torch's (reset-after) GRU give a different function.
+    torch_gru = torch.nn.GRU(4, 5, batch_first=True).double()
+    torch_gru.load_state_dict(cell.state_dict())
+    assert not torch.allclose(torch_gru(x, h0)[0], out)
+
+
+def test_gru_variants_share_parameter_names():
+    a, b = make("gru"), make("gru-classic")
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_dropout_between_layers_only_in_training():
+    for name in ("lstm", "gru-classic"):
+        model = make(name, dropout=0.3)
+        ids = torch.randint(0, V, (2, 6))
+        model.train()
+        assert not torch.equal(model(ids)[0], model(ids)[0])
+        model.eval()
+        assert torch.equal(model(ids)[0], model(ids)[0])
+
+
+def test_config_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="tie_weights needs n_embd == n_hidden"):
+        LSTMConfig(vocab_size=5, n_embd=4, n_hidden=8, tie_weights=True)
+    with pytest.raises(ValueError, match="gru_variant='reset_before'"):
+        GRUConfig(vocab_size=5, gru_variant="reset_before")
+    with pytest.raises(ValueError, match="applies to cell='gru' only"):
+        LSTMConfig(vocab_size=5, gru_variant="classic")
+    with pytest.raises(ValueError, match="nonlinearity='relu' applies to cell='rnn'"):
+        GRUConfig(vocab_size=5, nonlinearity="relu")
+    with pytest.raises(ValueError, match="cell='cnn'"):
+        RecurrentConfig(vocab_size=5, cell="cnn")
+    with pytest.raises(ValueError, match="needs cell='gru', got cell='lstm'"):
+        build_model("gru", RecurrentConfig(vocab_size=5, cell="lstm"))
+    assert RNNConfig(vocab_size=3).cell == "rnn" and build_model("gru", {"vocab_size": 3}).config.cell == "gru"
+
+
+def test_state_errors():
+    model = make("lstm")
+    with pytest.raises(ValueError, match="holds"):
+        model(torch.randint(0, V, (2, 3)), State({"h": torch.zeros(2, 2, 10)}, 0))
+    _, state = model(torch.randint(0, V, (2, 3)))
+    with pytest.raises(ValueError, match=r"expected \(3, 2, 10\)"):
+        model(torch.randint(0, V, (3, 1)), state)
+
+
+def test_gru_reaches_the_entropy_rate_of_an_order2_chain():
+    """A GRU needs its memory for an order-2 chain (a bigram table cannot do it).
+
+    Trained on 24k tokens of a 3-symbol order-2 chain (18 free parameters in the truth),
+    80 AdamW steps on 32 x 32-token windows bring its loss on fresh samples to within 0.03
+    nats of the oracle's loss on the same samples (observed ~0.006); the best bigram model
+    stays 0.13 nats above (checked below from the exact order-1 conditional of the chain).
+    """
+    torch.manual_seed(0)
+    chain = MarkovChain.random(3, order=2, seed=4, concentration=0.3)
+    train_ids = torch.from_numpy(chain.sample_sequences(96, 250, seed=1))
+    test_ids = chain.sample_sequences(64, 250, seed=2)
+    model = build_model("gru", {"vocab_size": 3, "n_embd": 8, "n_hidden": 16})
+    opt = torch.optim.AdamW(model.parameters(), lr=0.03, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        rows = torch.randint(0, train_ids.shape[0], (32,), generator=g)
+        start = int(torch.randint(0, 250 - 33, (1,), generator=g))
+        batch = train_ids[rows, start : start + 33]
+        logits, _ = model(batch[:, :-1])
+        loss = F.cross_entropy(logits[:, 1:].reshape(-1, 3), batch[:, 2:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        t = torch.from_numpy(test_ids)
+        logits, _ = model(t[:, :-1])
+        model_ce = F.cross_entropy(logits[:, 1:].reshape(-1, 3), t[:, 2:].reshape(-1)).item()
+    oracle_ce = chain.cross_entropy(test_ids)
+    assert model_ce - oracle_ce < 0.03
+    # The best order-1 model (the exact bigram conditional of the chain) is far worse.
+    pi = chain.stationary()  # (3, 3) over (x_{t-2}, x_{t-1})
+    bigram = (pi[..., None] * chain.transitions).sum(0) / pi.sum(0)[:, None]
+    bigram_ce = -np.mean(np.log(bigram[test_ids[:, 1:-1], test_ids[:, 2:]]))
+    assert bigram_ce - oracle_ce > 0.1
