@@ -30,3 +30,8 @@ class BigramTable(LanguageModel):
 def bigram_table():
     g = torch.Generator().manual_seed(0)
     return BigramTable(torch.randn(6, 6, generator=g) * 2)
+
+
+def pytest_configure(config):
+    # Tiny tensors: one intra-op thread is faster and keeps timings stable on shared machines.
+    torch.set_num_threads(1)

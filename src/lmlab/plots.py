@@ -1,4 +1,4 @@
-"""Pictures: loss curves (more plots join here: attention, positions, next-token bars)."""
+"""Pictures: loss curves, sinusoidal position similarity, attention heatmaps (more join here: next-token bars)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,155 @@ def plot_loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
     plt.close(fig)
     tmp.replace(out_path)
     return out_path
+
+
+# ---------------------------------------------------------------- positions and attention
+
+
+def _save(fig, out_path: str | Path) -> Path:
+    """Write ``fig`` to ``out_path`` via a temporary file (never half-written) and close it."""
+    plt = _pyplot()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp" + (out_path.suffix or ".png"))
+    fig.savefig(tmp, dpi=120, format=(out_path.suffix[1:] or "png"))
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
+
+
+def position_similarity(n_positions: int, dim: int, layout: str = "interleaved"):
+    """(n_positions, n_positions) inner products p_i . p_j of sinusoidal encodings (float64 numpy)."""
+    from lmlab.reference.transformer import sinusoidal_table
+
+    if int(n_positions) < 1:
+        raise ValueError(f"n_positions={n_positions} must be a positive integer")
+    table = sinusoidal_table(int(n_positions), int(dim), layout)
+    return table @ table.T
+
+
+def plot_position_similarity(n_positions: int, dim: int, layout: str = "interleaved",
+                             out_path: str | Path = "position_similarity.png") -> Path:
+    """Heatmap of the inner products of all pairs of sinusoidal position encodings.
+
+    ``layout``: "interleaved" (sin, cos, sin, ...) or "concat" ([sin | cos]); the inner
+    product p_i . p_j = sum_k cos((i - j) w_k) is the same for both, so the picture shows that
+    sinusoidal similarity depends only on the distance i - j.
+    """
+    sim = position_similarity(n_positions, dim, layout)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(sim, cmap="viridis", origin="upper", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="p_i · p_j")
+    ax.set_xlabel("position j")
+    ax.set_ylabel("position i")
+    ax.set_title(f"sinusoidal positions ({layout}, dim {dim}): similarity")
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def plot_attention(tokens: list[str], weights, out_path: str | Path, title: str | None = None) -> Path:
+    """Attention weights as a heatmap, queries (rows) and keys (columns) labelled with ``tokens``.
+
+    ``weights``: (T, T) for one head or (H, T, T) for several (drawn as a grid, one panel per
+    head); a numpy array or a torch tensor; T = len(tokens).
+    """
+    from lmlab.reference.ops import to_numpy
+
+    import numpy as np
+
+    w = np.asarray(to_numpy(weights), dtype=np.float64)
+    T = len(tokens)
+    if w.ndim == 2:
+        w = w[None]
+    if w.ndim != 3 or w.shape[1:] != (T, T):
+        raise ValueError(f"weights have shape {tuple(np.shape(to_numpy(weights)))}; expected ({T}, {T}) or "
+                         f"(H, {T}, {T}) for {T} tokens")
+    H = w.shape[0]
+    cols = int(np.ceil(np.sqrt(H)))
+    rows = int(np.ceil(H / cols))
+    size = max(3.0, 0.22 * T + 1.5)
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
+    labels = [_token_label(t) for t in tokens]
+    fontsize = 8 if T <= 32 else 6 if T <= 64 else 4
+    im = None
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        im = ax.imshow(w[h], cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+        ax.set_yticklabels(labels, fontsize=fontsize)
+        if H > 1:
+            ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_path)
+
+
+def attention_for_text(model, tokenizer, text: str, layer: int = 0):
+    """(tokens, weights): the attention of ``layer`` over ``text``, ready for ``plot_attention``.
+
+    ``model``: an lmlab transformer (``model(ids, return_attention=True)``) or a numpy
+    ``lmlab.reference.TransformerLM``. ``tokens`` are the vocabulary entries
+    (``tokenizer.id_to_token``) of ``tokenizer.encode(text)``; ``weights`` is a numpy
+    array (H, T, T). Texts longer than the model's context keep their last tokens.
+    """
+    import numpy as np
+
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise ValueError(f"text {text!r} encodes to no tokens")
+    limit = getattr(model, "max_context", None)
+    if limit is not None and len(ids) > limit:
+        ids = ids[-limit:]
+    n_layers = _n_layers(model)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer={layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+    layer %= n_layers
+    from lmlab.reference.transformer import TransformerLM
+
+    if isinstance(model, TransformerLM):
+        _, state = model(np.asarray([ids]), return_attention=True)
+        weights = state.attention[layer][0]
+    else:
+        import inspect
+
+        import torch
+
+        if "return_attention" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"{type(model).__name__} does not return attention weights; "
+                             "attention_for_text needs a transformer")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                _, state = model(torch.tensor([ids], device=model.device), return_attention=True)
+        finally:
+            model.train(was_training)
+        weights = state.tensors[f"attention{layer}"][0].float().cpu().numpy()
+    tokens = [tokenizer.id_to_token(int(i)) for i in ids]
+    return tokens, np.asarray(weights)
+
+
+def _n_layers(model) -> int:
+    if hasattr(model, "n_layers"):
+        return int(model.n_layers)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "n_layer"):
+        return int(config.n_layer)
+    raise ValueError(f"{type(model).__name__} has no layers to take attention from; "
+                     "attention_for_text needs a transformer")
+
+
+def _token_label(token: str) -> str:
+    """A visible tick label: spaces as ␣, newlines and tabs escaped, $ kept literal (no mathtext)."""
+    if token == "":
+        return "∅"
+    return token.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")

@@ -8,7 +8,12 @@ Short enough to read next to the math, and used to check the PyTorch code:
 - ``recurrent``: ``RecurrentLM`` (RNN / GRU / LSTM + dense output) from numpy weights,
   ``from_torch_state_dict``;
 - ``keras``: ``load_keras_h5`` for Keras 2 ``.h5`` files (needs h5py; imported on use);
-- ``sequence``: ``sequence_nll``, ``perplexity``, ``sample`` for any step function.
+- ``sequence``: ``sequence_nll``, ``perplexity``, ``sample`` for any step function;
+- ``transformer``: ``TransformerLM`` (decoder-only inference with a ``KVCache``), sinusoidal
+  and rotary positions;
+- ``checkpoint``: ``load_lmlab_checkpoint`` (lmlab transformer / rnn / gru / lstm directories;
+  ``read_safetensors`` reads the weights with numpy alone), ``load_npz`` and
+  ``from_pytorch_state_dict`` (PyTorch-style names).
 
 Only numpy (and h5py for Keras files) -- never torch.
 """
@@ -17,6 +22,8 @@ from lmlab.reference.attention import MultiHeadAttention, SelfAttention, attenti
 from lmlab.reference.ops import gelu, layer_norm, log_softmax, rms_norm, softmax, softmax_backward
 from lmlab.reference.recurrent import GATES, RecurrentLM, from_torch_state_dict, random_weights
 from lmlab.reference.sequence import perplexity, sample, sequence_nll, token_nlls
+from lmlab.reference.transformer import KVCache, TransformerLM, sinusoidal_encoding, sinusoidal_table
+from lmlab.reference.checkpoint import from_pytorch_state_dict, load_lmlab_checkpoint, load_npz
 
 
 def load_keras_h5(path, dtype=None):
@@ -28,20 +35,27 @@ def load_keras_h5(path, dtype=None):
 
 __all__ = [
     "GATES",
+    "KVCache",
     "MultiHeadAttention",
     "RecurrentLM",
     "SelfAttention",
+    "TransformerLM",
     "attention",
+    "from_pytorch_state_dict",
     "from_torch_state_dict",
     "gelu",
     "layer_norm",
     "load_keras_h5",
+    "load_lmlab_checkpoint",
+    "load_npz",
     "log_softmax",
     "perplexity",
     "random_weights",
     "rms_norm",
     "sample",
     "sequence_nll",
+    "sinusoidal_encoding",
+    "sinusoidal_table",
     "softmax",
     "softmax_backward",
     "token_nlls",

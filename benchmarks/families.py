@@ -1,0 +1,158 @@
+"""Every model family on the same data with the same loop.
+
+    python benchmarks/families.py --task shakespeare --budget 120 --out runs/families-shakespeare
+    python benchmarks/families.py --task names --budget 120 --out runs/families-names
+
+shakespeare: characters of the bundled tiny Shakespeare, nanoGPT's 90/10 split
+by position; each trainable family gets the same wall-clock training budget;
+the number reported is validation bits per character, every validation token
+scored once (sliding window of the model's context, stride half of it;
+unbounded families use windows of 256 with stride 128).
+
+names: makemore's names.txt, one name per line as a complete sequence
+(<bos> name <eos>), makemore's split (test = 1000 names, permutation seeded
+3407); the number reported is test NLL per character, <eos> included, as
+makemore reports it.
+
+Counts-based n-gram models (Kneser-Ney) are estimated on the training split,
+not trained, when the n-gram family is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.data import SequenceBatches, StreamBatches, makemore_split, read_corpus, read_lines, split_by_position
+from lmlab.models import build_model
+from lmlab.score import score_sequences, stream_nll
+from lmlab.tokenizers import CharTokenizer
+from lmlab.train import Trainer, TrainConfig
+
+NAMES_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "names" / "names.txt"
+
+# (family, model config, train overrides); block_size is filled in per task.
+FAMILIES = {
+    "bigram": ({}, dict(lr=1e-1, min_lr=1e-2, weight_decay=0.0)),
+    "context-average": ({"n_embd": 64}, dict(lr=3e-3, min_lr=3e-4)),
+    "mlp": ({"context": 8, "n_embd": 24, "n_hidden": 512}, dict(lr=3e-3, min_lr=3e-4)),
+    "rnn": ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, dict(lr=2e-3, min_lr=2e-4)),
+    "gru": ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, dict(lr=3e-3, min_lr=3e-4)),
+    "lstm": ({"n_embd": 64, "n_hidden": 256, "n_layer": 2}, dict(lr=3e-3, min_lr=3e-4)),
+    "transformer": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "bias": False}, dict(lr=1e-3, min_lr=1e-4)),
+}
+NAMES_TRANSFORMER = {"n_layer": 4, "n_head": 4, "n_embd": 64}  # makemore's default transformer
+
+
+def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, batch_size):
+    torch.manual_seed(1337)
+    model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
+    steps = 1_000_000  # the budget stops training; the schedule decays over an estimated step count
+    probe = Trainer(model, train, val, TrainConfig(max_iters=20, batch_size=batch_size, warmup_iters=0, eval_iters=1,
+                                                   eval_interval=1000, progress=False, **overrides), out / f"probe-{family}")
+    t0 = time.perf_counter()
+    probe.fit()
+    per_step = (time.perf_counter() - t0) / 20
+    steps = max(100, int(budget / per_step))
+    torch.manual_seed(1337)
+    model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
+    config = TrainConfig(max_iters=steps, batch_size=batch_size, warmup_iters=min(100, steps // 10),
+                         eval_interval=max(1, steps // 4), eval_iters=20, time_budget=budget, progress=False,
+                         **overrides)
+    summary = Trainer(model, train, val, config, out / family).fit()
+    return model.eval(), summary
+
+
+def run_shakespeare(args, out):
+    text = read_corpus()
+    tok = CharTokenizer.train(text)
+    ids = np.asarray(tok.encode(text), dtype=np.uint16)
+    train_ids, val_ids = split_by_position(ids, 0.1)
+    val_t = torch.as_tensor(val_ids.astype(np.int64))
+    rows = []
+    for order in (3, 5):
+        row = ngram_row(order, train_ids, val_t, tok.vocab_size)
+        if row:
+            rows.append(row)
+    for family in args.families:
+        model_cfg, overrides = FAMILIES[family]
+        block = 64
+        model, summary = train_family(family, model_cfg, overrides, StreamBatches(train_ids, block, 32),
+                                      StreamBatches(val_ids, block, 32), tok.vocab_size, block, args.budget, out, 32)
+        window = model.max_context or 256
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            score = stream_nll(model, val_t, window=window, stride=window // 2, batch_size=64)
+        rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
+                     "train_seconds": round(summary["seconds"], 1), "val_bits_per_char": round(score.bits_per_token, 4),
+                     "score_seconds": round(time.perf_counter() - t0, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def ngram_row(order, train_ids, val_t, vocab):
+    try:
+        from lmlab.models.ngram import NGramModel  # noqa: F401
+    except ImportError:
+        return None
+    from lmlab.models.ngram import estimate_ngram
+
+    t0 = time.perf_counter()
+    model = estimate_ngram([np.asarray(train_ids, dtype=np.int64)], order=order, vocab_size=vocab, method="kneser_ney")
+    build = time.perf_counter() - t0
+    score = stream_nll(model, val_t, window=1024, stride=1024 - order)
+    return {"family": f"{order}-gram KN", "parameters": model.num_parameters(), "steps": 0,
+            "train_seconds": round(build, 1), "val_bits_per_char": round(score.bits_per_token, 4)}
+
+
+def run_names(args, out):
+    lines = read_lines(args.names)
+    train_lines, test_lines = makemore_split(lines, seed=3407)
+    tok = CharTokenizer.train("\n".join(lines))
+    enc = [tok.encode(s) for s in train_lines]
+    train = SequenceBatches(enc, 32, tok.bos_id, tok.eos_id, tok.pad_id)
+    test = SequenceBatches([tok.encode(s) for s in test_lines], 32, tok.bos_id, tok.eos_id, tok.pad_id)
+    block = max(train.block_size, test.block_size)
+    rows = []
+    for family in args.families:
+        model_cfg, overrides = FAMILIES[family]
+        if family == "transformer":
+            model_cfg = NAMES_TRANSFORMER
+            overrides = dict(lr=5e-4, min_lr=5e-5, weight_decay=0.01)
+        if family == "mlp":
+            model_cfg = {"context": 3, "n_embd": 64, "n_hidden": 512, "pad_id": tok.bos_id}
+        model, summary = train_family(family, model_cfg, overrides, train, test, tok.vocab_size, block,
+                                      args.budget, out, 32)
+        score = score_sequences(model, tok, test_lines)
+        rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
+                     "train_seconds": round(summary["seconds"], 1), "test_nll_per_char": round(score.nll_per_token, 4)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["shakespeare", "names"], required=True)
+    parser.add_argument("--budget", type=float, default=120.0, help="training seconds per family")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--names", default=str(NAMES_PATH))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
+    rows = run_shakespeare(args, out) if args.task == "shakespeare" else run_names(args, out)
+    (out / "families.json").write_text(json.dumps({"task": args.task, "budget": args.budget, "rows": rows,
+                                                   "threads": torch.get_num_threads()}, indent=2) + "\n")
+    metric = "val_bits_per_char" if args.task == "shakespeare" else "test_nll_per_char"
+    print(f"| family | parameters | steps | train s | {metric} |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']} | {r[metric]} |")
+
+
+if __name__ == "__main__":
+    main()
