@@ -80,3 +80,13 @@ def test_block_size_beyond_positions_is_refused(tmp_path, corpus, capsys):
     capsys.readouterr()
     assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "32"]) == 2
     assert "window=32 is larger than the model's context of 16" in capsys.readouterr().err
+
+
+def test_plot_commands(tmp_path, corpus):
+    assert main(["plot", "positions", "--out", str(tmp_path / "pos.png"), "--positions", "16", "--dim", "8"]) == 0
+    assert (tmp_path / "pos.png").stat().st_size > 1000
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(run), *TRAIN]) == 0
+    assert main(["plot", "attention", "--model", str(run), "--text", "to be or", "--layer", "0",
+                 "--out", str(tmp_path / "att.png")]) == 0
+    assert (tmp_path / "att.png").stat().st_size > 1000

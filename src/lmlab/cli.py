@@ -159,6 +159,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ plot
+
+
+def cmd_plot(args) -> int:
+    from lmlab import plots
+
+    if args.what == "positions":
+        path = plots.plot_position_similarity(args.positions, args.dim, args.layout, args.out)
+    else:
+        if not args.model or args.text is None:
+            raise ValueError("lmlab plot attention needs --model and --text")
+        from lmlab.checkpoints import load_checkpoint
+
+        model, tokenizer = load_checkpoint(args.model)
+        tokens, weights = plots.attention_for_text(model, tokenizer, args.text, layer=args.layer)
+        heads = weights if args.head is None else weights[args.head]
+        title = f"layer {args.layer}" + ("" if args.head is None else f", head {args.head}")
+        path = plots.plot_attention(tokens, heads, args.out, title=title)
+    print(path)
+    return 0
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -232,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights")
+    p.add_argument("what", choices=["positions", "attention"])
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--positions", type=int, default=128, help="positions: how many")
+    p.add_argument("--dim", type=int, default=128, help="positions: encoding width")
+    p.add_argument("--layout", default="interleaved", choices=["interleaved", "concat"])
+    p.add_argument("--model", help="attention: checkpoint or run directory")
+    p.add_argument("--text", help="attention: the text to look at")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--head", type=int, help="attention: one head (default: all heads in a grid)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")
