@@ -1,4 +1,4 @@
-"""The ``lmlab`` command: prepare, train, score, generate, demo."""
+"""The ``lmlab`` command: prepare, train, score, generate, plot, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab import data as data_mod
+from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.train import TrainConfig
 
 
@@ -138,27 +139,6 @@ def cmd_score(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ generate
-
-
-def cmd_generate(args) -> int:
-    from lmlab.checkpoints import load_checkpoint
-    from lmlab.decode.generate import generate
-
-    model, tokenizer = load_checkpoint(args.model, args.device)
-    prompts = args.prompt or ["\n"]
-    ids = [tokenizer.encode(p) for p in prompts]
-    greedy = args.temperature == 0
-    processors = [] if greedy or args.temperature == 1.0 else [lambda logits, _ids: logits / args.temperature]
-    out = generate(model, [p for p in ids for _ in range(args.num_samples)], args.max_new_tokens,
-                   processors=processors, do_sample=not greedy, eos_id=tokenizer.eos_id,
-                   tokenizer=tokenizer, seed=args.seed)
-    for i, g in enumerate(out):
-        print(f"--- sample {i} ({g.finish_reason}, {len(g.token_ids)} tokens)")
-        print(prompts[i // args.num_samples] + g.text)
-    return 0
-
-
 # ------------------------------------------------------------------ plot
 
 
@@ -245,15 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("generate", help="continue prompts")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", action="append")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("generate", help="continue prompts with any decoding setup; compare setups; predict/complete tasks")
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate)
 
     p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights")
     p.add_argument("what", choices=["positions", "attention"])

@@ -28,8 +28,16 @@ from lmlab.decode.processors import (
     build_processors,
 )
 from lmlab.decode.search import Hypothesis, beam_search, greedy_pick, sample_pick
+from lmlab.decode.setups import DecodingSetup, Result, run_setup
+from lmlab.decode.tasks import complete, next_n_nll, predict
 
 __all__ = [
+    "DecodingSetup",
+    "Result",
+    "run_setup",
+    "complete",
+    "next_n_nll",
+    "predict",
     "EpsilonCutoff",
     "EtaCutoff",
     "ForceEOS",

@@ -126,7 +126,14 @@ _DEFAULTS = dict(processors=(), do_sample=True, eos_id=None, stop_strings=(), to
 @torch.no_grad()
 def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_strings, tokenizer, seed,
          generator, context_policy, on_token) -> Iterator[list[Generation]]:
-    """Steps of the loop; yields after each step (results are filled in at the end)."""
+    """Steps of the loop; yields after each step (results are filled in at the end).
+
+    Rows stay aligned, so the tokens of every row live in one (B, longest + max_new_tokens)
+    buffer written one column per step; a row's new tokens start at its prompt length.
+    Per-row bookkeeping (done, finish reason, end position) exists only when a row can end
+    early (eos_id, stop strings) or a callback needs it, so a plain loop adds ~6 tensor ops
+    per step to the model's forward pass.
+    """
     prompts = _check_prompts(prompts)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -140,71 +147,64 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     window.check_prompt(prompts)
     B = len(prompts)
     results = [Generation(prompt_ids=p) for p in prompts]
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
-    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+    plen = [len(p) for p in prompts]
+    lengths = torch.tensor(plen, device=device)
+    longest, common = max(plen), min(plen)
+    seq = torch.zeros(B, longest + max_new_tokens, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        padded[i, : len(p)] = torch.tensor(p, device=device)
-    common = int(lengths.min())
-    history = padded[:, :common]
-    logits, state = window.step(history[:, :0], None, history)
-    # Bookkeeping stays on the device: new tokens, their log-probs, counts, finish codes.
-    budget = max(max_new_tokens, 1)
-    new_tokens = torch.zeros(B, budget, dtype=torch.long, device=device)
-    new_logprobs = torch.zeros(B, budget, dtype=torch.float32, device=device)
-    new_counts = torch.zeros(B, dtype=torch.long, device=device)
-    finish = torch.zeros(B, dtype=torch.long, device=device)  # 0 running, 1 eos, 2 length, 3 stop
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    if max_new_tokens == 0:
-        done[:] = True
-        finish[:] = 2
-    rows = torch.arange(B, device=device)
-    position = common  # index of the token chosen this step
+        seq[i, : len(p)] = torch.tensor(p, device=device)
+    prompt_cols = seq[:, :longest].clone()  # forced tokens while a row is still in its prompt
+    logps = torch.zeros(B, longest + max_new_tokens, dtype=torch.float32, device=device)
     per_row_python = on_token is not None or bool(stop_strings)
-    while not bool(done.all()):
+    track = eos_id is not None or per_row_python
+    limit = lengths + max_new_tokens  # a row's tokens end before position limit[b]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    end = limit.clone()  # one past a row's last new token
+    finish = torch.full((B,), 2, dtype=torch.long, device=device)  # 1 eos, 2 length, 3 stop
+    last_position = longest + max_new_tokens - 1
+    position = common  # column of the token chosen this step
+    if max_new_tokens > 0:
+        logits, state = window.step(seq[:, :0], None, seq[:, :common])
+    while max_new_tokens > 0:
         next_logits = logits[:, -1, :].float()
-        scores = apply_processors(processors, next_logits, history, num_generated=new_counts)
+        if processors:
+            num_generated = (position - lengths).clamp_min(0)
+            scores = apply_processors(processors, next_logits, seq[:, :position], num_generated=num_generated)
+        else:
+            scores = next_logits
         if do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
-        in_prompt = position < lengths
         if position < longest:
-            chosen = torch.where(in_prompt, padded[:, position], chosen)
-        generating = ~in_prompt & ~done
-        token_logp = torch.log_softmax(next_logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
-        slot = new_counts.clamp_max(budget - 1)
-        new_tokens[rows, slot] = torch.where(generating, chosen, new_tokens[rows, slot])
-        new_logprobs[rows, slot] = torch.where(generating, token_logp, new_logprobs[rows, slot])
-        new_counts += generating.long()
-        if eos_id is not None:
-            hit_eos = generating & (chosen == eos_id)
-            finish = torch.where(hit_eos, torch.ones_like(finish), finish)
-            done |= hit_eos
-        if per_row_python:
-            for row in generating.nonzero().flatten().tolist():
-                if on_token is not None:
-                    on_token(row, int(chosen[row]))
-                if stop_strings and not done[row]:
-                    text = tokenizer.decode(new_tokens[row, : new_counts[row]].tolist())
-                    if any(s_ in text for s_ in stop_strings):
-                        finish[row], done[row] = 3, True
-        out_of_budget = ~done & (new_counts >= max_new_tokens)
-        finish = torch.where(out_of_budget, torch.full_like(finish, 2), finish)
-        done |= out_of_budget
+            chosen = torch.where(position < lengths, prompt_cols[:, position], chosen)
+        seq[:, position] = chosen
+        logps[:, position] = torch.log_softmax(next_logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        if track:
+            generating = (position >= lengths) & (position < limit) & ~done
+            if eos_id is not None:
+                hit = generating & (chosen == eos_id)
+                finish = torch.where(hit, 1, finish)
+                end = torch.where(hit, position + 1, end)
+                done |= hit
+            if per_row_python:
+                for row in generating.nonzero().flatten().tolist():
+                    if on_token is not None:
+                        on_token(row, int(chosen[row]))
+                    if stop_strings and not done[row]:
+                        text = tokenizer.decode(seq[row, plen[row] : position + 1].tolist())
+                        if any(s_ in text for s_ in stop_strings):
+                            finish[row], end[row], done[row] = 3, position + 1, True
         yield results
-        if bool(done.all()):
+        if position >= last_position or (track and bool((done | (limit <= position + 1)).all())):
             break
-        step_ids = chosen[:, None]
-        logits, state = window.step(history, state, step_ids)
-        history = torch.cat([history, step_ids], dim=1)
+        logits, state = window.step(seq[:, :position], state, seq[:, position : position + 1])
         position += 1
     reasons = {1: "eos", 2: "length", 3: "stop"}
-    counts, tokens_cpu, logps_cpu, finish_cpu = new_counts.tolist(), new_tokens.tolist(), new_logprobs.tolist(), finish.tolist()
+    seq_cpu, logps_cpu, end_cpu, finish_cpu = seq.tolist(), logps.tolist(), end.tolist(), finish.tolist()
     for i, r in enumerate(results):
-        r.token_ids = tokens_cpu[i][: counts[i]]
-        r.logprobs = logps_cpu[i][: counts[i]]
+        r.token_ids = seq_cpu[i][plen[i] : end_cpu[i]]
+        r.logprobs = logps_cpu[i][plen[i] : end_cpu[i]]
         r.finish_reason = reasons[finish_cpu[i]]
     if tokenizer is not None:
         for r in results:
