@@ -1,0 +1,1159 @@
+"""N-gram language models estimated from counts, any order (family ``"ngram"``).
+
+Three estimators share one representation, the ARPA backoff table:
+
+* ``"kneser_ney"``: interpolated modified Kneser-Ney (Chen & Goodman 1998) as
+  KenLM's ``lmplz`` computes it: three discounts D1, D2, D3+ per order from
+  the count-of-counts of *adjusted* counts, continuation counts (number of
+  distinct left extensions) for lower orders, raw counts for the highest
+  order and for n-grams that start with ``<s>``, interpolation all the way
+  down to the uniform distribution over the vocabulary (all ids but ``<s>``).
+* ``"mle"``: maximum likelihood, p(w | h) = c(h w) / c(h .).
+* ``"addk"``: add-k (Laplace for k=1), p(w | h) = (c(h w) + k) / (c(h .) + k V')
+  with V' the number of predictable ids (all but ``<s>``).
+
+A model read from an ARPA file has method ``"backoff"``: whatever tool wrote
+it, the file's probabilities and backoff weights are used as they are.
+
+Querying (KenLM's and SRILM's rule, shared by every method):
+
+    log p(w | h) = prob(h w)                        if the n-gram h w is in the table
+                 = backoff(h) + log p(w | h minus its oldest word)   otherwise
+
+where ``backoff(h)`` is 0 (log10 1) when ``h`` is not in the table.
+
+* Unseen contexts: a context never seen in training backs off to its longest
+  seen suffix with no penalty, for every method. For MLE and add-k that means
+  the estimate of the longest *seen* context is used; for Kneser-Ney it is
+  the usual backoff.
+* MLE gives probability 0 (log-prob ``-inf``, never NaN) to a word never seen
+  after a seen context; ARPA files write that as -99.
+* add-k is not a backoff model: after a seen context h every unseen word gets
+  k / (c(h .) + k V'). It is stored as the explicit n-grams plus that "floor"
+  per seen context (in the backoff array), and :meth:`NGramModel.write_arpa`
+  writes it *densely* (every word after every seen context listed), which is
+  exact but only feasible for small models (``max_dense_entries``); larger
+  ones raise ``ValueError``.
+
+Sentence boundaries follow KenLM: ``fit`` wraps each sequence as
+``<s> ... </s>``; ``<s>`` is context only (never predicted: log-prob ``-inf``,
+-99 in ARPA), ``</s>`` is predicted. A ``<s>`` token inside a sequence given
+with ``add_bos_eos=False`` starts a new sentence (n-grams never span it).
+
+``<unk>``: ids are never out of vocabulary (an id outside ``[0, vocab_size)``
+raises ``ValueError``); out-of-vocabulary *words* are mapped to ``unk_id`` by
+the word-level helpers (:meth:`NGramModel.encode`, :meth:`score_words`). If
+``<unk>`` never occurs in the training data it gets exactly lmplz's
+treatment: zero adjusted count, so its probability is the uniform
+interpolation mass (gamma / V' at the unigram level). If the training data
+does contain ``<unk>`` tokens (PTB does), they are counted as an ordinary word,
+as SRILM does; lmplz refuses such a corpus unless given ``--skip_symbols``,
+which deletes them (use ``drop_unk=True`` in :meth:`fit` to do the same).
+Every id of the vocabulary that never occurs in training is a zeroton like an
+unseen ``<unk>``.
+
+Discounts: when a count-of-counts n1..n3 of some order is zero, or a
+discount falls outside [0, r] (KenLM's check), the discounts of that order
+cannot be estimated (tiny or character-level data). With ``strict=False``
+(default) a warning is issued and ``fallback_discounts`` (KenLM's
+``--discount_fallback`` defaults 0.5, 1, 1.5) are used; with ``strict=True``
+a ``ValueError`` is raised. Discounts can also be given per order.
+
+The interface: ``logits, state = model(ids, state)`` returns (B, T, V)
+natural-log probabilities of the token after each position (log-probabilities
+are valid logits), and ``State.tensors["context"]`` holds the last n-1 tokens
+(B, n-1), padded on the left with ``bos_id`` (or -1 when the model has none).
+:meth:`NGramModel.token_logprobs` is the fast path that scores only the
+targets; :meth:`NGramModel.score_sequences` scores a whole corpus in numpy.
+
+Storage: per order k a sorted int64 key array, log10 probabilities and
+log10 backoffs (float32, as KenLM stores them), registered as buffers so
+``save_model``/``load_model`` work; the config carries the table sizes. The
+key of the k-gram x1..xk is ``node(x2..xk) * V + x1`` where ``node`` is the
+row of an n-gram in its order's table (a unigram's node is its id), so the
+suffixes of a history are found by one vectorized lookup per order for a
+whole batch of positions (an open-addressing hash of the keys, rebuilt from
+the sorted keys when a model is fitted or loaded; see :meth:`prepare`).
+
+Agreement with KenLM (checked with lmplz 0.3.0 on PTB and on a toy corpus):
+the tables equal lmplz's to float32 precision, except that lmplz writes 0
+for the ``<s>`` unigram where lmlab writes -99 (never used), and that lmplz
+files one unigram's count-of-counts entry under its raw instead of its
+adjusted count (a quirk of its final flush), which moves its unigram D3+ in
+the fourth digit (0.014% of test perplexity on PTB with ``drop_unk``).
+Reading ARPA: values <= -99 mean log10(0) and become ``-inf``; n-grams whose
+prefix or suffix is missing get the neutral entries described in
+:meth:`NGramModel.from_arpa` (KenLM accepts missing suffixes, rejects
+missing prefixes; lmlab accepts both).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from lmlab.models.base import LanguageModel, State, register
+
+__all__ = ["NGramConfig", "NGramModel", "DiscountWarning", "build_vocab", "METHODS"]
+
+METHODS = ("kneser_ney", "mle", "addk", "backoff")
+LN10 = math.log(10.0)
+DEFAULT_FALLBACK = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
+
+
+class DiscountWarning(UserWarning):
+    """Kneser-Ney discounts could not be estimated; fallback discounts used."""
+
+
+@dataclass
+class NGramConfig:
+    vocab_size: int
+    order: int = 3
+    method: str = "kneser_ney"        # "kneser_ney" | "mle" | "addk" | "backoff" (read from ARPA)
+    k: float = 1.0                    # add-k constant (method "addk")
+    bos_id: int | None = None         # <s>: context only, never predicted
+    eos_id: int | None = None         # </s>: predicted at the end of every sentence
+    unk_id: int | None = None         # <unk>: where out-of-vocabulary words go
+    discounts: list[list[float]] | None = None  # per order [D1, D2, D3+]; None: estimate (Chen & Goodman)
+    strict: bool = False              # raise instead of falling back when discounts can't be estimated
+    fallback_discounts: list[float] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
+    sizes: list[int] | None = None    # entries per order (set by fit / from_arpa; sizes[0] == vocab_size)
+    discounts_used: list[list[float]] | None = None  # filled by fit for kneser_ney (for the record)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(f"order must be an integer >= 1 (1 = unigram), got {self.order!r}")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {self.vocab_size!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown n-gram method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if self.method == "addk" and not (self.k > 0 and math.isfinite(self.k)):
+            raise ValueError(f"add-k needs a finite k > 0, got k={self.k!r} (use method='mle' for k=0)")
+        for name in ("bos_id", "eos_id", "unk_id"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v < self.vocab_size):
+                raise ValueError(f"{name}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if self.bos_id is not None and self.bos_id == self.eos_id:
+            raise ValueError(f"bos_id and eos_id must differ, both are {self.bos_id}")
+        if self.bos_id is not None and self.vocab_size < 2:
+            raise ValueError("a vocabulary with <s> needs at least one other id to predict")
+        if self.sizes is not None:
+            if len(self.sizes) != self.order or self.sizes[0] != self.vocab_size or min(self.sizes) < 0:
+                raise ValueError(
+                    f"sizes {self.sizes} must list one non-negative table size per order "
+                    f"({self.order}) and start with vocab_size ({self.vocab_size})"
+                )
+        if self.discounts is not None:
+            self.discounts = [list(map(float, d)) for d in self.discounts]
+            if len(self.discounts) != self.order or any(len(d) != 3 for d in self.discounts):
+                raise ValueError(
+                    f"discounts must give [D1, D2, D3+] for each of the {self.order} orders, got {self.discounts}"
+                )
+            for i, d in enumerate(self.discounts):
+                for r, x in enumerate(d, start=1):
+                    if not (0.0 <= x <= r):
+                        raise ValueError(f"discount D{r} of order {i + 1} is {x}; it must lie in [0, {r}]")
+        fb = list(map(float, self.fallback_discounts))
+        if len(fb) != 3 or not all(0.0 <= x <= r for r, x in zip((1, 2, 3), fb)):
+            raise ValueError(f"fallback_discounts must be [D1, D2, D3+] with 0 <= Dr <= r, got {self.fallback_discounts}")
+        self.fallback_discounts = fb
+
+    @property
+    def num_predictable(self) -> int:
+        """V': ids that can be predicted (all but <s>)."""
+        return self.vocab_size - (1 if self.bos_id is not None else 0)
+
+
+# ---------------------------------------------------------------- tables
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class _HashIndex:
+    """Open-addressing (linear probing) hash of a sorted int64 key array,
+    for vectorized exact lookups: ``find(q)`` gives the row of each query key
+    or -1. Built in one sort: keys are placed in order of their home slot, so
+    key i lands at ``i + max_{j<=i}(home_j - j)``; the table has no wrap-around
+    (a tail of empty slots ends every probe sequence)."""
+
+    def __init__(self, keys: np.ndarray):
+        n = keys.size
+        self.bits = max(4, int(math.ceil(math.log2(max(n, 1) * 2))))
+        home = self._home(keys)
+        order = np.argsort(home)
+        h = home[order]
+        slot = np.arange(n, dtype=np.int64) + np.maximum.accumulate(h - np.arange(n, dtype=np.int64)) if n else h
+        size = (int(slot[-1]) + 2) if n else 2
+        size = max(size, (1 << self.bits) + 1)
+        self.slot_keys = np.full(size, -1, dtype=np.int64)
+        self.slot_rows = np.full(size, -1, dtype=np.int32 if n < 2**31 else np.int64)
+        self.slot_keys[slot] = keys[order]
+        self.slot_rows[slot] = order
+
+    def _home(self, q: np.ndarray) -> np.ndarray:
+        return ((q.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def find(self, q: np.ndarray) -> np.ndarray:
+        out = np.full(q.size, -1, dtype=np.int64)
+        h = self._home(q)
+        idx = np.arange(q.size)
+        sk, sr = self.slot_keys, self.slot_rows
+        while idx.size:
+            s = sk[h]
+            hit = s == q
+            if hit.any():
+                out[idx[hit]] = sr[h[hit]]
+            go = ~hit & (s != -1)
+            if not go.any():
+                break
+            idx, h, q = idx[go], h[go] + 1, q[go]
+        return out
+
+
+class _Tables:
+    """numpy views of the model's tables (order k at index k-1)."""
+
+    def __init__(self, V: int, keys: list, prob: list, bo: list, method: str, bos_id: int | None):
+        self.V = V
+        self.keys = keys    # keys[0] is None (unigrams are dense)
+        self.prob = prob    # log10, float32
+        self.bo = bo        # log10, float32 (add-k: the floor of a seen context)
+        self.method = method
+        self.bos_id = bos_id
+        self._csr: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._words: dict[int, np.ndarray] = {}
+        self._seen: dict[int, np.ndarray] = {}
+        self._hash: dict[int, _HashIndex] = {}
+
+    @property
+    def order(self) -> int:
+        return len(self.prob)
+
+    # -- lookups
+    def chain(self, windows: np.ndarray) -> np.ndarray:
+        """Nodes of the suffixes of each row of ``windows`` (M, L), anchored at
+        its last column: out[j, i] is the row of the (j+1)-gram made of the
+        last j+1 entries of row i in order j+1's table, or -1 if absent."""
+        M, L = windows.shape
+        out = np.full((L, M), -1, dtype=np.int64)
+        if L == 0 or M == 0:
+            return out
+        V = self.V
+        last = windows[:, -1]
+        alive = np.flatnonzero(last >= 0)
+        cur = last[alive]
+        out[0, alive] = cur
+        for k in range(2, min(L, self.order) + 1):
+            if alive.size == 0:
+                break
+            keys = self.keys[k - 1]
+            if keys.size == 0:
+                break
+            first = windows[alive, L - k]
+            ok = first >= 0
+            if not ok.all():
+                alive, cur, first = alive[ok], cur[ok], first[ok]
+            pos = self.index(k).find(cur * V + first)
+            hit = pos >= 0
+            alive, cur = alive[hit], pos[hit]
+            out[k - 1, alive] = cur
+        return out
+
+    def index(self, k: int) -> _HashIndex:
+        if k not in self._hash:
+            self._hash[k] = _HashIndex(self.keys[k - 1])
+        return self._hash[k]
+
+    def ngram_words(self, k: int) -> np.ndarray:
+        """(n_k, k) word ids of order k's entries, in table order."""
+        if k == 1:
+            return np.arange(self.V, dtype=np.int64)[:, None]
+        if k not in self._words:
+            keys = self.keys[k - 1]
+            suffix = keys // self.V
+            first = keys % self.V
+            self._words[k] = np.concatenate([first[:, None], self.ngram_words(k - 1)[suffix]], axis=1)
+        return self._words[k]
+
+    def csr(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Continuations of the contexts of order k-1 in order k's table:
+        (offsets (n_{k-1}+1,), rows of order k sorted by context, their last words)."""
+        if k not in self._csr:
+            words = self.ngram_words(k)
+            n_ctx = self.prob[k - 2].shape[0]
+            prefix = self.chain(words[:, :-1])[k - 2]
+            if (prefix < 0).any():
+                raise RuntimeError("n-gram table is not closed under prefixes")  # guarded by the builders
+            rows = np.argsort(prefix, kind="stable")
+            offsets = np.zeros(n_ctx + 1, dtype=np.int64)
+            np.cumsum(np.bincount(prefix, minlength=n_ctx), out=offsets[1:])
+            self._csr[k] = (offsets, rows, words[rows, -1])
+        return self._csr[k]
+
+    def seen_context(self, k: int) -> np.ndarray:
+        """Boolean (n_k,): order-k entries followed by something in order k+1."""
+        if k not in self._seen:
+            n = self.prob[k - 1].shape[0]
+            if k >= self.order:
+                self._seen[k] = np.zeros(n, dtype=bool)
+            else:
+                off = self.csr(k + 1)[0]
+                self._seen[k] = off[1:] > off[:-1]
+        return self._seen[k]
+
+    # -- scoring
+    def logprob10(self, ctx: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+        """log10 p(tgt | ctx) for each row; ctx (M, L) (-1 = nothing), tgt (M,)."""
+        L = min(ctx.shape[1], self.order - 1)
+        ctx = ctx[:, ctx.shape[1] - L:] if L > 0 else ctx[:, :0]
+        tnodes = self.chain(np.concatenate([ctx, tgt[:, None]], axis=1))  # (L+1, M)
+        return self.combine(tnodes, self.chain(ctx))
+
+    def combine(self, tnodes: np.ndarray, cnodes: np.ndarray) -> np.ndarray:
+        """log10 p from the nodes of the target's suffixes ``tnodes`` (L+1, M)
+        (row j: the (j+1)-gram ending at the target) and of the context's
+        suffixes ``cnodes`` (L, M) (row j: the last j+1 context tokens)."""
+        L, M = cnodes.shape
+        m = (tnodes >= 0).sum(axis=0)  # longest match (chains are prefix-contiguous)
+        out = np.empty(M, dtype=np.float64)
+        for j in range(1, L + 2):
+            sel = np.flatnonzero(m == j)
+            if sel.size:
+                out[sel] = self.prob[j - 1][tnodes[j - 1, sel]]
+        if L == 0:
+            return out
+        if self.method == "addk":
+            # longest seen context Ls; if longer than m-1, the floor of that context
+            Ls = np.zeros(M, dtype=np.int64)
+            for j in range(1, L + 1):
+                c = cnodes[j - 1]
+                ok = np.flatnonzero(c >= 0)
+                if ok.size:
+                    seen = self.seen_context(j)[c[ok]]
+                    Ls[ok[seen]] = j
+            fl = np.flatnonzero(Ls > m - 1)
+            for j in range(1, L + 1):
+                sel = fl[Ls[fl] == j]
+                if sel.size:
+                    out[sel] = self.bo[j - 1][cnodes[j - 1, sel]]
+            return out
+        for j in range(1, L + 1):
+            c = cnodes[j - 1]
+            sel = np.flatnonzero((c >= 0) & (m <= j))
+            if sel.size:
+                out[sel] += self.bo[j - 1][c[sel]]
+        return out
+
+    def score_rows(self, X: np.ndarray, first: int) -> np.ndarray:
+        """log10 p(X[b, t] | X[b, :t]) for t >= first, each row an independent
+        stream (-1 = no token; the chains stop there). Every position's
+        suffix chain is computed once and serves as the next position's
+        context chain. Returns (B, W - first)."""
+        B, W = X.shape
+        N = self.order
+        n1 = N - 1
+        if W <= first:
+            return np.zeros((B, 0))
+        Xp = np.concatenate([np.full((B, n1), -1, dtype=np.int64), X], axis=1)
+        lo = max(first - 1, 0)
+        win = np.lib.stride_tricks.sliding_window_view(Xp, N, axis=1)[:, lo:]  # window ending at X[:, lo + i]
+        nodes = self.chain(np.ascontiguousarray(win.reshape(-1, N)))  # (N, B * (W - lo))
+        nodes = nodes.reshape(N, B, W - lo)
+        t0 = first - lo
+        tnodes = nodes[:, :, t0:].reshape(N, -1)
+        if first == 0:
+            cn = np.concatenate([np.full((n1, B, 1), -1, dtype=np.int64), nodes[:n1, :, :-1]], axis=2)
+        else:
+            cn = nodes[:n1, :, t0 - 1:-1]
+        return self.combine(tnodes, cn.reshape(n1, tnodes.shape[1])).reshape(B, W - first)
+
+    def dist10(self, ctx: np.ndarray) -> np.ndarray:
+        """(M, V) float64 log10 p(. | ctx) for each row of ctx (M, L)."""
+        M, L = ctx.shape
+        N = self.order
+        L = min(L, N - 1)
+        ctx = ctx[:, ctx.shape[1] - L:] if L > 0 else ctx[:, :0]
+        D = np.repeat(self.prob[0].astype(np.float64)[None, :], M, axis=0)
+        if L > 0:
+            cnodes = self.chain(ctx)
+            for k in range(2, L + 2):
+                c = cnodes[k - 2]
+                rows = np.flatnonzero(c >= 0)
+                if rows.size == 0:
+                    break
+                cn = c[rows]
+                offsets, grows, gwords = self.csr(k)
+                start, stop = offsets[cn], offsets[cn + 1]
+                counts = stop - start
+                if self.method == "addk":
+                    seen = counts > 0
+                    D[rows[seen]] = self.bo[k - 2][cn[seen]].astype(np.float64)[:, None]
+                else:
+                    D[rows] += self.bo[k - 2][cn].astype(np.float64)[:, None]
+                total = int(counts.sum())
+                if total:
+                    rep = np.repeat(np.arange(rows.size), counts)
+                    within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+                    g = np.repeat(start, counts) + within
+                    D[rows[rep], gwords[g]] = self.prob[k - 1][grows[g]]
+        if self.bos_id is not None:
+            D[:, self.bos_id] = -np.inf
+        return D
+
+
+def _stable_log10(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log10(x)
+
+
+# ---------------------------------------------------------------- estimation
+
+
+class _Counts:
+    """Counts of every order from a corpus of id sequences (see ``_count``)."""
+
+    keys: list       # keys[k-1]: sorted unique keys of order k (None for k=1)
+    raw: list        # raw counts (dense (V,) for k=1)
+    nonext: list     # occurrences with no left neighbour (sentence start / after <s>)
+    prefix: list     # prefix node (order k-1) of each entry (None for k=1)
+
+
+def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: bool, drop: int | None):
+    """One int64 array of all tokens (wrapped in <s> ... </s> if asked) and a
+    flag marking the first token of each non-empty sequence."""
+    if isinstance(sequences, torch.Tensor):
+        sequences = sequences.detach().cpu().numpy()
+    if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
+        seqs = [sequences]  # a single stream
+    else:
+        seqs = list(sequences)
+    if not seqs:
+        raise ValueError("no sequences to count: give at least one sequence of token ids")
+    arrs = []
+    for i, s in enumerate(seqs):
+        if isinstance(s, torch.Tensor):
+            s = s.detach().cpu().numpy()
+        a = np.asarray(s)
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"sequence {i} must be a 1-D sequence of integer token ids, got shape {a.shape} dtype {a.dtype}")
+        arrs.append(a)
+    lens = np.fromiter((a.size for a in arrs), dtype=np.int64, count=len(arrs))
+    flat = np.concatenate(arrs).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lens)
+
+    def where(mask: np.ndarray) -> tuple[int, int]:
+        j = int(np.flatnonzero(mask)[0])
+        return int(np.searchsorted(ends, j, side="right")), int(flat[j])
+
+    if flat.size and (flat.min() < 0 or flat.max() >= V):
+        i, bad = where((flat < 0) | (flat >= V))
+        raise ValueError(f"sequence {i} has token id {bad}, outside the vocabulary [0, {V})")
+    if add_bos_eos and flat.size:
+        m = (flat == bos) | (flat == eos)
+        if m.any():
+            i, _ = where(m)
+            raise ValueError(
+                f"sequence {i} already contains <s> (id {bos}) or </s> (id {eos}); "
+                "pass add_bos_eos=False for sequences that carry their own boundaries"
+            )
+    if drop is not None and flat.size:
+        keep = flat != drop
+        seq_of = np.repeat(np.arange(lens.size), lens)
+        lens = np.bincount(seq_of[keep], minlength=lens.size).astype(np.int64)
+        flat = flat[keep]
+    if add_bos_eos:
+        tot = lens + 2
+        starts = np.cumsum(tot) - tot
+        tok = np.empty(int(tot.sum()), dtype=np.int64)
+        mid = np.ones(tok.size, dtype=bool)
+        mid[starts] = False
+        mid[starts + lens + 1] = False
+        tok[starts] = bos
+        tok[starts + lens + 1] = eos
+        tok[mid] = flat
+    else:
+        tok = flat
+        starts = (np.cumsum(lens) - lens)[lens > 0]
+    seg_start = np.zeros(tok.size, dtype=bool)
+    seg_start[starts] = True
+    return tok, seg_start
+
+
+def _count(tok: np.ndarray, seg_start: np.ndarray, N: int, V: int, bos: int | None) -> _Counts:
+    n = tok.size
+    pos = np.arange(n, dtype=np.int64)
+    boundary = seg_start.copy()
+    if bos is not None:
+        boundary |= tok == bos
+    run_start = np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos
+    span = pos - run_start + 1  # length of the longest valid n-gram ending here
+    pred = np.ones(n, dtype=bool) if bos is None else tok != bos
+    if not pred.any():
+        raise ValueError("no tokens to count: every sequence is empty (and add_bos_eos=False)")
+    C = _Counts()
+    C.keys, C.raw, C.nonext, C.prefix = [None], [], [], [None]
+    valid = pred
+    C.raw.append(np.bincount(tok[valid], minlength=V).astype(np.int64))
+    C.nonext.append(np.bincount(tok[valid & (span == 1)], minlength=V).astype(np.int64))
+    node = tok  # node of the k-gram ending at each position (a unigram's node is its id; <s> included)
+    for k in range(2, N + 1):
+        valid = pred & (span >= k)
+        at = np.flatnonzero(valid)
+        if at.size == 0:
+            C.keys.append(np.zeros(0, dtype=np.int64))
+            C.raw.append(np.zeros(0, dtype=np.int64))
+            C.nonext.append(np.zeros(0, dtype=np.int64))
+            C.prefix.append(np.zeros(0, dtype=np.int64))
+            node = np.full(n, -1, dtype=np.int64)
+            continue
+        q = node[at] * V + tok[at - (k - 1)]
+        uniq, first, inv, cnt = np.unique(q, return_index=True, return_inverse=True, return_counts=True)
+        C.keys.append(uniq)
+        C.raw.append(cnt.astype(np.int64))
+        ne = span[at] == k
+        C.nonext.append(np.bincount(inv[ne], minlength=uniq.size).astype(np.int64))
+        # the prefix x1..x_{k-1} of the k-gram ending at j ends at j-1: its node is node_{k-1}[j-1]
+        C.prefix.append(node[at[first] - 1])
+        new = np.full(n, -1, dtype=np.int64)
+        new[at] = inv
+        node = new
+    return C
+
+
+def _estimate_discounts(a: np.ndarray, k: int, cfg: NGramConfig) -> list[float]:
+    """Chen & Goodman's D1, D2, D3+ for order k from adjusted counts ``a``."""
+    if cfg.discounts is not None:
+        return list(cfg.discounts[k - 1])
+    n = [int(np.count_nonzero(a == r)) for r in range(5)]
+    problem = None
+    for r in (1, 2, 3):
+        if n[r] == 0:
+            problem = (
+                f"no {k}-grams have adjusted count {r} (count-of-counts n{r} = 0), so D{r} "
+                f"{'and D' + str(r + 1) + '+ ' if r < 3 else ''}cannot be estimated"
+            )
+            break
+    D = [0.0, 0.0, 0.0]
+    if problem is None:
+        y = n[1] / (n[1] + 2.0 * n[2])
+        for r in (1, 2, 3):
+            D[r - 1] = r - (r + 1) * y * n[r + 1] / n[r]
+            if not (0.0 <= D[r - 1] <= r):
+                problem = (
+                    f"the {k}-gram discount D{r}{'+' if r == 3 else ''} = {D[r - 1]:.4g} is outside [0, {r}] "
+                    f"(count-of-counts n1..n4 = {n[1:]})"
+                )
+                break
+    if problem is None:
+        return D
+    msg = f"Kneser-Ney: {problem}; this happens on tiny, artificial or character-level data."
+    if cfg.strict:
+        raise ValueError(
+            msg + " Pass strict=False to use fallback discounts "
+            f"{cfg.fallback_discounts} (KenLM's --discount_fallback), or give discounts=[[D1, D2, D3+], ...] per order."
+        )
+    warnings.warn(
+        msg + f" Using the fallback discounts D1, D2, D3+ = {cfg.fallback_discounts} for order {k} "
+        "(KenLM's --discount_fallback defaults); pass strict=True to make this an error.",
+        DiscountWarning,
+        stacklevel=4,
+    )
+    return list(cfg.fallback_discounts)
+
+
+def _estimate(C: _Counts, cfg: NGramConfig):
+    """Tables (keys, log10 prob, log10 backoff) of the chosen estimator."""
+    N, V, Vp, bos = cfg.order, cfg.vocab_size, cfg.num_predictable, cfg.bos_id
+    sizes = [V] + [C.keys[k].size for k in range(1, N)]
+    probs: list[np.ndarray] = []
+    bos_: list[np.ndarray] = [np.zeros(s, dtype=np.float64) for s in sizes]  # log10 backoff / floor
+    used: list[list[float]] = []
+    method = cfg.method
+    if method == "kneser_ney":
+        adj = []
+        for k in range(1, N + 1):
+            if k == N:
+                a = C.raw[k - 1].copy()
+            else:
+                a = np.bincount(C.keys[k] // V, minlength=sizes[k - 1]).astype(np.int64) + C.nonext[k - 1]
+            if k == 1 and bos is not None:
+                a[bos] = 0
+            adj.append(a)
+        for k in range(1, N + 1):
+            a = adj[k - 1]
+            D = _estimate_discounts(a, k, cfg)
+            used.append(D)
+            Dk = np.array([0.0] + D)
+            disc = Dk[np.minimum(a, 3)]
+            if k == 1:
+                denom = float(a.sum())
+                c = [np.count_nonzero(a == 1), np.count_nonzero(a == 2), np.count_nonzero(a >= 3)]
+                gamma0 = (D[0] * c[0] + D[1] * c[1] + D[2] * c[2]) / denom
+                p = (a - disc) / denom + gamma0 / Vp
+                if bos is not None:
+                    p[bos] = 0.0
+            else:
+                pre = C.prefix[k - 1]
+                n_ctx = sizes[k - 2]
+                denom = np.bincount(pre, weights=a, minlength=n_ctx)
+                g = (
+                    D[0] * np.bincount(pre, weights=(a == 1), minlength=n_ctx)
+                    + D[1] * np.bincount(pre, weights=(a == 2), minlength=n_ctx)
+                    + D[2] * np.bincount(pre, weights=(a >= 3), minlength=n_ctx)
+                )
+                has = denom > 0
+                gamma = np.zeros(n_ctx)
+                gamma[has] = g[has] / denom[has]
+                p = (a - disc) / denom[pre] + gamma[pre] * probs[k - 2][C.keys[k - 1] // V]
+                bos_[k - 2] = np.where(has, _stable_log10(np.where(has, gamma, 1.0)), 0.0)
+            probs.append(p)
+        probs = [np.minimum(_stable_log10(p), 0.0) for p in probs]
+    elif method in ("mle", "addk"):
+        kk = cfg.k if method == "addk" else 0.0
+        for k in range(1, N + 1):
+            raw = C.raw[k - 1].astype(np.float64)
+            if k == 1:
+                p = (raw + kk) / (raw.sum() + kk * Vp)
+                if bos is not None:
+                    p[bos] = 0.0
+            else:
+                pre = C.prefix[k - 1]
+                tot = np.bincount(pre, weights=raw, minlength=sizes[k - 2])
+                p = (raw + kk) / (tot[pre] + kk * Vp)
+                has = tot > 0
+                if method == "mle":
+                    bos_[k - 2] = np.where(has, -np.inf, 0.0)
+                else:
+                    bos_[k - 2] = np.where(has, _stable_log10(kk / (tot + kk * Vp)), 0.0)
+            probs.append(_stable_log10(p))
+    else:
+        raise ValueError(f"method {method!r} cannot be estimated from counts; use kneser_ney, mle or addk")
+    keys = [None] + [C.keys[k] for k in range(1, N)]
+    return keys, [p.astype(np.float32) for p in probs], [b.astype(np.float32) for b in bos_], used
+
+
+# ---------------------------------------------------------------- vocabulary helpers
+
+
+def build_vocab(
+    sentences: Iterable[str | Sequence[str]], specials: Sequence[str] = ("<unk>", "<s>", "</s>")
+) -> list[str]:
+    """Specials first (KenLM's order: <unk>=0, <s>=1, </s>=2), then the words
+    of ``sentences`` (strings split on whitespace, or token lists) in order of
+    first occurrence."""
+    vocab = list(specials)
+    seen = set(vocab)
+    for s in sentences:
+        for w in s.split() if isinstance(s, str) else s:
+            if w not in seen:
+                seen.add(w)
+                vocab.append(w)
+    return vocab
+
+
+def _index(vocab: Sequence[str]) -> dict[str, int]:
+    return {w: i for i, w in enumerate(vocab)}
+
+
+# ---------------------------------------------------------------- the model
+
+
+@register("ngram", NGramConfig)
+class NGramModel(LanguageModel):
+    """Backoff n-gram model; see the module docstring for the conventions."""
+
+    def __init__(self, config: NGramConfig):
+        super().__init__()
+        self.config = config
+        V, N = config.vocab_size, config.order
+        sizes = config.sizes or [V] + [0] * (N - 1)
+        p1 = torch.full((V,), -math.log10(config.num_predictable), dtype=torch.float32)
+        if config.bos_id is not None:
+            p1[config.bos_id] = -math.inf
+        self.register_buffer("prob_1", p1)
+        self.register_buffer("backoff_1", torch.zeros(V, dtype=torch.float32))
+        for k in range(2, N + 1):
+            n = sizes[k - 1]
+            self.register_buffer(f"keys_{k}", torch.zeros(n, dtype=torch.int64))
+            self.register_buffer(f"prob_{k}", torch.zeros(n, dtype=torch.float32))
+            self.register_buffer(f"backoff_{k}", torch.zeros(n, dtype=torch.float32))
+        self.vocab: list[str] | None = None  # set by from_arpa / from_text; not saved
+        self._cache_key = None
+        self._cache: _Tables | None = None
+
+    # ------------------------------------------------------------ tables
+    def _buffers_in_order(self) -> list[torch.Tensor]:
+        out = [self.prob_1, self.backoff_1]
+        for k in range(2, self.config.order + 1):
+            out += [getattr(self, f"keys_{k}"), getattr(self, f"prob_{k}"), getattr(self, f"backoff_{k}")]
+        return out
+
+    def _tables(self) -> _Tables:
+        bufs = self._buffers_in_order()
+        key = tuple((b.data_ptr(), b._version, str(b.device), b.dtype) for b in bufs)
+        if key != self._cache_key or self._cache is None:
+            def f32(t):
+                return t.detach().cpu().to(torch.float32).numpy()
+
+            keys = [None] + [getattr(self, f"keys_{k}").detach().cpu().numpy() for k in range(2, self.config.order + 1)]
+            prob = [f32(self.prob_1)] + [f32(getattr(self, f"prob_{k}")) for k in range(2, self.config.order + 1)]
+            bo = [f32(self.backoff_1)] + [f32(getattr(self, f"backoff_{k}")) for k in range(2, self.config.order + 1)]
+            self._cache = _Tables(self.config.vocab_size, keys, prob, bo, self.config.method, self.config.bos_id)
+            self._cache_key = key
+        return self._cache
+
+    def _set_tables(self, keys, prob, bo) -> None:
+        N = self.config.order
+        self.prob_1 = torch.from_numpy(np.ascontiguousarray(prob[0], dtype=np.float32))
+        self.backoff_1 = torch.from_numpy(np.ascontiguousarray(bo[0], dtype=np.float32))
+        for k in range(2, N + 1):
+            setattr(self, f"keys_{k}", torch.from_numpy(np.ascontiguousarray(keys[k - 1], dtype=np.int64)))
+            setattr(self, f"prob_{k}", torch.from_numpy(np.ascontiguousarray(prob[k - 1], dtype=np.float32)))
+            setattr(self, f"backoff_{k}", torch.from_numpy(np.ascontiguousarray(bo[k - 1], dtype=np.float32)))
+        self.config.sizes = [int(p.shape[0]) for p in prob]
+        self._cache_key = None
+        self._cache = None
+
+    def prepare(self) -> "NGramModel":
+        """Build the lookup indexes now (otherwise built on first use); ``fit``
+        and ``from_arpa`` call it, so their timings include it."""
+        T = self._tables()
+        for k in range(2, self.order + 1):
+            T.index(k)
+        return self
+
+    @property
+    def order(self) -> int:
+        return self.config.order
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of n-grams stored per order."""
+        return [int(b.shape[0]) for b in [self.prob_1] + [getattr(self, f"prob_{k}") for k in range(2, self.order + 1)]]
+
+    # ------------------------------------------------------------ estimation
+    def fit(self, sequences, *, add_bos_eos: bool = True, drop_unk: bool = False) -> "NGramModel":
+        """Estimate the tables from ``sequences`` (a list of 1-D id sequences,
+        one per sentence, or a single 1-D array = one stream). With
+        ``add_bos_eos`` each is wrapped in ``<s> ... </s>`` (needs ``bos_id``
+        and ``eos_id``); otherwise sequences are used as given and a ``<s>``
+        inside one starts a new sentence. ``drop_unk`` deletes ``unk_id``
+        tokens first (lmplz ``--skip_symbols``). Returns ``self``."""
+        cfg = self.config
+        if cfg.method == "backoff":
+            raise ValueError("method 'backoff' is for models read from ARPA files; fit with kneser_ney, mle or addk")
+        if add_bos_eos and (cfg.bos_id is None or cfg.eos_id is None):
+            raise ValueError(
+                f"add_bos_eos=True needs bos_id and eos_id in the config (got {cfg.bos_id}, {cfg.eos_id}); "
+                "set them or pass add_bos_eos=False"
+            )
+        if drop_unk and cfg.unk_id is None:
+            raise ValueError("drop_unk=True needs unk_id in the config")
+        tok, seg_start = _flatten(
+            sequences, cfg.vocab_size, cfg.bos_id, cfg.eos_id, add_bos_eos, cfg.unk_id if drop_unk else None
+        )
+        C = _count(tok, seg_start, cfg.order, cfg.vocab_size, cfg.bos_id)
+        for k in range(2, cfg.order + 1):
+            if C.keys[k - 1].size and C.keys[k - 1][-1] >= np.iinfo(np.int64).max // 2:
+                raise ValueError("n-gram keys overflow int64; the vocabulary or the corpus is too large")
+        keys, prob, bo, used = _estimate(C, cfg)
+        self._set_tables(keys, prob, bo)
+        cfg.discounts_used = used if cfg.method == "kneser_ney" else None
+        return self.prepare()
+
+    @classmethod
+    def from_text(
+        cls,
+        lines: Iterable[str | Sequence[str]],
+        *,
+        order: int = 3,
+        method: str = "kneser_ney",
+        vocab: Sequence[str] | None = None,
+        **config,
+    ) -> tuple["NGramModel", list[str]]:
+        """Build from whitespace-tokenized lines (one sentence each, as lmplz
+        reads them). The vocabulary is ``vocab`` or ``build_vocab(lines)``
+        (<unk>, <s>, </s>, then words by first occurrence); words outside a
+        given vocabulary become <unk>. Returns (model, vocabulary)."""
+        lines = [ln.split() if isinstance(ln, str) else list(ln) for ln in lines]
+        vocab = list(vocab) if vocab is not None else build_vocab(lines)
+        index = _index(vocab)
+        fit_kw = {k: config.pop(k) for k in ("add_bos_eos", "drop_unk") if k in config}
+        cfg = NGramConfig(
+            vocab_size=len(vocab),
+            order=order,
+            method=method,
+            bos_id=index.get("<s>"),
+            eos_id=index.get("</s>"),
+            unk_id=index.get("<unk>"),
+            **config,
+        )
+        model = cls(cfg)
+        seqs = [model.encode(ln, vocab, index=index) for ln in lines]
+        model.fit(seqs, **fit_kw)
+        model.vocab = vocab
+        return model, vocab
+
+    # ------------------------------------------------------------ ARPA
+    @classmethod
+    def from_arpa(
+        cls, path: str | Path, *, bos: str = "<s>", eos: str = "</s>", unk: str = "<unk>"
+    ) -> tuple["NGramModel", list[str]]:
+        """Load an ARPA file (from lmlab, KenLM, SRILM ...). Returns
+        (model, vocabulary): word id i is the i-th unigram of the file. The
+        model's method is ``"backoff"``. n-grams whose prefix or suffix is
+        missing from the file (pruned SRILM models) are added with backoff 0
+        and the probability the model gives them, which changes no score."""
+        from lmlab.arpa import read_arpa
+
+        t = read_arpa(path)
+        vocab = t.vocab
+        index = _index(vocab)
+        cfg = NGramConfig(
+            vocab_size=len(vocab),
+            order=t.order,
+            method="backoff",
+            bos_id=index.get(bos),
+            eos_id=index.get(eos),
+            unk_id=index.get(unk),
+        )
+        model = cls(cfg)
+        keys, prob, bo = _tables_from_arpa(t, cfg, path)
+        model._set_tables(keys, prob, bo)
+        model.vocab = vocab
+        return model.prepare(), vocab
+
+    def write_arpa(self, path: str | Path, vocab: Sequence[str] | None = None, *, max_dense_entries: int = 5_000_000) -> None:
+        """Write the model as an ARPA file that KenLM and SRILM can query with
+        the same probabilities. ``vocab[i]`` is the word of id i (default: the
+        vocabulary the model was built or loaded with). Add-k models are
+        written densely (every word after every seen context); if that needs
+        more than ``max_dense_entries`` n-grams a ``ValueError`` is raised."""
+        from lmlab.arpa import write_arpa
+
+        vocab = list(vocab) if vocab is not None else self.vocab
+        if vocab is None:
+            raise ValueError("write_arpa needs the vocabulary (vocab[i] = word of id i)")
+        if len(vocab) != self.config.vocab_size:
+            raise ValueError(f"vocabulary has {len(vocab)} words, the model has vocab_size {self.config.vocab_size}")
+        T = self._tables()
+        N = self.order
+        if self.config.method == "addk":
+            grams, probs, bos_ = _dense_addk(T, self.config, max_dense_entries)
+        else:
+            grams = [T.ngram_words(k) for k in range(1, N + 1)]
+            probs = list(T.prob)
+            bos_ = list(T.bo)
+        probs = [p.astype(np.float64) for p in probs]
+        if self.config.bos_id is not None:
+            probs[0] = probs[0].copy()
+            probs[0][self.config.bos_id] = -np.inf
+        write_arpa(path, vocab, grams, probs, [b.astype(np.float64) for b in bos_])
+
+    # ------------------------------------------------------------ the interface
+    def _check_ids(self, ids) -> np.ndarray:
+        if isinstance(ids, torch.Tensor):
+            if ids.is_floating_point() or ids.is_complex():
+                raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
+            a = ids.detach().cpu().numpy().astype(np.int64, copy=False)
+        else:
+            a = np.asarray(ids)
+            if a.size and not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"ids must be integer token ids, got dtype {a.dtype}")
+            a = a.astype(np.int64, copy=False)
+        if a.ndim != 2:
+            raise ValueError(f"ids must have shape (B, T), got {tuple(a.shape)}")
+        if a.size and (a.min() < 0 or a.max() >= self.config.vocab_size):
+            bad = int(a[(a < 0) | (a >= self.config.vocab_size)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return a
+
+    def initial_context(self, batch_size: int) -> np.ndarray:
+        pad = self.config.bos_id if self.config.bos_id is not None else -1
+        return np.full((batch_size, self.order - 1), pad, dtype=np.int64)
+
+    def _context(self, state: State | None, B: int) -> tuple[np.ndarray, int]:
+        if state is None:
+            return self.initial_context(B), 0
+        ctx = state.tensors.get("context")
+        if ctx is None or tuple(ctx.shape) != (B, self.order - 1):
+            raise ValueError(
+                f"n-gram state must hold 'context' of shape ({B}, {self.order - 1}), "
+                f"got {None if ctx is None else tuple(ctx.shape)}"
+            )
+        return ctx.detach().cpu().numpy().astype(np.int64), state.length
+
+    def _windows(self, ids: np.ndarray, state: State | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(B, T, n-1) contexts ending at each position, the new context, the start length."""
+        B, T = ids.shape
+        ctx, length = self._context(state, B)
+        X = np.concatenate([ctx, ids], axis=1)
+        n1 = self.order - 1
+        if n1 == 0:
+            return np.zeros((B, T, 0), dtype=np.int64), X[:, :0], length
+        win = np.lib.stride_tricks.sliding_window_view(X, n1, axis=1)[:, 1:]
+        return win, X[:, X.shape[1] - n1:], length
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """ids (B, T) -> logits (B, T, V): natural-log probabilities of the
+        token after each position (``-inf`` for <s> and impossible words), and
+        the state (the last n-1 tokens) to continue from."""
+        a = self._check_ids(ids)
+        B, T = a.shape
+        V = self.config.vocab_size
+        win, new_ctx, length = self._windows(a, state)
+        out = np.empty((B * T, V), dtype=np.float32)
+        if B * T:
+            flat = win.reshape(B * T, -1)
+            tables = self._tables()
+            step = max(1, 4_000_000 // V)
+            for s in range(0, B * T, step):
+                out[s:s + step] = tables.dist10(flat[s:s + step]) * LN10
+        device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
+        logits = torch.from_numpy(out).view(B, T, V).to(device)
+        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(device)}, length + T)
+        return logits, new_state
+
+    def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """Fast path: (B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state),
+        equal to ``log_softmax(forward(ids, state)[0])[:, :-1]`` gathered at
+        ``ids[:, 1:]`` but without building (B, T, V). float32."""
+        a = self._check_ids(ids)
+        B, T = a.shape
+        device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
+        if T < 2:
+            return torch.zeros((B, 0), dtype=torch.float32, device=device)
+        ctx, _ = self._context(state, B)
+        X = np.concatenate([ctx, a], axis=1)
+        lp = self._tables().score_rows(X, first=self.order) * LN10  # targets ids[:, 1:]
+        return torch.from_numpy(lp.astype(np.float32)).to(device)
+
+    # ------------------------------------------------------------ numpy scoring
+    def logprob10(self, contexts: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """log10 p(target | context) for M queries: contexts (M, L) of ids,
+        oldest first (-1 = no token; only the last n-1 are used), targets (M,)."""
+        contexts = np.asarray(contexts, dtype=np.int64)
+        targets = np.asarray(targets, dtype=np.int64)
+        if contexts.ndim != 2 or targets.shape != (contexts.shape[0],):
+            raise ValueError(f"contexts must be (M, L) and targets (M,), got {contexts.shape} and {targets.shape}")
+        V = self.config.vocab_size
+        if targets.size and (targets.min() < 0 or targets.max() >= V):
+            raise ValueError(f"target ids must lie in [0, {V})")
+        if contexts.size and contexts.max() >= V:
+            raise ValueError(f"context ids must lie in [0, {V}) (or -1 for no token)")
+        return self._tables().logprob10(contexts, targets)
+
+    def score_sequences(self, sequences, *, add_bos_eos: bool = True) -> np.ndarray:
+        """log10 probability of each sequence (KenLM's ``score(s, bos, eos)``
+        for all of them at once): with ``add_bos_eos``, <s> is context and
+        </s> is predicted. Returns float64 (num_sequences,)."""
+        cfg = self.config
+        if add_bos_eos and (cfg.bos_id is None or cfg.eos_id is None):
+            raise ValueError("add_bos_eos=True needs bos_id and eos_id in the config")
+        seqs = _as_list(sequences)
+        if not seqs:
+            return np.zeros(0)
+        tok, seg_start = _flatten(seqs, cfg.vocab_size, cfg.bos_id, cfg.eos_id, add_bos_eos, None)
+        seg = np.cumsum(seg_start) - 1
+        lp, at = _score_flat(self._tables(), tok, seg_start, cfg.bos_id)
+        nonempty = np.array([len(s) > 0 or add_bos_eos for s in seqs])
+        out = np.zeros(len(seqs))
+        idx = np.flatnonzero(nonempty)
+        out[idx] = np.bincount(seg[at], weights=lp, minlength=idx.size)
+        return out
+
+    def perplexity(self, sequences, *, add_bos_eos: bool = True) -> float:
+        """KenLM-style perplexity: 10 ** (-total log10 / predicted tokens),
+        counting </s> and not <s>."""
+        seqs = _as_list(sequences)
+        total = float(self.score_sequences(seqs, add_bos_eos=add_bos_eos).sum())
+        n = sum(len(s) for s in seqs) + (len(seqs) if add_bos_eos else 0)
+        if not add_bos_eos and self.config.bos_id is not None:
+            n -= sum(int(np.count_nonzero(np.asarray(s) == self.config.bos_id)) for s in seqs)
+        if n == 0:
+            raise ValueError("perplexity of no tokens is undefined")
+        return float(10.0 ** (-total / n))
+
+    # ------------------------------------------------------------ words
+    def encode(self, words: str | Sequence[str], vocab: Sequence[str] | None = None, *, index: dict | None = None) -> np.ndarray:
+        """Word ids of ``words`` (a whitespace-separated string or a list);
+        words outside the vocabulary become ``unk_id`` (``ValueError`` if the
+        model has no <unk>)."""
+        vocab = vocab if vocab is not None else self.vocab
+        if vocab is None:
+            raise ValueError("encode needs the vocabulary (vocab[i] = word of id i)")
+        if index is None:
+            index = _index(vocab)
+        unk = self.config.unk_id
+        out = []
+        for w in words.split() if isinstance(words, str) else words:
+            i = index.get(w)
+            if i is None:
+                if unk is None:
+                    raise ValueError(f"word {w!r} is not in the vocabulary and the model has no <unk>")
+                i = unk
+            out.append(i)
+        return np.array(out, dtype=np.int64)
+
+    def score_words(self, words: str | Sequence[str], vocab: Sequence[str] | None = None, *, bos: bool = True, eos: bool = True) -> float:
+        """log10 probability of a sentence, like ``kenlm.Model.score(sentence,
+        bos=bos, eos=eos)``; out-of-vocabulary words are scored as <unk>."""
+        ids = self.encode(words, vocab)
+        cfg = self.config
+        if (bos and cfg.bos_id is None) or (eos and cfg.eos_id is None):
+            raise ValueError("bos/eos scoring needs bos_id/eos_id in the config")
+        seq = ([cfg.bos_id] if bos else []) + ids.tolist() + ([cfg.eos_id] if eos else [])
+        start = 1 if bos else 0
+        if len(seq) <= start:
+            return 0.0
+        n1 = self.order - 1
+        padded = [-1] * n1 + seq
+        ctx = np.array([padded[i:i + n1] for i in range(start, len(seq))], dtype=np.int64).reshape(len(seq) - start, n1)
+        return float(self._tables().logprob10(ctx, np.array(seq[start:], dtype=np.int64)).sum())
+
+
+def _as_list(sequences) -> list:
+    if isinstance(sequences, torch.Tensor):
+        sequences = sequences.detach().cpu().numpy()
+    if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
+        return [sequences]
+    return list(sequences)
+
+
+def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | None):
+    """log10 p of every predicted token of a flattened corpus and its position;
+    n-grams never cross a sequence start or a <s>."""
+    n = tok.size
+    N = T.order
+    pos = np.arange(n, dtype=np.int64)
+    boundary = seg_start.copy()
+    if bos is not None:
+        boundary |= tok == bos
+    run_start = np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos
+    at = np.flatnonzero(tok != bos) if bos is not None else pos
+    idx = pos[:, None] + np.arange(-(N - 1), 1)[None, :]
+    win = tok[np.maximum(idx, 0)]
+    win[idx < run_start[:, None]] = -1
+    nodes = T.chain(win)  # (N, n): suffixes of the n-gram ending at each position
+    tnodes = nodes[:, at]
+    prev = at - 1
+    cn = nodes[: N - 1, np.maximum(prev, 0)]
+    cn[:, prev < run_start[at]] = -1
+    return T.combine(tnodes, cn), at
+
+
+def _tables_from_arpa(t, cfg: NGramConfig, path):
+    from lmlab.arpa import ArpaFormatError
+
+    V, N = cfg.vocab_size, t.order
+    grams = [g for g in t.ngrams]
+    probs = [p for p in t.probs]
+    bos_ = [b for b in t.backoffs]
+    for attempt in range(2):
+        keys = [None]
+        prob = [probs[0].astype(np.float32)]
+        bo = [bos_[0].astype(np.float32)]
+        closed = True
+        for k in range(2, N + 1):
+            T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)
+            g = grams[k - 1]
+            suffix = T.chain(g[:, 1:])[k - 2]
+            prefix = T.chain(g[:, :-1])[k - 2]
+            if (suffix < 0).any() or (prefix < 0).any():
+                closed = False
+                break
+            key = suffix * V + g[:, 0]
+            order = np.argsort(key, kind="stable")
+            key = key[order]
+            dup = np.flatnonzero(key[1:] == key[:-1])
+            if dup.size:  # read_arpa checks this already; keep the guard
+                line = int(t.lines[k - 1][order[dup[0] + 1]]) if attempt == 0 else None
+                raise ArpaFormatError(path, line, f"duplicate {k}-gram")
+            p = probs[k - 1][order].astype(np.float64)
+            todo = np.flatnonzero(np.isnan(p))
+            if todo.size:
+                gg = g[order][todo]
+                p[todo] = T.logprob10(gg[:, 1:-1], gg[:, -1]) + bo[k - 2][prefix[order][todo]]
+            keys.append(key)
+            prob.append(p.astype(np.float32))
+            bo.append(bos_[k - 1][order].astype(np.float32))
+        if closed:
+            if cfg.bos_id is not None:
+                prob[0][cfg.bos_id] = -np.inf
+            return keys, prob, bo
+        if attempt == 1:
+            raise RuntimeError("internal error: closing the ARPA n-gram table failed")
+        grams, probs, bos_, added = _close_grams(grams, probs, bos_)
+        warnings.warn(
+            f"{path}: {added} n-grams are prefixes or suffixes of listed n-grams but missing from the file "
+            "(a pruned model?); added them with backoff 0 and the probability the model already gives them, "
+            "which changes no probability",
+            stacklevel=3,
+        )
+    raise AssertionError("unreachable")
+
+
+def _close_grams(grams, probs, bos_):
+    """Add the missing prefixes and suffixes of every n-gram (prob NaN = to
+    compute, backoff 0), from the highest order down."""
+    grams, probs, bos_ = list(grams), list(probs), list(bos_)
+    N = len(grams)
+    added = 0
+    for k in range(N, 1, -1):
+        have = set(map(tuple, grams[k - 2].tolist()))
+        need = set(map(tuple, grams[k - 1][:, :-1].tolist())) | set(map(tuple, grams[k - 1][:, 1:].tolist()))
+        missing = sorted(need - have)
+        if missing:
+            if k - 1 == 1:
+                raise RuntimeError("a word of a higher order is missing from the unigrams")  # read_arpa checks
+            added += len(missing)
+            grams[k - 2] = np.concatenate([grams[k - 2], np.array(missing, dtype=np.int64)])
+            probs[k - 2] = np.concatenate([probs[k - 2], np.full(len(missing), np.nan)])
+            bos_[k - 2] = np.concatenate([bos_[k - 2], np.zeros(len(missing))])
+    return grams, probs, bos_, added
+
+
+def _dense_addk(T: _Tables, cfg: NGramConfig, limit: int):
+    """Every word after every seen context, for writing add-k as ARPA."""
+    V, N, bos = cfg.vocab_size, cfg.order, cfg.bos_id
+    words = np.arange(V, dtype=np.int64)
+    if bos is not None:
+        words = words[words != bos]
+    Vp = words.size
+    rank = np.full(V, -1, dtype=np.int64)
+    rank[words] = np.arange(Vp)
+    total = V
+    seen_nodes = {}
+    for k in range(2, N + 1):
+        seen_nodes[k] = np.flatnonzero(T.seen_context(k - 1))
+        total += seen_nodes[k].size * Vp
+    if total > limit:
+        raise ValueError(
+            f"an add-k model is not a backoff model, so its ARPA file must list every word after every seen "
+            f"context: {total} n-grams, more than max_dense_entries={limit}. Raise max_dense_entries, "
+            "or write a kneser_ney or mle model instead"
+        )
+    grams = [np.arange(V, dtype=np.int64)[:, None]]
+    probs = [T.prob[0].astype(np.float64)]
+    bos_ = [np.zeros(V)]
+    for k in range(2, N + 1):
+        ctx_nodes = seen_nodes[k]
+        ctx_words = T.ngram_words(k - 1)[ctx_nodes]
+        g = np.concatenate([np.repeat(ctx_words, Vp, axis=0), np.tile(words, ctx_nodes.size)[:, None]], axis=1)
+        p = np.repeat(T.bo[k - 2][ctx_nodes].astype(np.float64), Vp)
+        where = np.full(T.prob[k - 2].shape[0], -1, dtype=np.int64)
+        where[ctx_nodes] = np.arange(ctx_nodes.size)
+        offsets, rows, last = T.csr(k)
+        ctx_of_row = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+        p[where[ctx_of_row] * Vp + rank[last]] = T.prob[k - 1][rows]
+        grams.append(g)
+        probs.append(p)
+        bos_.append(np.zeros(g.shape[0]))
+    return grams, probs, bos_

@@ -1,0 +1,591 @@
+"""Tests of the count-based n-gram family (lmlab.models.ngram, lmlab.arpa)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.arpa import ArpaFormatError, read_arpa
+from lmlab.models.base import build_model, families, load_model, save_model
+from lmlab.models.ngram import DiscountWarning, NGramConfig, NGramModel, build_vocab
+
+TINY = ["a b c a b", "b c a", "a a b c", "c b a b c a"]
+
+# `lmplz -o 3 --discount_fallback` (KenLM 0.3.0) on TINY, verbatim.
+LMPLZ_TINY_ARPA = """\\data\\
+ngram 1=6
+ngram 2=12
+ngram 3=13
+
+\\1-grams:
+-1.0377885\t<unk>\t0
+0\t<s>\t-0.30103
+-0.6642079\t</s>\t0
+-0.5228787\ta\t-0.38021123
+-0.6642079\tb\t-0.30103
+-0.75696194\tc\t-0.30103
+
+\\2-grams:
+-0.76042247\ta </s>\t0
+-0.6320232\tb </s>\t0
+-0.5606673\tc </s>\t0
+-0.39794\t<s> a\t-0.30103
+-0.6812412\ta a\t-0.30103
+-0.5606673\tb a\t-0.30103
+-0.49939764\tc a\t-0.30103
+-0.6320232\t<s> b\t-0.30103
+-0.29503965\ta b\t-0.30103
+-0.5606673\tc b\t-0.30103
+-0.67264104\t<s> c\t-0.30103
+-0.4717262\tb c\t-0.30103
+
+\\3-grams:
+-0.37660712\tc a </s>
+-0.61678326\ta b </s>
+-0.58087075\tb c </s>
+-0.4507923\t<s> a a
+-0.19551983\tc b a
+-0.27300128\tb c a
+-0.2980245\t<s> a b
+-0.12293276\ta a b
+-0.12293276\tb a b
+-0.37660712\tc a b
+-0.19551983\t<s> c b
+-0.17473622\t<s> b c
+-0.26460075\ta b c
+
+\\end\\
+"""
+
+
+def markov_corpus(n_sent=400, n_words=25, seed=0):
+    """Sentences from a seeded random bigram chain over 25 words, sprinkled
+    with Zipf-distributed rare words: big enough for every count-of-counts
+    n1..n4 to be non-zero up to order 5."""
+    rng = np.random.default_rng(seed)
+    trans = rng.dirichlet(np.full(n_words + 1, 0.3), size=n_words + 1)  # last = </s>
+    zipf = 1.0 / np.arange(1, 301) ** 1.1
+    zipf /= zipf.sum()
+    out = []
+    for _ in range(n_sent):
+        s, prev = [], n_words
+        for _ in range(30):
+            if rng.random() < 0.15:
+                s.append(f"r{rng.choice(300, p=zipf)}")
+                continue
+            nxt = rng.choice(n_words + 1, p=trans[prev])
+            if nxt == n_words and s:
+                break
+            if nxt == n_words:
+                continue
+            s.append(f"w{nxt}")
+            prev = nxt
+        out.append(" ".join(s))
+    return out
+
+
+def quiet_fit(lines, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiscountWarning)
+        return NGramModel.from_text(lines, **kw)
+
+
+def random_contexts(rng, V, n, L, bos):
+    ctx = rng.integers(0, V, size=(n, L))
+    ctx[ctx == bos] = 0
+    if L:
+        ctx[: n // 4, 0] = bos  # some sentence starts; the rest mostly unseen contexts
+    return ctx
+
+
+# ---------------------------------------------------------------- exact small cases
+
+
+def test_mle_tiny_exact():
+    m, vocab = NGramModel.from_text(["a b", "a c", "b"], order=2, method="mle")
+    ix = {w: i for i, w in enumerate(vocab)}
+    lp = lambda ctx, w: m.logprob10(np.array([[ix[ctx]]]), np.array([ix[w]]))[0]  # noqa: E731
+    assert lp("<s>", "a") == pytest.approx(math.log10(2 / 3))
+    assert lp("<s>", "b") == pytest.approx(math.log10(1 / 3))
+    assert lp("a", "b") == pytest.approx(math.log10(1 / 2))
+    assert lp("b", "</s>") == pytest.approx(0.0)
+    assert lp("<s>", "c") == -math.inf  # seen context, unseen word: probability 0
+    # "</s>" never precedes anything: unseen context -> the unigram estimate 2/8
+    assert lp("</s>", "a") == pytest.approx(math.log10(2 / 8))
+    assert m.score_words("a b") == pytest.approx(math.log10(1 / 3))
+    logits, _ = m(torch.tensor([[ix["<s>"], ix["a"]]]))
+    assert not torch.isnan(logits).any()
+    assert torch.exp(logits).sum(-1)[0].numpy() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_addk_tiny_exact():
+    m, vocab = NGramModel.from_text(["a b", "a c", "b"], order=2, method="addk", k=1.0)
+    ix = {w: i for i, w in enumerate(vocab)}
+    lp = lambda ctx, w: m.logprob10(np.array([[ix[ctx]]]), np.array([ix[w]]))[0]  # noqa: E731
+    # V' = 5 predictable ids (<unk>, </s>, a, b, c); 8 predicted tokens
+    assert lp("<s>", "a") == pytest.approx(math.log10(3 / 8), abs=1e-6)
+    assert lp("<s>", "c") == pytest.approx(math.log10(1 / 8), abs=1e-6)
+    assert lp("<s>", "<unk>") == pytest.approx(math.log10(1 / 8), abs=1e-6)
+    assert lp("a", "b") == pytest.approx(math.log10(2 / 7), abs=1e-6)
+    assert lp("b", "</s>") == pytest.approx(math.log10(3 / 7), abs=1e-6)
+    assert lp("</s>", "a") == pytest.approx(math.log10(3 / 13), abs=1e-6)  # unseen context: add-k unigram
+    m2, _ = NGramModel.from_text(["a b", "a c", "b"], order=2, method="addk", k=0.5)
+    assert m2.logprob10(np.array([[ix["a"]]]), np.array([ix["b"]]))[0] == pytest.approx(
+        math.log10(1.5 / (2 + 0.5 * 5)), abs=1e-6
+    )
+
+
+def test_kn_matches_lmplz_on_tiny_corpus(tmp_path):
+    path = tmp_path / "lmplz.arpa"
+    path.write_text(LMPLZ_TINY_ARPA)
+    ref = read_arpa(path)
+    with pytest.warns(DiscountWarning):
+        m, vocab = NGramModel.from_text(TINY, order=3)
+    assert vocab == ref.vocab  # same id order as KenLM: <unk> <s> </s> then first occurrence
+    out = tmp_path / "ours.arpa"
+    m.write_arpa(out)
+    ours = read_arpa(out)
+
+    def table(t):
+        d = {}
+        for k in range(t.order):
+            for g, p, b in zip(t.ngrams[k].tolist(), t.probs[k], t.backoffs[k]):
+                d[tuple(g)] = (p, b)
+        return d
+
+    a, b = table(ours), table(ref)
+    assert set(a) == set(b)
+    bos = vocab.index("<s>")
+    for g in a:
+        if g != (bos,):  # lmplz writes 0 for <s>, lmlab -99 (SRILM); never used
+            assert a[g][0] == pytest.approx(b[g][0], abs=2e-6), g
+        assert a[g][1] == pytest.approx(b[g][1], abs=2e-6), g
+
+
+def reference_kn(lines, N):
+    """Plain-dict interpolated modified Kneser-Ney with KenLM's conventions,
+    returns p(w | h) as a function of word tuples."""
+    sents = [["<s>"] + ln.split() + ["</s>"] for ln in lines]
+    raw = [Counter() for _ in range(N + 1)]
+    for s in sents:
+        for k in range(1, N + 1):
+            for j in range(len(s) - k + 1):
+                g = tuple(s[j:j + k])
+                if g != ("<s>",):
+                    raw[k][g] += 1
+    left = [defaultdict(set) for _ in range(N + 2)]
+    for k in range(2, N + 1):
+        for h in raw[k]:
+            left[k - 1][h[1:]].add(h[0])
+    adj = [Counter() for _ in range(N + 1)]
+    for k in range(1, N + 1):
+        for g, c in raw[k].items():
+            adj[k][g] = c if k == N or g[0] == "<s>" else len(left[k][g])
+    D = {}
+    for k in range(1, N + 1):
+        n = Counter(adj[k].values())
+        y = n[1] / (n[1] + 2 * n[2])
+        D[k] = [0.0] + [r - (r + 1) * y * n[r + 1] / n[r] for r in (1, 2, 3)]
+    ctx_tot = [defaultdict(float) for _ in range(N + 1)]
+    ctx_gam = [defaultdict(float) for _ in range(N + 1)]
+    for k in range(1, N + 1):
+        for g, a in adj[k].items():
+            ctx_tot[k][g[:-1]] += a
+            ctx_gam[k][g[:-1]] += D[k][min(a, 3)]
+    words = {w for s in sents for w in s} | {"<unk>"}
+    Vp = len(words) - 1  # all but <s>
+
+    def p(w, h):
+        k = len(h) + 1
+        if k == 1:
+            lower = 1.0 / Vp
+        else:
+            lower = p(w, h[1:])
+        if k > 1 and ctx_tot[k].get(h, 0) == 0:
+            return lower
+        a = adj[k].get(h + (w,), 0)
+        tot = ctx_tot[k][h]
+        return (a - D[k][min(a, 3)]) / tot + ctx_gam[k][h] / tot * lower if a else ctx_gam[k][h] / tot * lower
+
+    return p, D
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_kn_matches_reference_implementation(order):
+    lines = markov_corpus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiscountWarning)  # discounts are estimable here
+        m, vocab = NGramModel.from_text(lines, order=order)
+    p, D = reference_kn(lines, order)
+    for k in range(order):
+        assert m.config.discounts_used[k] == pytest.approx(D[k + 1][1:], rel=1e-9)
+    rng = np.random.default_rng(order)
+    bos = vocab.index("<s>")
+    ctx = random_contexts(rng, len(vocab), 60, order - 1, bos)
+    # include contexts from the data (seen n-grams) too
+    seq = m.encode(lines[3])
+    for j in range(min(len(seq), 10)):
+        row = ([bos] * order + [bos] + seq[:j].tolist())[-(order - 1):] if order > 1 else []
+        ctx = np.vstack([ctx, np.array(row, dtype=np.int64).reshape(1, order - 1)])
+    dist = m._tables().dist10(ctx)
+    for i in range(ctx.shape[0]):
+        h = tuple(vocab[c] for c in ctx[i])  # "<s> <s> a" is never seen: the reference backs off too
+        for w in range(len(vocab)):
+            if w == bos:
+                assert dist[i, w] == -math.inf
+                continue
+            assert 10 ** dist[i, w] == pytest.approx(p(vocab[w], h), rel=2e-6), (h, vocab[w])
+
+
+@pytest.mark.parametrize("method", ["kneser_ney", "mle", "addk"])
+@pytest.mark.parametrize("order", [1, 2, 3, 5])
+def test_distributions_sum_to_one(method, order):
+    lines = markov_corpus(n_sent=150, seed=order)
+    m, vocab = quiet_fit(lines + ["<unk> w1 <unk>"], order=order, method=method, vocab=build_vocab(lines) + ["never"])
+    rng = np.random.default_rng(0)
+    ctx = random_contexts(rng, len(vocab), 200, order - 1, vocab.index("<s>"))
+    logits, _ = m(torch.from_numpy(np.concatenate([ctx, rng.integers(3, len(vocab), (200, 1))], 1)))
+    assert not torch.isnan(logits).any()
+    sums = torch.exp(logits.double()).sum(-1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+
+
+# ---------------------------------------------------------------- interface
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+def test_forward_incremental_state_equals_full(order):
+    lines = markov_corpus(n_sent=200)
+    m, vocab = quiet_fit(lines, order=order)
+    rng = np.random.default_rng(1)
+    ids = torch.from_numpy(rng.integers(0, len(vocab), size=(3, 17)))
+    ids[:, 0] = vocab.index("<s>")
+    full, st_full = m(ids)
+    assert full.shape == (3, 17, len(vocab)) and st_full.tensors["context"].shape == (3, order - 1)
+    state, parts = None, []
+    for a, b in [(0, 1), (1, 5), (5, 6), (6, 17)]:
+        lg, state = m(ids[:, a:b], state)
+        parts.append(lg)
+    assert torch.equal(torch.cat(parts, 1), full)
+    assert state.length == 17 and torch.equal(state.tensors["context"], st_full.tensors["context"])
+    # fast path = gather of the full logits
+    tl = m.token_logprobs(ids)
+    ref = torch.log_softmax(full.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(tl.double(), ref, atol=1e-5)
+    # continuing from a state, and re-indexing it (beam search)
+    _, st = m(ids[:, :8])
+    tl2 = m.token_logprobs(ids[[2, 0, 1], 8:], st.select(torch.tensor([2, 0, 1])))
+    assert torch.allclose(tl2, m.token_logprobs(ids[[2, 0, 1]])[:, 8:], atol=1e-6)
+    # empty inputs
+    lg0, st0 = m(ids[:, :0])
+    assert lg0.shape == (3, 0, len(vocab)) and st0.length == 0
+    assert m.token_logprobs(ids[:, :1]).shape == (3, 0)
+
+
+def test_score_sequences_matches_token_logprobs():
+    lines = markov_corpus(n_sent=100)
+    m, vocab = quiet_fit(lines, order=3)
+    seqs = [m.encode(s) for s in lines[:20]]
+    per_seq = m.score_sequences(seqs)
+    bos, eos = vocab.index("<s>"), vocab.index("</s>")
+    for s, v in zip(seqs, per_seq):
+        ids = torch.tensor([[bos] + s.tolist() + [eos]])
+        assert v == pytest.approx(m.token_logprobs(ids).double().sum().item() / math.log(10), abs=1e-4)
+        assert v == pytest.approx(m.score_words(" ".join(vocab[i] for i in s)), abs=1e-9)
+    n = sum(len(s) + 1 for s in seqs)
+    assert m.perplexity(seqs) == pytest.approx(10 ** (-per_seq.sum() / n))
+
+
+def test_registered_and_save_load(tmp_path):
+    assert "ngram" in families()
+    m, vocab = quiet_fit(markov_corpus(n_sent=80), order=3)
+    save_model(m, tmp_path / "m")
+    m2 = load_model(tmp_path / "m")
+    assert isinstance(m2, NGramModel) and m2.config.sizes == m.config.sizes
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    assert torch.equal(m(ids)[0], m2(ids)[0])
+    fresh = build_model("ngram", {"vocab_size": 7, "order": 2, "bos_id": 1})
+    lg, _ = fresh(torch.tensor([[1, 2]]))
+    assert torch.allclose(lg[0, 0].exp().sum(), torch.tensor(1.0)) and lg[0, 0, 1] == -math.inf  # uniform
+
+
+# ---------------------------------------------------------------- ARPA and KenLM
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])  # KenLM refuses unigram-only models
+def test_written_arpa_gives_kenlm_the_same_scores(tmp_path, order):
+    kenlm = pytest.importorskip("kenlm")
+    lines = markov_corpus(n_sent=300)
+    m, vocab = quiet_fit(lines + ["w3 <unk> w4"], order=order)
+    path = tmp_path / "m.arpa"
+    m.write_arpa(path)
+    km = kenlm.Model(str(path))
+    tests = lines[:30] + ["", "w1", "w1 w2 unseenword w3", "w5 w5 w5 w5 w5 w5", "zzz yyy"]
+    for s in tests:
+        for bos, eos in [(True, True), (False, True), (True, False)]:
+            assert m.score_words(s, bos=bos, eos=eos) == pytest.approx(km.score(s, bos=bos, eos=eos), abs=1e-4), s
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_arpa_round_trip(tmp_path, order):
+    m, vocab = quiet_fit(markov_corpus(n_sent=200), order=order)
+    path = tmp_path / "m.arpa"
+    m.write_arpa(path)
+    m2, vocab2 = NGramModel.from_arpa(path)
+    assert vocab2 == vocab and m2.config.method == "backoff" and m2.sizes == m.sizes
+    for name, _ in m.named_buffers():
+        assert torch.equal(getattr(m, name), getattr(m2, name)), name
+    path2 = tmp_path / "m2.arpa"
+    m2.write_arpa(path2)
+    assert path.read_text() == path2.read_text()
+
+
+def test_read_lmplz_arpa_and_score_like_kenlm(tmp_path):
+    kenlm = pytest.importorskip("kenlm")
+    path = tmp_path / "lmplz.arpa"
+    path.write_text(LMPLZ_TINY_ARPA)
+    m, vocab = NGramModel.from_arpa(path)
+    km = kenlm.Model(str(path))
+    for s in TINY + ["a", "", "c c c", "a q b"]:
+        assert m.score_words(s) == pytest.approx(km.score(s), abs=1e-5)
+    # generation works on a loaded model
+    logits, state = m(torch.tensor([[vocab.index("<s>"), vocab.index("a")]]))
+    nxt = int(torch.multinomial(logits[0, -1].exp(), 1, generator=torch.Generator().manual_seed(0)))
+    assert nxt != vocab.index("<s>")
+    logits2, _ = m(torch.tensor([[nxt]]), state)
+    assert logits2.shape == (1, 1, len(vocab))
+
+
+def test_mle_arpa_kenlm(tmp_path):
+    kenlm = pytest.importorskip("kenlm")
+    lines = markov_corpus(n_sent=100)
+    m, vocab = NGramModel.from_text(lines, order=3, method="mle")
+    path = tmp_path / "mle.arpa"
+    m.write_arpa(path)
+    km = kenlm.Model(str(path))
+    for s in lines[:20]:  # training sentences: no zero-probability event
+        assert m.score_words(s) == pytest.approx(km.score(s), abs=1e-4)
+
+
+def test_addk_arpa_is_dense_and_exact(tmp_path):
+    kenlm = pytest.importorskip("kenlm")
+    lines = ["a b c", "b c a", "c c b a", "a"]
+    m, vocab = NGramModel.from_text(lines, order=3, method="addk", k=0.5)
+    path = tmp_path / "addk.arpa"
+    m.write_arpa(path)
+    km = kenlm.Model(str(path))
+    for s in lines + ["a a a", "c b", "", "b x a"]:
+        assert m.score_words(s) == pytest.approx(km.score(s), abs=1e-5)
+    m2, _ = NGramModel.from_arpa(path)
+    ids = torch.tensor([[vocab.index("<s>"), vocab.index("a"), vocab.index("c")]])
+    assert torch.allclose(m(ids)[0], m2(ids)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="max_dense_entries"):
+        m.write_arpa(tmp_path / "big.arpa", max_dense_entries=10)
+
+
+GOOD = LMPLZ_TINY_ARPA
+
+
+def corrupt(kind):
+    lines = GOOD.split("\n")
+    if kind == "truncated":
+        return "\n".join(lines[:25]) + "\n", 25, "truncated"
+    if kind == "no_end":
+        return "\n".join(lines[:-3]) + "\n", None, "\\end\\"
+    if kind == "bad_float":
+        lines[8] = "-0.5x\ta\t0"
+        return "\n".join(lines), 9, "not a number"
+    if kind == "nan":
+        lines[8] = "nan\ta\t0"
+        return "\n".join(lines), 9, "NaN"
+    if kind == "fields":
+        lines[30] = "-0.1\tc a"
+        return "\n".join(lines), 31, "fields"
+    if kind == "unknown_word":
+        lines[16] = "-0.1\ta zebra\t0"
+        return "\n".join(lines), 17, "zebra"
+    if kind == "duplicate":
+        lines[17] = lines[16]
+        return "\n".join(lines), 18, "duplicate"
+    if kind == "count":
+        lines[2] = "ngram 2=13"
+        return "\n".join(lines), None, "13"
+    if kind == "header":
+        return "hello\nworld\n", None, "\\data\\"
+    if kind == "bad_ngram_line":
+        lines[1] = "ngram one=6"
+        return "\n".join(lines), 2, "ngram"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "no_end", "bad_float", "nan", "fields", "unknown_word", "duplicate", "count", "header", "bad_ngram_line"]
+)
+def test_malformed_arpa_names_the_line(tmp_path, kind):
+    text, line, fragment = corrupt(kind)
+    path = tmp_path / f"{kind}.arpa"
+    path.write_text(text)
+    with pytest.raises(ArpaFormatError) as e:
+        NGramModel.from_arpa(path)
+    msg = str(e.value)
+    assert str(path) in msg and "line " in msg and fragment in msg
+    if line is not None:
+        assert f"line {line}:" in msg and e.value.line == line
+
+
+PRUNED = """\\data\\
+ngram 1=5
+ngram 2=3
+ngram 3=1
+
+\\1-grams:
+-1.0\t<unk>\t0
+-99\t<s>\t-0.2
+-0.7\t</s>\t0
+-0.5\ta\t-0.3
+-0.6\tb\t-0.1
+
+\\2-grams:
+-0.3\t<s> a\t-0.25
+{bigram}
+-0.2\tb </s>\t0
+
+\\3-grams:
+-0.1\ta b a
+
+\\end\\
+"""
+
+
+@pytest.mark.parametrize("missing", ["suffix", "prefix"])
+def test_arpa_with_missing_suffix_or_prefix_is_closed(tmp_path, missing):
+    # "a b a" needs its suffix "b a" and its prefix "a b"; one of them is missing
+    present = "-0.4\ta b\t-0.15" if missing == "suffix" else "-0.4\tb a\t-0.15"
+    path = tmp_path / "pruned.arpa"
+    path.write_text(PRUNED.format(bigram=present))
+    with pytest.warns(UserWarning, match="missing from the file"):
+        m, vocab = NGramModel.from_arpa(path)
+    ix = {w: i for i, w in enumerate(vocab)}
+    lp = lambda ctx, w: m.logprob10(np.array([[ix[c] for c in ctx]]), np.array([ix[w]]))[0]  # noqa: E731
+    assert lp(["a", "b"], "a") == pytest.approx(-0.1)  # the trigram is reachable
+    if missing == "suffix":
+        assert lp(["<s>", "b"], "a") == pytest.approx(-0.1 - 0.5)  # bo(b) + p(a): the added "b a" changes nothing
+        assert lp(["a", "b"], "b") == pytest.approx(-0.15 - 0.1 - 0.6)
+    else:
+        assert lp(["<s>", "a"], "b") == pytest.approx(-0.25 - 0.3 - 0.6)  # added "a b": bo(a) + p(b)
+        assert lp(["a", "b"], "b") == pytest.approx(-0.1 - 0.6)
+
+
+def test_arpa_with_missing_suffixes_scores_like_kenlm(tmp_path):
+    # KenLM accepts n-grams whose suffix was pruned (it rejects a missing prefix)
+    kenlm = pytest.importorskip("kenlm")
+    lines = markov_corpus(n_sent=300)
+    m, vocab = quiet_fit(lines, order=3)
+    path = tmp_path / "full.arpa"
+    m.write_arpa(path)
+    text = path.read_text().split("\n")
+    drop = [i for i, ln in enumerate(text) if ln.endswith(" </s>\t0") and ln.count(" ") == 1][:3]
+    assert len(drop) == 3
+    text = [ln for i, ln in enumerate(text) if i not in drop]
+    n2 = m.sizes[1]
+    text = [f"ngram 2={n2 - 3}" if ln == f"ngram 2={n2}" else ln for ln in text]
+    pruned = tmp_path / "pruned.arpa"
+    pruned.write_text("\n".join(text))
+    with pytest.warns(UserWarning, match="3 n-grams"):
+        m2, _ = NGramModel.from_arpa(pruned)
+    km = kenlm.Model(str(pruned))
+    for s in lines[:40]:
+        assert m2.score_words(s) == pytest.approx(km.score(s), abs=1e-4), s
+
+
+# ---------------------------------------------------------------- discounts and bad input
+
+
+def test_discount_fallback_warns_and_strict_raises():
+    chars = [" ".join("abab")] * 3  # character-level toy data: count-of-counts have holes
+    with pytest.warns(DiscountWarning, match="fallback"):
+        m, _ = NGramModel.from_text(chars, order=3)
+    assert m.config.discounts_used[0] == [0.5, 1.0, 1.5]
+    with pytest.raises(ValueError, match="Kneser-Ney.*strict=False"):
+        NGramModel.from_text(chars, order=3, strict=True)
+    # explicit discounts: no estimation, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m2, _ = NGramModel.from_text(chars, order=2, discounts=[[0.4, 0.8, 1.2], [0.6, 1.0, 1.4]])
+    assert m2.config.discounts_used == [[0.4, 0.8, 1.2], [0.6, 1.0, 1.4]]
+    with pytest.raises(ValueError, match="D2 of order 1"):
+        NGramConfig(vocab_size=5, order=1, discounts=[[0.5, 2.5, 1.0]])
+
+
+@pytest.mark.parametrize("order", [0, -1, 1.5, True])
+def test_order_below_one_raises(order):
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        NGramConfig(vocab_size=10, order=order)
+    with pytest.raises(ValueError, match="order"):
+        build_model("ngram", {"vocab_size": 10, "order": order})
+
+
+def test_bad_config_and_ids():
+    with pytest.raises(ValueError, match="unknown n-gram method"):
+        NGramConfig(vocab_size=5, method="witten_bell")
+    with pytest.raises(ValueError, match="k > 0"):
+        NGramConfig(vocab_size=5, method="addk", k=0)
+    m, vocab = quiet_fit(TINY, order=2)
+    with pytest.raises(ValueError, match="token id 99 is outside"):
+        m(torch.tensor([[1, 99]]))
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        m.token_logprobs(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="sequence 1 has token id 50"):
+        NGramModel(NGramConfig(vocab_size=6, order=2, bos_id=1, eos_id=2)).fit([[3, 4], [50]])
+    with pytest.raises(ValueError, match="already contains <s>"):
+        NGramModel(NGramConfig(vocab_size=6, order=2, bos_id=1, eos_id=2)).fit([[1, 3, 4]])
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.tensor([1, 2, 3]))
+
+
+def test_oov_words_score_as_unk():
+    m, vocab = quiet_fit(TINY + ["a <unk> b"], order=3)
+    assert m.score_words("a zebra b") == m.score_words("a <unk> b")
+    assert m.encode("a zebra").tolist() == [vocab.index("a"), vocab.index("<unk>")]
+    no_unk, v2 = quiet_fit(TINY, order=2, vocab=["<s>", "</s>", "a", "b", "c"])
+    assert no_unk.config.unk_id is None
+    with pytest.raises(ValueError, match="'zebra' is not in the vocabulary and the model has no <unk>"):
+        no_unk.score_words("a zebra")
+
+
+def test_unseen_unk_is_a_zeroton_like_lmplz():
+    # an <unk> that never occurs gets the uniform interpolation mass: gamma / V'
+    lines = markov_corpus(n_sent=200)
+    m, vocab = NGramModel.from_text(lines, order=2)
+    p, _ = reference_kn(lines, 2)
+    assert 10 ** float(m.prob_1[vocab.index("<unk>")]) == pytest.approx(p("<unk>", ()), rel=1e-6)
+    assert 10 ** float(m.prob_1[vocab.index("w1")]) == pytest.approx(p("w1", ()), rel=1e-6)
+    # dropping <unk> tokens (lmplz --skip_symbols) gives the same model as data without them
+    m_drop, _ = NGramModel.from_text([s + " <unk>" for s in lines], order=2, drop_unk=True, vocab=vocab)
+    assert torch.equal(m_drop.prob_2, m.prob_2) and torch.equal(m_drop.prob_1, m.prob_1)
+
+
+def test_empty_inputs():
+    with pytest.raises(ValueError, match="no sequences"):
+        NGramModel(NGramConfig(vocab_size=5, order=2, bos_id=1, eos_id=2)).fit([])
+    with pytest.raises(ValueError, match="no tokens"):
+        NGramModel(NGramConfig(vocab_size=5, order=2)).fit([[], []], add_bos_eos=False)
+    m, vocab = quiet_fit(["", "a", ""], order=3)  # empty lines are "<s> </s>", as for lmplz
+    assert m.score_words("") == pytest.approx(m.logprob10(np.array([[-1, 1]]), np.array([2]))[0])  # p(</s> | <s>)
+    assert m.score_words("", bos=False, eos=False) == 0.0
+    assert m.score_sequences([]).shape == (0,)
+
+
+def test_stream_mode_without_boundaries():
+    # one stream of ids, no <s>/</s>: n-grams run across the whole stream
+    ids = np.array([0, 1, 2, 0, 1, 2, 0, 1, 3, 0, 1, 2])
+    m = NGramModel(NGramConfig(vocab_size=4, order=2, method="mle")).fit(ids, add_bos_eos=False)
+    assert m.logprob10(np.array([[1]]), np.array([2]))[0] == pytest.approx(math.log10(3 / 4))
+    assert m.logprob10(np.array([[-1]]), np.array([0]))[0] == pytest.approx(math.log10(4 / 12))
+    lg, st = m(torch.tensor([[0, 1]]))
+    assert st.tensors["context"].tolist() == [[1]] and torch.isfinite(lg[0, 0, 1])
