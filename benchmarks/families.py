@@ -14,8 +14,8 @@ names: makemore's names.txt, one name per line as a complete sequence
 3407); the number reported is test NLL per character, <eos> included, as
 makemore reports it.
 
-Counts-based n-gram models (Kneser-Ney) are estimated on the training split,
-not trained, when the n-gram family is available.
+Counts-based n-gram models (interpolated modified Kneser-Ney) are estimated on
+the training split, not trained; their parameter count is the number of n-grams.
 """
 
 from __future__ import annotations
@@ -49,10 +49,17 @@ FAMILIES = {
 NAMES_TRANSFORMER = {"n_layer": 4, "n_head": 4, "n_embd": 64}  # makemore's default transformer
 
 
-def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, batch_size):
+def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, batch_size, steps=None):
+    """Train for ``steps`` steps, or for ``budget`` seconds with the schedule fitted to the
+    step count a 20-step probe predicts for that budget."""
+    if steps is not None:
+        torch.manual_seed(1337)
+        model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
+        config = TrainConfig(max_iters=steps, batch_size=batch_size, warmup_iters=min(100, steps // 10),
+                             eval_interval=max(1, steps // 4), eval_iters=20, progress=False, **overrides)
+        return model.eval(), Trainer(model, train, val, config, out / family).fit()
     torch.manual_seed(1337)
     model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
-    steps = 1_000_000  # the budget stops training; the schedule decays over an estimated step count
     probe = Trainer(model, train, val, TrainConfig(max_iters=20, batch_size=batch_size, warmup_iters=0, eval_iters=1,
                                                    eval_interval=1000, progress=False, **overrides), out / f"probe-{family}")
     t0 = time.perf_counter()
@@ -76,9 +83,8 @@ def run_shakespeare(args, out):
     val_t = torch.as_tensor(val_ids.astype(np.int64))
     rows = []
     for order in (3, 5):
-        row = ngram_row(order, train_ids, val_t, tok.vocab_size)
-        if row:
-            rows.append(row)
+        rows.append(ngram_row(order, train_ids, val_t, tok))
+        print(rows[-1], flush=True)
     for family in args.families:
         model_cfg, overrides = FAMILIES[family]
         block = 64
@@ -95,18 +101,16 @@ def run_shakespeare(args, out):
     return rows
 
 
-def ngram_row(order, train_ids, val_t, vocab):
-    try:
-        from lmlab.models.ngram import NGramModel  # noqa: F401
-    except ImportError:
-        return None
-    from lmlab.models.ngram import estimate_ngram
+def ngram_row(order, train_ids, val_t, tok):
+    from lmlab.models import build_model
 
     t0 = time.perf_counter()
-    model = estimate_ngram([np.asarray(train_ids, dtype=np.int64)], order=order, vocab_size=vocab, method="kneser_ney")
+    model = build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
+                                  "eos_id": tok.eos_id, "unk_id": tok.unk_id})
+    model.fit(np.asarray(train_ids, dtype=np.int64), add_bos_eos=False)
     build = time.perf_counter() - t0
-    score = stream_nll(model, val_t, window=1024, stride=1024 - order)
-    return {"family": f"{order}-gram KN", "parameters": model.num_parameters(), "steps": 0,
+    score = stream_nll(model, val_t, window=256, stride=256 - order)
+    return {"family": f"{order}-gram KN", "parameters": sum(model.config.sizes), "steps": 0,
             "train_seconds": round(build, 1), "val_bits_per_char": round(score.bits_per_token, 4)}
 
 
@@ -127,7 +131,7 @@ def run_names(args, out):
         if family == "mlp":
             model_cfg = {"context": 3, "n_embd": 64, "n_hidden": 512, "pad_id": tok.bos_id}
         model, summary = train_family(family, model_cfg, overrides, train, test, tok.vocab_size, block,
-                                      args.budget, out, 32)
+                                      args.budget, out, 32, steps=args.steps)
         score = score_sequences(model, tok, test_lines)
         rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
                      "train_seconds": round(summary["seconds"], 1), "test_nll_per_char": round(score.nll_per_token, 4)})
@@ -139,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["shakespeare", "names"], required=True)
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per family")
+    parser.add_argument("--steps", type=int, help="names: train each family for this many steps instead of a time budget")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--names", default=str(NAMES_PATH))
     parser.add_argument("--out", required=True)
@@ -149,7 +154,8 @@ def main() -> None:
     (out / "families.json").write_text(json.dumps({"task": args.task, "budget": args.budget, "rows": rows,
                                                    "threads": torch.get_num_threads()}, indent=2) + "\n")
     metric = "val_bits_per_char" if args.task == "shakespeare" else "test_nll_per_char"
-    print(f"| family | parameters | steps | train s | {metric} |\n|---|---|---|---|---|")
+    print(f"| family | parameters | steps | train s | {metric} |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['family']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']} | {r[metric]} |")
 

@@ -90,3 +90,13 @@ def test_plot_commands(tmp_path, corpus):
     assert main(["plot", "attention", "--model", str(run), "--text", "to be or", "--layer", "0",
                  "--out", str(tmp_path / "att.png")]) == 0
     assert (tmp_path / "att.png").stat().st_size > 1000
+
+
+def test_ngram_is_estimated_by_train_and_scored(tmp_path, corpus, capsys):
+    run = tmp_path / "kn"
+    assert main(["train", "--model", "ngram", "--set", "order=4", "--corpus", str(corpus), "--out", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["order"] == 4
+    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "64", "--stride", "60"]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["tokens"] == len(TEXT) - 1 and 1 < score["perplexity"] < 3  # the text repeats: KN learns it
+    assert main(["generate", "--model", str(run), "--prompt", "to be", "--max-new-tokens", "10", "--seed", "1"]) == 0

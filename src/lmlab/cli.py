@@ -104,9 +104,36 @@ def build_from_args(args, vocab_size: int, block_size: int):
     return build_model(args.model, config_from_dict(args.model, values))
 
 
+def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
+    """Counts-based n-gram models are estimated from the training split, not trained."""
+    import time
+
+    from lmlab.models import build_model, save_model
+
+    values = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+              "unk_id": tokenizer.unk_id, **_key_values(args.set)}
+    model = build_model("ngram", values)
+    t0 = time.perf_counter()
+    if args.sequences:
+        model.fit([np.asarray(s, dtype=np.int64) for s in train.sequences], add_bos_eos=True)
+    else:
+        model.fit(np.asarray(train.ids, dtype=np.int64), add_bos_eos=False)
+    seconds = time.perf_counter() - t0
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"run directory {str(out)!r} already exists; choose a new directory")
+    save_model(model, out / "best")
+    tokenizer.save(out / "best" / "tokenizer.json")
+    return {"family": "ngram", "order": model.config.order, "method": model.config.method,
+            "ngrams": model.config.sizes, "seconds": seconds}
+
+
 def cmd_train(args) -> int:
     from lmlab.train import Trainer
 
+    if args.model == "ngram":
+        tokenizer, train, _ = load_training_data(args, 1)  # no windows: the whole split is counted
+        print(json.dumps(estimate_ngram(args, tokenizer, train, Path(args.out)), indent=2))
+        return 0
     config = _train_config(args)
     block = args.block_size or 256
     tokenizer, train, val = load_training_data(args, block)
