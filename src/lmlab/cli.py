@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lmlab import data as data_mod
 from lmlab.decode.commands import add_generate_arguments, run_generate
+from lmlab.study import add_eval_generation_arguments
 from lmlab.train import TrainConfig
 
 
@@ -143,6 +145,7 @@ def cmd_train(args) -> int:
         from lmlab.models.base import load_model
         model = load_model(Path(args.out) / "last")
     else:
+        torch.manual_seed(config.seed)  # the same seed gives the same initial weights
         model = build_from_args(args, tokenizer.vocab_size, block)
     print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
     summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume).fit()
@@ -186,6 +189,15 @@ def cmd_plot(args) -> int:
         path = plots.plot_attention(tokens, heads, args.out, title=title)
     print(path)
     return 0
+
+
+# ------------------------------------------------------------------ eval-generation
+
+
+def cmd_eval_generation(args) -> int:
+    from lmlab.study import run_eval_generation
+
+    return run_eval_generation(args)
 
 
 # ------------------------------------------------------------------ demo
@@ -268,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, help="attention: one head (default: all heads in a grid)")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("eval-generation", help="compare decoding setups: oracle perplexity, fluency, diversity")
+    add_eval_generation_arguments(p)
+    p.set_defaults(func=cmd_eval_generation)
+
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seconds", type=float, default=240.0, help="training time budget")
@@ -281,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
