@@ -147,12 +147,19 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         k_all, v_all, cache = _append(cache, k, v, start)
-        if self.n_kv_head != self.n_head:
-            repeat = self.n_head // self.n_kv_head
-            k_all = k_all.repeat_interleave(repeat, dim=1)
-            v_all = v_all.repeat_interleave(repeat, dim=1)
+        repeat = self.n_head // self.n_kv_head
         dropout = self.dropout if self.training else 0.0
         weights = None
+        if repeat > 1 and T == 1 and start > 0 and not need_weights:
+            # One query per row (a decoding step): the `repeat` query heads of each kv head
+            # attend as rows of one group, so the cache is not copied per head.
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_head, repeat, self.head_dim), k_all, v_all, dropout_p=dropout
+            ).reshape(B, self.n_head, 1, self.head_dim)
+            return self.o(y.transpose(1, 2).reshape(B, T, C)), cache, weights
+        if repeat > 1:
+            k_all = k_all.repeat_interleave(repeat, dim=1)
+            v_all = v_all.repeat_interleave(repeat, dim=1)
         if need_weights:
             scores = (q @ k_all.transpose(-2, -1)) / math.sqrt(self.head_dim)
             scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))

@@ -1,0 +1,783 @@
+"""Hugging Face interop: load a causal LM as an lmlab model, convert weights both ways.
+
+Loading (any ``AutoModelForCausalLM`` from a local directory, offline)::
+
+    model, tok = load_hf("path/to/hf-dir")          # HFModel (family "hf") + HFTokenizer
+    logits, state = model(ids)                        # the lmlab interface; state holds past_key_values
+    model, tok = load_checkpoint("hf:path/to/hf-dir")  # the same, through lmlab.checkpoints
+
+Conversion into lmlab's :class:`~lmlab.models.transformer.Transformer` and back::
+
+    gpt2_to_lmlab(hf_gpt2)  -> Transformer      lmlab_to_gpt2(model)  -> GPT2LMHeadModel
+    llama_to_lmlab(hf_llama) -> Transformer     lmlab_to_llama(model) -> LlamaForCausalLM
+    to_lmlab(hf_model)       -> Transformer     (dispatches on config.model_type)
+    convert_hf_dir(src, out)                    HF directory -> lmlab checkpoint directory
+    export_hf_dir(model, out, tokenizer)        lmlab model  -> HF directory (GPT-2 or Llama layout)
+
+The converted model computes the same function: logits agree with the Hugging
+Face model to float32 rounding (the tests ask for 1e-4), so greedy decoding and
+beam search pick the same tokens. Anything a target architecture cannot
+express exactly (e.g. rope scaling, per-layer attention scaling) is refused
+with an error naming the setting, never approximated.
+
+``transformers`` is an optional dependency (``pip install 'lmlab[hf]'``); it is
+imported only when a function here needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lmlab.models.base import LanguageModel, State, save_model
+from lmlab.models.transformer import Transformer, TransformerConfig
+
+__all__ = [
+    "HFModel",
+    "HFState",
+    "load_hf",
+    "load_hf_model",
+    "gpt2_to_lmlab",
+    "lmlab_to_gpt2",
+    "llama_to_lmlab",
+    "lmlab_to_llama",
+    "to_lmlab",
+    "convert_hf_dir",
+    "export_hf_dir",
+    "chat_ids",
+    "gguf_to_hf_dir",
+    "CONVERTIBLE_TYPES",
+]
+
+#: ``config.model_type`` values that convert into lmlab's transformer.
+CONVERTIBLE_TYPES: tuple[str, ...] = ("gpt2", "llama")
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "Hugging Face interop needs the optional 'transformers' package: pip install 'lmlab[hf]'"
+        ) from e
+    return transformers
+
+
+def _dtype_kwargs(dtype: torch.dtype | str | None) -> dict[str, Any]:
+    """``from_pretrained`` takes ``dtype=`` since transformers 4.56 and ``torch_dtype=`` before."""
+    if dtype is None:
+        return {}
+    from packaging.version import Version
+
+    name = "dtype" if Version(_transformers().__version__) >= Version("4.56") else "torch_dtype"
+    return {name: dtype}
+
+
+# ---------------------------------------------------------------- the state
+
+
+def _shallow_copy_cache(cache: Any) -> Any:
+    """A copy of ``cache`` whose per-layer tensor slots can be reassigned without
+    touching the original (the tensors themselves are shared)."""
+    if cache is None or isinstance(cache, tuple):
+        return cache
+    new = copy.copy(cache)
+    if hasattr(cache, "layers"):  # transformers >= 4.54: a list of layer objects
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    for name in ("key_cache", "value_cache"):  # older DynamicCache: lists of tensors
+        if isinstance(getattr(cache, name, None), list):
+            setattr(new, name, list(getattr(cache, name)))
+    return new
+
+
+def _cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
+    """``k{i}``/``v{i}`` views of the cache's key/value tensors (B, H_kv, T, D), when it has them."""
+    out: dict[str, torch.Tensor] = {}
+    if cache is None:
+        return out
+    if isinstance(cache, tuple):
+        pairs = [(layer[0], layer[1]) for layer in cache]
+    elif hasattr(cache, "layers"):
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        pairs = []
+    for i, (k, v) in enumerate(pairs):
+        if isinstance(k, torch.Tensor) and k.ndim == 4:
+            out[f"k{i}"] = k
+        if isinstance(v, torch.Tensor) and v.ndim == 4:
+            out[f"v{i}"] = v
+    return out
+
+
+@dataclass
+class HFState(State):
+    """lmlab state around a Hugging Face ``past_key_values`` cache object.
+
+    ``tensors`` holds ``k{i}``/``v{i}`` (B, H_kv, T, D) views for inspection;
+    ``cache`` is what goes back into the model. :meth:`select` reorders rows
+    through the cache's own ``reorder_cache`` on a copy, so the original state
+    stays valid (beam search may select from one state many times).
+    """
+
+    cache: Any = None
+
+    def select(self, index: torch.Tensor) -> "HFState":
+        cache = self.cache
+        if cache is None:
+            return HFState({}, self.length, None)
+        if isinstance(cache, tuple):  # legacy tuple-of-tuples format
+            new = tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
+        else:
+            new = _shallow_copy_cache(cache)
+            new.reorder_cache(index)
+        return HFState(_cache_tensors(new), self.length, new)
+
+    def clone(self) -> "HFState":
+        new = copy.deepcopy(self.cache)
+        return HFState(_cache_tensors(new), self.length, new)
+
+    @property
+    def batch_size(self) -> int:
+        for v in self.tensors.values():
+            return v.shape[0]
+        return 0
+
+
+# ---------------------------------------------------------------- the model
+
+
+class HFModel(LanguageModel):
+    """A Hugging Face causal LM behind the lmlab interface.
+
+    ``logits, state = model(ids, state)``: ids (B, T) int64 -> logits (B, T, V);
+    the state is an :class:`HFState` holding ``past_key_values``. No attention
+    mask is used: lmlab's decoders keep all rows aligned (no padding).
+    ``max_context`` is ``config.max_position_embeddings`` (None when absent).
+    The wrapped module is ``model.hf`` (parameters, ``.to``, ``.eval`` go through).
+    """
+
+    family = "hf"
+
+    def __init__(self, hf_model: torch.nn.Module, source: str | None = None) -> None:
+        super().__init__()
+        self.hf = hf_model
+        self.config = hf_model.config
+        self.source = source
+        # transformers >= 5.2x calls the cache argument ``cache``; before, ``past_key_values``.
+        import inspect
+
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def vocab_size(self) -> int:
+        head = self.hf.get_output_embeddings() if hasattr(self.hf, "get_output_embeddings") else None
+        if head is not None and getattr(head, "weight", None) is not None:
+            return int(head.weight.shape[0])
+        return int(self.config.vocab_size)
+
+    @property
+    def max_context(self) -> int | None:
+        n = getattr(self.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, HFState]:
+        """ids (B, T) int64 -> logits (B, T, V) and the state after the last token."""
+        if ids.ndim != 2:
+            raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
+        start = state.length if state is not None else 0
+        limit = self.max_context
+        if limit is not None and start + ids.shape[1] > limit:
+            raise ValueError(
+                f"{start + ids.shape[1]} positions exceed the model's max_position_embeddings={limit}; "
+                "crop the input or continue with a fresh state over the last max_context tokens"
+            )
+        if state is not None and not isinstance(state, HFState):
+            raise TypeError(f"an HFModel continues only its own HFState, got {type(state).__name__}")
+        # A shallow copy: the model appends to the copy, so ``state`` stays valid.
+        cache = _shallow_copy_cache(state.cache) if state is not None else None
+        out = self.hf(input_ids=ids, use_cache=True, return_dict=True, **{self._cache_arg: cache})
+        new = out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values", None)
+        return out.logits, HFState(_cache_tensors(new), start + ids.shape[1], new)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """The wrapped model's ``save_pretrained`` (a normal Hugging Face directory)."""
+        self.hf.save_pretrained(str(directory), **kwargs)
+
+
+def _check_hf_dir(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None); a clear error when it is not a model directory."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no Hugging Face model directory at {str(path)!r}; expected a local directory with config.json "
+            "and weights (model.safetensors or pytorch_model.bin), or a .gguf file"
+        )
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise FileNotFoundError(
+            f"no config.json in {str(path)!r}; a Hugging Face model directory holds config.json and weights "
+            f"(model.safetensors or pytorch_model.bin); found: {sorted(p.name for p in path.iterdir())[:10]}"
+        )
+    if not any(any(path.glob(p)) for p in _WEIGHT_PATTERNS):
+        raise FileNotFoundError(
+            f"no weights in {str(path)!r}: expected model.safetensors (or sharded *.safetensors with an index, "
+            f"or pytorch_model.bin); found: {sorted(p.name for p in path.iterdir())[:10]}"
+        )
+    return path, None
+
+
+def _model_type(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{directory / 'config.json'} is not a readable JSON config: {e}") from None
+
+
+def load_hf_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode.
+
+    ``path`` is a Hugging Face model directory or a ``.gguf`` file (de-quantized
+    on load; needs the ``gguf`` package). ``dtype`` defaults to float32
+    (None: transformers' own default).
+    """
+    directory, gguf = _check_hf_dir(path)
+    tf = _transformers()
+    if gguf is None:
+        model_type = _model_type(directory)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"model_type {model_type!r} in {directory / 'config.json'} is not a causal language model "
+                "that transformers can load with AutoModelForCausalLM; accepted: the model types of "
+                "transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (e.g. 'gpt2', 'llama', 'mistral', 'qwen2')"
+            )
+    else:
+        kwargs = {"gguf_file": gguf, **kwargs}
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        str(directory), local_files_only=True, **_dtype_kwargs(dtype), **kwargs
+    )
+    return model.to(device).eval()
+
+
+def load_hf(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    **kwargs: Any,
+):
+    """(HFModel, HFTokenizer) from a local Hugging Face directory (or ``.gguf`` file)."""
+    from lmlab.tokenizers import HFTokenizer
+
+    directory, gguf = _check_hf_dir(path)
+    model = HFModel(load_hf_model(path, dtype=dtype, device=device, **kwargs), source=str(Path(path).resolve()))
+    has_tokenizer = gguf is not None or any(
+        (directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+    )
+    if not has_tokenizer:
+        raise FileNotFoundError(
+            f"no tokenizer in {str(directory)!r}: expected tokenizer_config.json / tokenizer.json beside the weights "
+            "(save it with tokenizer.save_pretrained into the same directory)"
+        )
+    tok_kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = HFTokenizer.from_pretrained_dir(directory, **tok_kwargs)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's output layer has "
+            f"only {model.vocab_size}; they do not belong together"
+        )
+    return model, tokenizer
+
+
+def gguf_to_hf_dir(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """De-quantize a ``.gguf`` file (needs the ``gguf`` and ``accelerate`` packages) into a
+    normal float32 Hugging Face directory (config, model.safetensors, tokenizer files):
+    later loads take a second instead of a de-quantization. Returns ``out_dir``."""
+    gguf = Path(gguf)
+    if not (gguf.is_file() and gguf.suffix == ".gguf"):
+        raise FileNotFoundError(f"no .gguf file at {str(gguf)!r}")
+    tf = _transformers()
+    model = load_hf_model(gguf)
+    # transformers marks a GGUF-loaded model as quantized (and refuses to save it),
+    # although its weights are already de-quantized to plain tensors.
+    model.hf_quantizer = None
+    for holder in (model.config, getattr(model, "generation_config", None)):
+        if holder is not None and hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` ([{"role": ..., "content": ...}]) through the tokenizer's chat template.
+
+    ``tokenizer`` is an :class:`~lmlab.tokenizers.HFTokenizer` (or a transformers tokenizer).
+    Special tokens of the template (e.g. ``<|im_start|>``) become their ids.
+    """
+    hf = getattr(tokenizer, "hf", tokenizer)
+    if not getattr(hf, "chat_template", None):
+        raise ValueError(f"tokenizer {type(hf).__name__} has no chat template; format the prompt yourself")
+    text = hf.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+    return list(hf.encode(text, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------- conversion helpers
+
+
+def _unsupported(arch: str, problems: list[str], accepted: str) -> None:
+    if problems:
+        raise ValueError(f"cannot convert this {arch} model exactly: {'; '.join(problems)}. {accepted}")
+
+
+def _state_dict(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in hf_model.state_dict().items()}
+
+
+def _load_into(model: Transformer, tensors: dict[str, torch.Tensor], source: str) -> Transformer:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"converting {source}: missing lmlab weights {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"converting {source}: weight {name!r} has shape {tuple(t.shape)}, lmlab expects {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(tensors[name])
+    return model.eval()
+
+
+def _load_into_hf(hf_model: torch.nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
+    params = dict(hf_model.named_parameters())  # tied weights once, under their first name
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(hf_model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"building {arch}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            target = params.get(name)
+            if target is None:
+                continue
+            if tuple(target.shape) != tuple(t.shape):
+                raise ValueError(f"building {arch}: {name!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+            target.copy_(t)
+    return hf_model.eval()
+
+
+def _tied(hf_model: torch.nn.Module) -> bool:
+    cfg = hf_model.config
+    tie = getattr(cfg, "tie_word_embeddings", None)
+    if tie is None:
+        tie = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "tie_word_embeddings", True)
+    inp, out = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    same = out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+    return bool(tie) or same
+
+
+# ---------------------------------------------------------------- GPT-2
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu", "relu": "relu"}
+_LMLAB_TO_GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def gpt2_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A ``GPT2LMHeadModel`` as lmlab's Transformer (learned positions, pre-norm
+    LayerNorm, GELU-tanh, biases, tied embeddings). Conv1D weights (in, out) are
+    transposed; ``c_attn`` is split into q, k, v."""
+    cfg = hf_model.config
+    if getattr(cfg, "model_type", None) != "gpt2":
+        raise ValueError(f"gpt2_to_lmlab needs a GPT-2 model, got model_type {getattr(cfg, 'model_type', None)!r}")
+    problems = []
+    act = _GPT2_ACTIVATIONS.get(cfg.activation_function)
+    if act is None:
+        problems.append(f"activation_function={cfg.activation_function!r} (accepted: gelu_new, gelu_pytorch_tanh, gelu, relu)")
+    if not getattr(cfg, "scale_attn_weights", True):
+        problems.append("scale_attn_weights=False (lmlab always scales by 1/sqrt(head_dim))")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx=True")
+    if getattr(cfg, "add_cross_attention", False):
+        problems.append("add_cross_attention=True")
+    _unsupported("GPT-2", problems, "lmlab's transformer accepts the standard GPT-2 settings")
+    tie = _tied(hf_model)
+    config = TransformerConfig(
+        vocab_size=cfg.vocab_size,
+        block_size=cfg.n_positions,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        d_ff=cfg.n_inner,
+        dropout=float(cfg.resid_pdrop),
+        norm="layernorm",
+        norm_position="pre",
+        norm_eps=float(cfg.layer_norm_epsilon),
+        positions="learned",
+        activation=act,
+        bias=True,
+        lm_head_bias=False,
+        tie_weights=tie,
+    )
+    sd = _state_dict(hf_model)
+    C = cfg.n_embd
+    t: dict[str, torch.Tensor] = {
+        "wte.weight": sd["transformer.wte.weight"],
+        "wpe.weight": sd["transformer.wpe.weight"],
+        "ln_f.weight": sd["transformer.ln_f.weight"],
+        "ln_f.bias": sd["transformer.ln_f.bias"],
+        "lm_head.weight": sd["transformer.wte.weight"] if tie else sd["lm_head.weight"],
+    }
+    for i in range(cfg.n_layer):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        w, bias = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # (C, 3C), (3C,)
+        for j, name in enumerate("qkv"):
+            t[b + f"attn.{name}.weight"] = w[:, j * C : (j + 1) * C].t()
+            t[b + f"attn.{name}.bias"] = bias[j * C : (j + 1) * C]
+        t[b + "attn.o.weight"] = sd[h + "attn.c_proj.weight"].t()
+        t[b + "attn.o.bias"] = sd[h + "attn.c_proj.bias"]
+        t[b + "mlp.fc.weight"] = sd[h + "mlp.c_fc.weight"].t()
+        t[b + "mlp.fc.bias"] = sd[h + "mlp.c_fc.bias"]
+        t[b + "mlp.proj.weight"] = sd[h + "mlp.c_proj.weight"].t()
+        t[b + "mlp.proj.bias"] = sd[h + "mlp.c_proj.bias"]
+        for src, dst in (("ln_1", "ln1"), ("ln_2", "ln2")):
+            t[b + f"{dst}.weight"] = sd[h + f"{src}.weight"]
+            t[b + f"{dst}.bias"] = sd[h + f"{src}.bias"]
+    model = Transformer(config).to(dtype)
+    return _load_into(model, t, "GPT-2")
+
+
+def lmlab_to_gpt2(model: Transformer, *, bos_id: int | None = None, eos_id: int | None = None):
+    """lmlab's Transformer as a ``transformers.GPT2LMHeadModel`` (eval mode, float32).
+
+    Needs the GPT-2 layout: learned positions, pre-norm LayerNorm with biases,
+    GELU-tanh / GELU / ReLU, no grouped-query attention, no lm_head bias.
+    Dropout settings carry over (resid/embd/attn_pdrop = ``dropout``);
+    ``embed_dropout`` (training only) is dropped.
+    """
+    tf = _transformers()
+    c: TransformerConfig = model.config
+    problems = []
+    if c.positions != "learned":
+        problems.append(f"positions={c.positions!r} (GPT-2 needs 'learned')")
+    if c.norm != "layernorm" or c.norm_position != "pre":
+        problems.append(f"norm={c.norm!r}, norm_position={c.norm_position!r} (GPT-2 needs pre-norm 'layernorm')")
+    if not c.bias:
+        problems.append("bias=False (GPT-2 has biases in every linear layer and LayerNorm)")
+    if c.activation not in _LMLAB_TO_GPT2_ACT:
+        problems.append(f"activation={c.activation!r} (GPT-2 accepts {sorted(_LMLAB_TO_GPT2_ACT)})")
+    if (c.n_kv_head or c.n_head) != c.n_head:
+        problems.append(f"n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")
+    if c.lm_head_bias:
+        problems.append("lm_head_bias=True (GPT-2's lm_head has no bias)")
+    _unsupported("lmlab", problems, "Convert a Llama-style model with lmlab_to_llama")
+    hf_cfg = tf.GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_inner=c.d_ff,
+        activation_function=_LMLAB_TO_GPT2_ACT[c.activation],
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        layer_norm_epsilon=c.norm_eps,
+        tie_word_embeddings=c.tie_weights,
+        bos_token_id=bos_id if bos_id is not None else (50256 if c.vocab_size > 50256 else None),
+        eos_token_id=eos_id if eos_id is not None else (50256 if c.vocab_size > 50256 else None),
+    )
+    hf_model = tf.GPT2LMHeadModel(hf_cfg)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    t: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": sd["wte.weight"],
+        "transformer.wpe.weight": sd["wpe.weight"],
+        "transformer.ln_f.weight": sd["ln_f.weight"],
+        "transformer.ln_f.bias": sd["ln_f.bias"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(c.n_layer):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        t[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"].t() for n in "qkv"], dim=1)
+        t[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"])
+        t[h + "attn.c_proj.weight"] = sd[b + "attn.o.weight"].t()
+        t[h + "attn.c_proj.bias"] = sd[b + "attn.o.bias"]
+        t[h + "mlp.c_fc.weight"] = sd[b + "mlp.fc.weight"].t()
+        t[h + "mlp.c_fc.bias"] = sd[b + "mlp.fc.bias"]
+        t[h + "mlp.c_proj.weight"] = sd[b + "mlp.proj.weight"].t()
+        t[h + "mlp.c_proj.bias"] = sd[b + "mlp.proj.bias"]
+        for src, dst in (("ln_1", "ln1"), ("ln_2", "ln2")):
+            t[h + f"{src}.weight"] = sd[b + f"{dst}.weight"]
+            t[h + f"{src}.bias"] = sd[b + f"{dst}.bias"]
+    if c.tie_weights:
+        del t["lm_head.weight"]  # the tied parameter is wte
+    return _load_into_hf(hf_model, t, "GPT2LMHeadModel")
+
+
+# ---------------------------------------------------------------- Llama
+
+
+def _rope_settings(cfg: Any) -> tuple[float, str, dict]:
+    """(theta, rope_type, parameters) from either the transformers 5 ``rope_parameters``
+    or the older ``rope_theta`` + ``rope_scaling`` fields."""
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"per-layer-type rope parameters {sorted(params)} are not supported; accepted: one rope setting")
+    params = dict(params or {})
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return theta, rope_type, {**scaling, **params}
+
+
+def llama_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A ``LlamaForCausalLM`` as lmlab's Transformer (RMSNorm, rotary positions in
+    the half-split layout, SwiGLU, grouped-query attention, no biases, tied or
+    untied lm_head). Refuses rope scaling, ``head_dim != hidden / heads``, and
+    attention/MLP bias settings that differ."""
+    cfg = hf_model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise ValueError(f"llama_to_lmlab needs a Llama model, got model_type {getattr(cfg, 'model_type', None)!r}")
+    problems = []
+    theta, rope_type, _ = _rope_settings(cfg)
+    if rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (accepted: 'default', plain rotary with rope_theta)")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        problems.append(
+            f"head_dim={head_dim} with {cfg.num_attention_heads} heads and hidden_size={cfg.hidden_size} "
+            "(lmlab needs head_dim == hidden_size / num_attention_heads)"
+        )
+    if cfg.hidden_act != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (accepted: 'silu', i.e. SwiGLU)")
+    attn_bias, mlp_bias = bool(getattr(cfg, "attention_bias", False)), bool(getattr(cfg, "mlp_bias", False))
+    if attn_bias != mlp_bias:
+        problems.append(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (lmlab has one bias flag: both or neither)")
+    _unsupported("Llama", problems, "Accepted: standard Llama settings")
+    tie = _tied(hf_model)
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    config = TransformerConfig(
+        vocab_size=cfg.vocab_size,
+        block_size=cfg.max_position_embeddings,
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_embd=cfg.hidden_size,
+        n_kv_head=None if n_kv == cfg.num_attention_heads else n_kv,
+        d_ff=cfg.intermediate_size,
+        dropout=0.0,
+        norm="rmsnorm",
+        norm_position="pre",
+        norm_eps=float(cfg.rms_norm_eps),
+        positions="rotary",
+        rope_theta=theta,
+        activation="swiglu",
+        bias=attn_bias,
+        lm_head_bias=False,
+        tie_weights=tie,
+    )
+    sd = _state_dict(hf_model)
+    t: dict[str, torch.Tensor] = {
+        "wte.weight": sd["model.embed_tokens.weight"],
+        "ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["model.embed_tokens.weight"] if tie else sd["lm_head.weight"],
+    }
+    names = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+             "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.fc",
+             "mlp.down_proj": "mlp.proj"}
+    for i in range(cfg.num_hidden_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for src, dst in names.items():
+            t[b + dst + ".weight"] = sd[h + src + ".weight"]
+            if attn_bias:
+                t[b + dst + ".bias"] = sd[h + src + ".bias"]
+        t[b + "ln1.weight"] = sd[h + "input_layernorm.weight"]
+        t[b + "ln2.weight"] = sd[h + "post_attention_layernorm.weight"]
+    model = Transformer(config).to(dtype)
+    return _load_into(model, t, "Llama")
+
+
+def lmlab_to_llama(model: Transformer, *, bos_id: int | None = None, eos_id: int | None = None):
+    """lmlab's Transformer as a ``transformers.LlamaForCausalLM`` (eval mode, float32).
+
+    Needs the Llama layout: rotary positions, pre-norm RMSNorm, SwiGLU, and
+    biases either nowhere or in every linear layer; no lm_head bias.
+    """
+    tf = _transformers()
+    c: TransformerConfig = model.config
+    problems = []
+    if c.positions != "rotary":
+        problems.append(f"positions={c.positions!r} (Llama needs 'rotary')")
+    if c.norm != "rmsnorm" or c.norm_position != "pre":
+        problems.append(f"norm={c.norm!r}, norm_position={c.norm_position!r} (Llama needs pre-norm 'rmsnorm')")
+    if c.activation != "swiglu":
+        problems.append(f"activation={c.activation!r} (Llama needs 'swiglu')")
+    if c.lm_head_bias:
+        problems.append("lm_head_bias=True (Llama's lm_head has no bias)")
+    _unsupported("lmlab", problems, "Convert a GPT-2-style model with lmlab_to_gpt2")
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    hf_cfg = tf.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.d_ff or 4 * c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head or c.n_head,
+        hidden_act="silu",
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=c.tie_weights,
+        attention_bias=c.bias,
+        mlp_bias=c.bias,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        **({"rope_parameters": rope} if "rope_parameters" in tf.LlamaConfig().to_dict() else {"rope_theta": c.rope_theta}),
+    )
+    hf_model = tf.LlamaForCausalLM(hf_cfg)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": sd["wte.weight"],
+        "model.norm.weight": sd["ln_f.weight"],
+    }
+    if not c.tie_weights:
+        t["lm_head.weight"] = sd["lm_head.weight"]
+    names = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj",
+             "mlp.proj": "mlp.down_proj"}
+    for i in range(c.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for src, dst in names.items():
+            t[h + dst + ".weight"] = sd[b + src + ".weight"]
+            if c.bias:
+                t[h + dst + ".bias"] = sd[b + src + ".bias"]
+        t[h + "input_layernorm.weight"] = sd[b + "ln1.weight"]
+        t[h + "post_attention_layernorm.weight"] = sd[b + "ln2.weight"]
+    return _load_into_hf(hf_model, t, "LlamaForCausalLM")
+
+
+# ---------------------------------------------------------------- dispatch and directories
+
+_TO_LMLAB = {"gpt2": gpt2_to_lmlab, "llama": llama_to_lmlab}
+
+
+def to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Convert any supported Hugging Face causal LM (by ``config.model_type``) to lmlab's Transformer."""
+    if isinstance(hf_model, HFModel):
+        hf_model = hf_model.hf
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    if model_type not in _TO_LMLAB:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported for conversion to lmlab's transformer; "
+            f"accepted: {', '.join(map(repr, CONVERTIBLE_TYPES))} (load other causal LMs as they are with "
+            "load_hf / 'hf:<dir>')"
+        )
+    return _TO_LMLAB[model_type](hf_model, dtype=dtype)
+
+
+def convert_hf_dir(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Convert the Hugging Face model at ``src`` (a directory or a .gguf file) into an
+    lmlab checkpoint directory ``out_dir``: ``config.json`` + ``model.safetensors``
+    + the Hugging Face tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+    chat template), which ``load_checkpoint(out_dir)`` reads as an HFTokenizer
+    (or, without transformers, as a BPETokenizer with the same special tokens).
+    Returns ``out_dir``.
+    """
+    directory, gguf = _check_hf_dir(src)
+    if gguf is None:
+        model_type = _model_type(directory)
+        if model_type not in CONVERTIBLE_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} in {directory / 'config.json'} is not supported for conversion; "
+                f"accepted: {', '.join(map(repr, CONVERTIBLE_TYPES))}"
+            )
+    hf_model = load_hf_model(src)
+    model = to_lmlab(hf_model, dtype=dtype)
+    out = Path(out_dir)
+    if out.resolve() == directory.resolve():
+        raise ValueError(f"out_dir {str(out)!r} is the source directory; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tf = _transformers()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no usable tokenizer in {str(directory)!r} ({e}); the conversion needs one") from None
+    tok.save_pretrained(str(out))
+    if not (out / "tokenizer.json").is_file():
+        raise ValueError(
+            f"the tokenizer in {directory} ({type(tok).__name__}) has no fast tokenizer.json form; lmlab needs one"
+        )
+    save_model(model, out)
+    return out
+
+
+def export_hf_dir(
+    model: Transformer,
+    out_dir: str | os.PathLike[str],
+    tokenizer: Any = None,
+) -> Path:
+    """Write lmlab's ``model`` as a Hugging Face directory (GPT-2 layout for learned
+    positions, Llama layout for rotary), loadable with ``AutoModelForCausalLM``.
+
+    ``tokenizer``: an HFTokenizer (its files are re-saved), a BPETokenizer
+    (wrapped in ``PreTrainedTokenizerFast`` with its special tokens), or None
+    (weights only).
+    """
+    tf = _transformers()
+    from lmlab.tokenizers import BPETokenizer, HFTokenizer
+
+    bos = eos = None
+    if tokenizer is not None:
+        bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    convert = lmlab_to_gpt2 if model.config.positions == "learned" else lmlab_to_llama
+    hf_model = convert(model, bos_id=bos, eos_id=eos)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out))
+    if tokenizer is None:
+        return out
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.hf.save_pretrained(str(out))
+    elif isinstance(tokenizer, BPETokenizer):
+        names = {role: tokenizer.backend.id_to_token(getattr(tokenizer, f"{role}_id")) for role in ("bos", "eos", "pad", "unk")}
+        fast = tf.PreTrainedTokenizerFast(
+            tokenizer_object=copy.deepcopy(tokenizer.backend),
+            bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"], unk_token=names["unk"],
+        )
+        fast.save_pretrained(str(out))
+    else:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no Hugging Face form; accepted: BPETokenizer, HFTokenizer, or None "
+            f"(the weights were written to {str(out)!r} without a tokenizer)"
+        )
+    return out
