@@ -13,6 +13,7 @@ import torch
 
 from lmlab import data as data_mod
 from lmlab.decode.commands import add_generate_arguments, run_generate
+from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.study import add_eval_generation_arguments
 from lmlab.train import TrainConfig
 
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-generation", help="compare decoding setups: oracle perplexity, fluency, diversity")
     add_eval_generation_arguments(p)
     p.set_defaults(func=cmd_eval_generation)
+
+    p = sub.add_parser("distill", help="distillation: teacher data, SFT on it, token-level KD")
+    add_distill_arguments(p)
+    p.set_defaults(func=run_distill)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")
