@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", seconds: float = 240.0, device: str 
     model = build_model("transformer", config)
     print(f"model: {model.num_parameters():,} parameters")
     train_config = TrainConfig(max_iters=max_iters, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-                               beta2=0.99, eval_interval=250, eval_iters=50, log_interval=10,
+                               beta2=0.99, eval_interval=250, eval_iters=20, log_interval=10,
                                device=str(dev), time_budget=seconds)
     trainer = Trainer(model, StreamBatches(train_ids, 64, 12), StreamBatches(val_ids, 64, 12),
                       train_config, run_dir, tokenizer=tokenizer)
@@ -105,7 +105,7 @@ def _report(result: dict, samples: list[str], config: TransformerConfig) -> str:
         f"| steps | {result['steps']} ({result['stop_reason']}) |",
         f"| training time | {result['seconds']:.1f} s on {result['device']} |",
         f"| throughput | {result['tokens_per_second']:,.0f} tokens/s |",
-        f"| validation loss (estimate, 50 batches) | {result['val_loss']:.4f} |",
+        f"| validation loss (estimate, 20 batches) | {result['val_loss']:.4f} |",
         f"| best validation loss | {result['best_val_loss']:.4f} (step {result['best_step']}) |",
         f"| validation NLL, every token (window 64, stride 32) | {result['val_nll_sliding']:.4f} nats/char |",
         f"| validation perplexity | {result['val_perplexity_sliding']:.3f} |",
