@@ -202,6 +202,8 @@ def smollm(args, device):
           f"(logits up to {report['max_abs_logit']:.1f}); greedy identical to HF: {report['greedy_identical']}")
     print(f"summary ({len(out.token_ids)} tokens, {out.finish_reason}; lmlab {lm_s:.1f} s, HF {hf_s:.1f} s):")
     print(out.text, flush=True)
+    if args.skip_speed:
+        return report, []
     rows = speed_rows("SmolLM2-135M", hf, model, args, device, hf.config.vocab_size, prompt_source=prompt)
     return report, rows
 
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--smollm", action="store_true", help="SmolLM2-135M-Instruct instead of random GPT-2 small")
     p.add_argument("--cache-dir", default="runs/hf-cache", help="where the SmolLM2 directories are kept (ignored by git)")
     p.add_argument("--article", type=int, default=0, help="index of the CNN/DailyMail article to summarize")
-    p.add_argument("--summary-tokens", type=int, default=80)
+    p.add_argument("--summary-tokens", type=int, default=150, help="--smollm: most tokens of the summary")
+    p.add_argument("--skip-speed", action="store_true", help="--smollm: only parity and the summary")
     p.add_argument("--out", default=None, help="JSON file for the results (default runs/hf_speed[-smollm].json)")
     args = p.parse_args(argv)
     quiet_transformers()
