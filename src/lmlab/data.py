@@ -43,6 +43,50 @@ def read_lines(path: str | Path) -> list[str]:
     return [line for line in lines if line]
 
 
+def read_prompt_file(path: str | Path, extra: str) -> tuple[list[str], list[str | None]]:
+    """(prompts, extras) from a prompt file: one prompt per line (blank lines skipped), or
+    JSONL (a ``.jsonl`` file, or one whose first line is a JSON object) with a ``"prompt"``
+    string and an optional string field ``extra`` (e.g. ``"target"``, ``"reference"``) per line."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} does not exist; give a text file (one prompt per line) or JSONL"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
+    prompts: list[str] = []
+    extras: list[str | None] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            extras.append(None)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}): {line[:80]!r}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}:{number} needs a JSON object with a \"prompt\" string, got {line[:80]!r}")
+        if not item["prompt"]:
+            raise ValueError(f"{path}:{number} has an empty \"prompt\"; every prompt needs some text")
+        value = item.get(extra)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}:{number}: \"{extra}\" must be a string, got {value!r}")
+        prompts.append(item["prompt"])
+        extras.append(value)
+    if not prompts:
+        raise ValueError(
+            f"prompt file {str(path)!r} holds no prompts; write one prompt per line, "
+            "or JSONL lines such as {\"prompt\": \"ROMEO:\"}"
+        )
+    return prompts, extras
+
+
 def split_by_position(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """First (1 - val_fraction) of the stream for training, the rest for validation (as nanoGPT)."""
     if not 0.0 < val_fraction < 1.0:

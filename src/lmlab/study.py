@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmlab import data
 from lmlab.decode.setups import DecodingSetup, run_setup
 from lmlab.metrics import (
     UNITS,
@@ -71,45 +72,9 @@ PLOT_N = 2  # the plot's diversity axis is distinct-2
 
 
 def read_prompts(path: str | Path) -> tuple[list[str], list[str | None]]:
-    """(prompts, references) from a file: one prompt per line (blank lines skipped), or JSONL
-    (a ``.jsonl`` file, or one whose first line is a JSON object) with a ``"prompt"``
-    string and an optional ``"reference"`` string (for ROUGE) per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompt file {str(path)!r} does not exist; give a text file (one prompt per line) or JSONL"
-        )
-    lines = path.read_text(encoding="utf-8").splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
-    prompts: list[str] = []
-    refs: list[str | None] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append(line)
-            refs.append(None)
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"{path}:{number} needs a JSON object with a \"prompt\" string, got {line[:80]!r}")
-        if not item["prompt"]:
-            raise ValueError(f"{path}:{number} has an empty \"prompt\"; every prompt needs some text")
-        ref = item.get("reference")
-        if ref is not None and not isinstance(ref, str):
-            raise ValueError(f"{path}:{number}: \"reference\" must be a string, got {ref!r}")
-        prompts.append(item["prompt"])
-        refs.append(ref)
-    if not prompts:
-        raise ValueError(
-            f"prompt file {str(path)!r} holds no prompts; write one prompt per line, "
-            "or JSONL lines such as {\"prompt\": \"ROMEO:\"}"
-        )
-    return prompts, refs
+    """(prompts, references): one prompt per line, or JSONL with "prompt" and an optional
+    "reference" (for ROUGE)."""
+    return data.read_prompt_file(path, "reference")
 
 
 def parse_setups(items: Sequence[str | DecodingSetup] | str) -> list[DecodingSetup]:

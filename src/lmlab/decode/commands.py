@@ -24,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from lmlab import data
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
     DecodingSetup,
@@ -181,38 +182,8 @@ def setup_from_args(args, base: str | DecodingSetup | None = None) -> DecodingSe
 
 
 def read_prompt_file(path: str | Path) -> tuple[list[str], list[str | None]]:
-    """(prompts, targets) from a file: one prompt per line (blank lines skipped) or,
-    for a ``.jsonl`` file or one whose first line is a JSON object, one object per
-    line with a ``"prompt"`` string (and an optional ``"target"``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
-    prompts: list[str] = []
-    targets: list[str | None] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append(line)
-            targets.append(None)
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"{path}:{number} needs a JSON object with a \"prompt\" string, got {line[:80]!r}")
-        target = item.get("target")
-        if target is not None and not isinstance(target, str):
-            raise ValueError(f"{path}:{number}: \"target\" must be a string, got {target!r}")
-        prompts.append(item["prompt"])
-        targets.append(target)
-    if not prompts:
-        raise ValueError(f"prompt file {str(path)!r} holds no prompts")
-    return prompts, targets
+    """(prompts, targets): one prompt per line, or JSONL with "prompt" and an optional "target"."""
+    return data.read_prompt_file(path, "target")
 
 
 def _prompts(args) -> tuple[list[str], list[str | None]]:
