@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--smollm", action="store_true", help="SmolLM2-135M-Instruct instead of random GPT-2 small")
     p.add_argument("--cache-dir", default="runs/hf-cache", help="where the SmolLM2 directories are kept (ignored by git)")
     p.add_argument("--article", type=int, default=0, help="index of the CNN/DailyMail article to summarize")
-    p.add_argument("--summary-tokens", type=int, default=150, help="--smollm: most tokens of the summary")
+    p.add_argument("--summary-tokens", type=int, default=64, help="--smollm: most tokens of the summary")
     p.add_argument("--skip-speed", action="store_true", help="--smollm: only parity and the summary")
     p.add_argument("--out", default=None, help="JSON file for the results (default runs/hf_speed[-smollm].json)")
     args = p.parse_args(argv)
