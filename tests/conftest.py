@@ -4,6 +4,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: a red CI always means a real regression.
+settings.register_profile("lmlab", derandomize=True, deadline=None)
+settings.load_profile("lmlab")
 
 from lmlab.models.base import LanguageModel, State
 
