@@ -300,6 +300,12 @@ def test_bad_directories_name_the_path(tmp_path, gpt2_dir):
         load_checkpoint(f"hf:{no_weights}")
     with pytest.raises(FileNotFoundError, match="no weights"):
         convert_hf_dir(no_weights, tmp_path / "out")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((gpt2_dir / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*no-tokenizer"):
+        load_checkpoint(f"hf:{no_tokenizer}")
     with pytest.raises(ValueError, match="names no path"):
         load_checkpoint("hf:")
     with pytest.raises(FileNotFoundError, match="hf:<dir>"):

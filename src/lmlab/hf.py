@@ -173,7 +173,7 @@ class HFModel(LanguageModel):
         self.hf = hf_model
         self.config = hf_model.config
         self.source = source
-        # transformers >= 5.2x calls the cache argument ``cache``; before, ``past_key_values``.
+        # Recent transformers (5.x) name the cache argument ``cache``; older ones ``past_key_values``.
         import inspect
 
         params = inspect.signature(hf_model.forward).parameters
@@ -248,6 +248,18 @@ def _model_type(directory: Path) -> str | None:
         raise ValueError(f"{directory / 'config.json'} is not a readable JSON config: {e}") from None
 
 
+def _check_causal_lm(directory: Path) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = _model_type(directory)
+    if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"model_type {model_type!r} in {directory / 'config.json'} is not a causal language model "
+            "that transformers can load with AutoModelForCausalLM; accepted: the model types of "
+            "transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (e.g. 'gpt2', 'llama', 'mistral', 'qwen2')"
+        )
+
+
 def load_hf_model(
     path: str | os.PathLike[str],
     *,
@@ -264,15 +276,7 @@ def load_hf_model(
     directory, gguf = _check_hf_dir(path)
     tf = _transformers()
     if gguf is None:
-        model_type = _model_type(directory)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(
-                f"model_type {model_type!r} in {directory / 'config.json'} is not a causal language model "
-                "that transformers can load with AutoModelForCausalLM; accepted: the model types of "
-                "transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (e.g. 'gpt2', 'llama', 'mistral', 'qwen2')"
-            )
+        _check_causal_lm(directory)
     else:
         kwargs = {"gguf_file": gguf, **kwargs}
     model = tf.AutoModelForCausalLM.from_pretrained(
@@ -292,7 +296,9 @@ def load_hf(
     from lmlab.tokenizers import HFTokenizer
 
     directory, gguf = _check_hf_dir(path)
-    model = HFModel(load_hf_model(path, dtype=dtype, device=device, **kwargs), source=str(Path(path).resolve()))
+    if gguf is None:
+        _transformers()
+        _check_causal_lm(directory)
     has_tokenizer = gguf is not None or any(
         (directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
     )
@@ -301,6 +307,7 @@ def load_hf(
             f"no tokenizer in {str(directory)!r}: expected tokenizer_config.json / tokenizer.json beside the weights "
             "(save it with tokenizer.save_pretrained into the same directory)"
         )
+    model = HFModel(load_hf_model(path, dtype=dtype, device=device, **kwargs), source=str(Path(path).resolve()))
     tok_kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = HFTokenizer.from_pretrained_dir(directory, **tok_kwargs)
     if tokenizer.vocab_size > model.vocab_size:
