@@ -7,6 +7,8 @@ import warnings
 from collections import Counter, defaultdict
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,50 +19,7 @@ from lmlab.models.ngram import DiscountWarning, NGramConfig, NGramModel, build_v
 TINY = ["a b c a b", "b c a", "a a b c", "c b a b c a"]
 
 # `lmplz -o 3 --discount_fallback` (KenLM 0.3.0) on TINY, verbatim.
-LMPLZ_TINY_ARPA = """\\data\\
-ngram 1=6
-ngram 2=12
-ngram 3=13
-
-\\1-grams:
--1.0377885\t<unk>\t0
-0\t<s>\t-0.30103
--0.6642079\t</s>\t0
--0.5228787\ta\t-0.38021123
--0.6642079\tb\t-0.30103
--0.75696194\tc\t-0.30103
-
-\\2-grams:
--0.76042247\ta </s>\t0
--0.6320232\tb </s>\t0
--0.5606673\tc </s>\t0
--0.39794\t<s> a\t-0.30103
--0.6812412\ta a\t-0.30103
--0.5606673\tb a\t-0.30103
--0.49939764\tc a\t-0.30103
--0.6320232\t<s> b\t-0.30103
--0.29503965\ta b\t-0.30103
--0.5606673\tc b\t-0.30103
--0.67264104\t<s> c\t-0.30103
--0.4717262\tb c\t-0.30103
-
-\\3-grams:
--0.37660712\tc a </s>
--0.61678326\ta b </s>
--0.58087075\tb c </s>
--0.4507923\t<s> a a
--0.19551983\tc b a
--0.27300128\tb c a
--0.2980245\t<s> a b
--0.12293276\ta a b
--0.12293276\tb a b
--0.37660712\tc a b
--0.19551983\t<s> c b
--0.17473622\t<s> b c
--0.26460075\ta b c
-
-\\end\\
-"""
+LMPLZ_TINY_ARPA = (Path(__file__).parent / "data" / "lmplz_tiny.arpa").read_text()  # written by KenLM lmplz
 
 
 def markov_corpus(n_sent=400, n_words=25, seed=0):
