@@ -51,7 +51,7 @@ NAMES_TRANSFORMER = {"n_layer": 4, "n_head": 4, "n_embd": 64}  # makemore's defa
 
 def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, batch_size, steps=None):
     """Train for ``steps`` steps, or for ``budget`` seconds with the schedule fitted to the
-    step count a 20-step probe predicts for that budget."""
+    step count a 60-step probe predicts for that budget (the budget also stops the run)."""
     if steps is not None:
         torch.manual_seed(1337)
         model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
@@ -60,11 +60,14 @@ def train_family(family, model_cfg, overrides, train, val, vocab, block, budget,
         return model.eval(), Trainer(model, train, val, config, out / family).fit()
     torch.manual_seed(1337)
     model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
-    probe = Trainer(model, train, val, TrainConfig(max_iters=20, batch_size=batch_size, warmup_iters=0, eval_iters=1,
-                                                   eval_interval=1000, progress=False, **overrides), out / f"probe-{family}")
-    t0 = time.perf_counter()
+    probe = Trainer(model, train, val, TrainConfig(max_iters=60, batch_size=batch_size, warmup_iters=0, eval_iters=1,
+                                                   eval_interval=1000, log_interval=10, progress=False, **overrides),
+                    out / f"probe-{family}")
     probe.fit()
-    per_step = (time.perf_counter() - t0) / 20
+    # Steady-state seconds per step from the logged times of steps 10..60 (start-up and checkpoints excluded).
+    times = {r["step"]: r["time"] for r in map(json.loads, (out / f"probe-{family}" / "metrics.jsonl").open())
+             if "train_loss" in r}
+    per_step = (times[60] - times[10]) / 50
     steps = max(100, int(budget / per_step))
     torch.manual_seed(1337)
     model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})

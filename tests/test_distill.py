@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmlab.train as train_mod
 from lmlab.data import IGNORE, StreamBatches
 from lmlab.distill import (
     ChatPrompt,
@@ -202,11 +201,11 @@ def test_distill_trainer_trains_on_kl_and_evaluates_nll(tok, tmp_path):
     seen = []
     trainer = DistillTrainer(tiny(tok), teacher, train, val, config, tmp_path / "kd", tokenizer=tok,
                              teacher_tokenizer=tok, divergence="reverse", temperature=2.0, nll_weight=0.25)
-    original = trainer.distill_loss
-    trainer.distill_loss = lambda m, x, y: seen.append(1) or original(m, x, y)
+    original = trainer.train_loss
+    trainer.train_loss = lambda x, y: seen.append(1) or original(x, y)
     summary = trainer.fit()
     assert len(seen) == 4 and summary["divergence"] == "reverse" and summary["steps"] == 4
-    assert train_mod.lm_loss is lm_loss  # restored
+    assert trainer.loss_fn is lm_loss
     # the evaluation is the plain NLL of the student
     est = trainer.estimate_loss()
     assert est["val"] == pytest.approx(summary["val_loss"], rel=1e-6)

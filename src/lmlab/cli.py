@@ -14,6 +14,7 @@ import torch
 from lmlab import data as data_mod
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
+from lmlab.fill import add_fill_arguments, run_fill
 from lmlab.study import add_eval_generation_arguments
 from lmlab.train import TrainConfig
 
@@ -138,6 +139,8 @@ def cmd_train(args) -> int:
         print(json.dumps(estimate_ngram(args, tokenizer, train, Path(args.out)), indent=2))
         return 0
     config = _train_config(args)
+    if args.model == "masked-transformer" and args.sequences:
+        raise ValueError("a masked-transformer trains on windows of a token stream; --sequences is not supported for it")
     block = args.block_size or 256
     tokenizer, train, val = load_training_data(args, block)
     if args.sequences:
@@ -288,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distillation: teacher data, SFT on it, token-level KD")
     add_distill_arguments(p)
     p.set_defaults(func=run_distill)
+
+    p = sub.add_parser("fill", help="fill masked tokens in a text with a masked LM (lmlab masked-transformer or hf:DIR)")
+    add_fill_arguments(p)
+    p.set_defaults(func=run_fill)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")

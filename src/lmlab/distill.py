@@ -57,7 +57,6 @@ import json
 import math
 import re
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -550,39 +549,21 @@ class DistillTrainer(Trainer):
             p.requires_grad_(False)
         self.divergence, self.temperature, self.nll_weight = divergence, float(temperature), float(nll_weight)
 
-    def distill_loss(self, model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss of one batch (the student's logits against the teacher's)."""
-        logits, _ = model(x)
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch: the student's logits against the teacher's."""
+        logits, _ = self.forward_model(x)
         with torch.no_grad():
             t_logits, _ = self.teacher(x)
         t_logits = t_logits[..., : logits.shape[-1]]
         return kd_loss(logits, t_logits, y, self.divergence, self.temperature, self.nll_weight)
 
     def fit(self) -> dict[str, Any]:
-        # The Trainer computes its losses with lmlab.train.lm_loss and has no loss hook, so
-        # during fit() the training calls (gradients on, this trainer's model) are routed to
-        # distill_loss; evaluation (no_grad) and every other caller get the original.
-        import lmlab.train as train_mod
-
-        with _LOSS_LOCK:
-            original = train_mod.lm_loss
-
-            def loss(model, x, y):
-                if model is self.forward_model and torch.is_grad_enabled():
-                    return self.distill_loss(model, x, y)
-                return original(model, x, y)
-
-            train_mod.lm_loss = loss
-            try:
-                summary = super().fit()
-            finally:
-                train_mod.lm_loss = original
+        summary = super().fit()
         summary.update(divergence=self.divergence, temperature=self.temperature, nll_weight=self.nll_weight,
                        teacher_parameters=self.teacher.num_parameters())
         return summary
 
 
-_LOSS_LOCK = threading.Lock()
 
 
 # ================================================================ command line

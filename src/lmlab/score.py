@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from lmlab.data import IGNORE, pad_sequences
-from lmlab.models.base import LanguageModel
+from lmlab.models.base import LanguageModel, require_causal
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Score:
 @torch.no_grad()
 def target_logprobs(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log P(y[b, t] | x[b, :t+1]) of shape (B, T); 0 where y is IGNORE."""
+    require_causal(model, "scoring")
     logits, _ = model(x)
     logp = torch.log_softmax(logits.float(), dim=-1)
     mask = y != IGNORE
@@ -123,6 +124,7 @@ def stream_nll(
     gives a sliding window: every token after the first window is scored with
     at least ``window - stride`` tokens of context.
     """
+    require_causal(model, "scoring")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     n = ids.numel()
     if n < 2:

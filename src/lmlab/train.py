@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,32 @@ def lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
 
 
+def masked_lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BERT's masked-LM objective on the input windows x (B, T); y is not used.
+
+    Each position is chosen with probability ``model.config.mask_prob`` (at least one
+    per row); a chosen position is shown as the mask token 80% of the time, a random
+    token 10%, itself 10%, and the loss is the mean cross-entropy of the original
+    tokens at the chosen positions. Randomness comes from torch's global RNG, which
+    the Trainer checkpoints, so resumed runs stay exact.
+    """
+    B, T = x.shape
+    chosen = torch.rand(B, T, device=x.device) < model.config.mask_prob
+    forced = torch.randint(0, T, (B,), device=x.device)
+    chosen[torch.arange(B, device=x.device), forced] = True
+    action = torch.rand(B, T, device=x.device)
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(x, model.mask_id), x)
+    random_ids = torch.randint(0, model.vocab_size, x.shape, device=x.device)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    logits, _ = model(inputs)
+    return F.cross_entropy(logits[chosen].float(), x[chosen])
+
+
+def objective_loss(model: LanguageModel):
+    """The training loss a model family is made for: next-token or masked-token prediction."""
+    return masked_lm_loss if getattr(model, "objective", "causal") == "masked" else lm_loss
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not biases, norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +132,10 @@ class Trainer:
     """Trains ``model`` on ``train`` batches, evaluates on ``val``, checkpoints into ``run_dir``.
 
     ``run_dir`` must not exist unless ``resume=True``, in which case training
-    continues exactly from ``run_dir/last``.
+    continues exactly from ``run_dir/last``. ``loss_fn(model, x, y) -> scalar`` is the
+    loss of one batch, for training and evaluation alike (default: the model's own
+    objective, see :func:`objective_loss`); subclasses may override
+    :meth:`train_loss` to train on something other than what they report.
     """
 
     def __init__(
@@ -118,8 +147,10 @@ class Trainer:
         run_dir: str | Path,
         tokenizer: Any = None,
         resume: bool = False,
+        loss_fn: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.config = config
+        self.loss_fn = loss_fn or objective_loss(model)
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.device)
         self.train_batches, self.val_batches = train, val
@@ -154,21 +185,33 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss the optimizer descends, for one batch."""
+        return self.loss_fn(self.forward_model, x, y)
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss reported for evaluation, for one batch."""
+        return self.loss_fn(self.forward_model, x, y)
+
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` random batches of each split (fixed seed: same batches each time)."""
+        """Mean loss over ``eval_iters`` random batches of each split (fixed seed: same batches,
+        and the same random masks for a masked objective, each time; the training RNG is untouched)."""
         self.model.eval()
         out = {}
-        for split, batches in (("train", self.train_batches), ("val", self.val_batches)):
-            if batches is None:
-                continue
-            gen = torch.Generator().manual_seed(12345)
-            losses = []
-            for _ in range(self.config.eval_iters):
-                x, y = batches.sample(gen, self.device)
-                with self.autocast():
-                    losses.append(lm_loss(self.forward_model, x, y).item())
-            out[split] = sum(losses) / len(losses)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(12345)
+            for split, batches in (("train", self.train_batches), ("val", self.val_batches)):
+                if batches is None:
+                    continue
+                gen = torch.Generator().manual_seed(12345)
+                losses = []
+                for _ in range(self.config.eval_iters):
+                    x, y = batches.sample(gen, self.device)
+                    with self.autocast():
+                        losses.append(self.eval_loss(x, y).item())
+                out[split] = sum(losses) / len(losses)
         self.model.train()
         return out
 
@@ -194,7 +237,7 @@ class Trainer:
                 for _ in range(c.grad_accum):
                     x, y = self.train_batches.sample(self.generator, self.device)
                     with self.autocast():
-                        loss = lm_loss(self.forward_model, x, y) / c.grad_accum
+                        loss = self.train_loss(x, y) / c.grad_accum
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int((y != IGNORE).sum())

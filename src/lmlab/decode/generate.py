@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmlab.decode.processors import apply_processors
-from lmlab.models.base import LanguageModel, State
+from lmlab.models.base import LanguageModel, State, require_causal
 
 # A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
 # (see lmlab.decode.processors); LogitsProcessor instances also get num_generated (B,).
@@ -134,6 +134,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     early (eos_id, stop strings) or a callback needs it, so a plain loop adds ~6 tensor ops
     per step to the model's forward pass.
     """
+    require_causal(model, "generation")
     prompts = _check_prompts(prompts)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmlab.decode.processors import _token_list, apply_processors
+from lmlab.models.base import require_causal
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -169,6 +170,7 @@ def beam_search(
     fewer than num_return_sequences hypotheses. With num_beams=1 (and the
     default early_stopping) the result is the greedy continuation.
     """
+    require_causal(model, "beam search")
     if isinstance(num_beams, bool) or not isinstance(num_beams, Integral) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:

@@ -85,6 +85,15 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def require_causal(model: Any, purpose: str) -> None:
+    """Refuse a model that does not predict the next token (a masked LM) for ``purpose``."""
+    if getattr(model, "objective", "causal") != "causal":
+        raise ValueError(
+            f"{purpose} needs a model that predicts the next token; the {getattr(model, 'family', type(model).__name__)} "
+            "model fills masks (use `lmlab fill` or lmlab.fill, and pseudo_log_likelihood to score a text)"
+        )
+
+
 # ---------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, tuple[type, type]] = {}

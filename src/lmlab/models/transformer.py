@@ -43,6 +43,7 @@ class TransformerConfig:
     bias: bool = True              # biases in linear layers and LayerNorm
     lm_head_bias: bool = False
     tie_weights: bool = True
+    causal: bool = True            # False: every position attends to every position (an encoder)
 
     def __post_init__(self) -> None:
         choices = {
@@ -130,6 +131,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
         self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.causal = config.causal
 
     def forward(
         self,
@@ -162,11 +164,12 @@ class Attention(nn.Module):
             v_all = v_all.repeat_interleave(repeat, dim=1)
         if need_weights:
             scores = (q @ k_all.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))
+            if self.causal:
+                scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))
             weights = scores.softmax(-1)
             y = weights @ v_all
         elif start == 0:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=T > 1, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=self.causal and T > 1, dropout_p=dropout)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout)
         else:
@@ -305,8 +308,20 @@ class Transformer(LanguageModel):
         With ``return_attention=True`` the state also holds ``attention{i}``
         (B, H, T, start + T) weights per layer (slower: no fused kernel).
         """
+        hidden, state = self.hidden_states(ids, state, return_attention)
+        return self.lm_head(hidden), state
+
+    def hidden_states(
+        self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
+    ) -> tuple[torch.Tensor, State]:
+        """ids: (B, T) -> the final hidden vectors (B, T, C) the LM head reads, and the state.
+
+        Classifiers and probes read these (see ``lmlab.finetune``)."""
         B, T = ids.shape
         start = state.length if state is not None else 0
+        if start and not self.config.causal:
+            raise ValueError("a bidirectional (causal=False) transformer reads the whole text at once; "
+                             "it cannot continue from a state")
         if start + T > self.config.block_size:
             raise ValueError(
                 f"{start + T} positions exceed the model's block_size={self.config.block_size}; "
@@ -324,5 +339,4 @@ class Transformer(LanguageModel):
             tensors[f"k{i}"], tensors[f"v{i}"] = ck, cv
             if w is not None:
                 tensors[f"attention{i}"] = w
-        logits = self.lm_head(self.ln_f(x))
-        return logits, State(tensors, start + T)
+        return self.ln_f(x), State(tensors, start + T)

@@ -61,7 +61,7 @@ FAMILIES = ("transformer", "rnn", "gru", "lstm")
 TRANSFORMER_DEFAULTS = dict(
     vocab_size=None, block_size=256, n_layer=4, n_head=4, n_embd=128, n_kv_head=None, d_ff=None, dropout=0.0, embed_dropout=0.0,
     norm="layernorm", norm_position="pre", norm_eps=1e-5, positions="learned", sinusoidal_layout="interleaved",
-    rope_theta=10000.0, activation="gelu", bias=True, lm_head_bias=False, tie_weights=True,
+    rope_theta=10000.0, activation="gelu", bias=True, lm_head_bias=False, tie_weights=True, causal=True,
 )
 # Defaults of lmlab.models.recurrent.RecurrentConfig.
 RECURRENT_DEFAULTS = dict(
@@ -150,6 +150,8 @@ def transformer_from_lmlab(config: Mapping, tensors: Mapping[str, np.ndarray], *
                            where: str = "the state dict") -> TransformerLM:
     """A ``TransformerLM`` from an lmlab transformer config (dict) and its state dict (numpy arrays)."""
     c = _config(config, TRANSFORMER_DEFAULTS, "transformer")
+    if not c["causal"]:
+        raise ValueError("the numpy engine runs causal (decoder) transformers; this config has causal=False")
     V, C, L = c["vocab_size"], c["n_embd"], c["n_layer"]
     D = C // c["n_head"]
     kv = (c["n_kv_head"] or c["n_head"]) * D
