@@ -199,6 +199,9 @@ def test_hf_spec_loads_wrapper_and_tokenizer(llama_dir, bpe):
         tail, after = model(ids[:, 5:], state)
         again, _ = model(ids[:, 5:], state)  # the state was not consumed
         picked, _ = model(ids[[2, 0, 0], 5:], state.select(torch.tensor([2, 0, 0])))
+        last, last_state = model.next_token_logits(ids[:, 5:], state)
+    assert model._keeps_logits and last.shape == (3, bpe.vocab_size) and last_state.length == 12
+    torch.testing.assert_close(last, ref[:, -1], atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat([head, tail], 1), ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(again, tail, atol=0, rtol=0)
     torch.testing.assert_close(picked, ref[[2, 0, 0], 5:], atol=ATOL, rtol=0)

@@ -121,3 +121,16 @@ def test_attention_weights_are_returned_and_rows_sum_to_one():
     assert w.shape == (1, 4, 4, 4)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 4))
     assert torch.all(w[0, :, 0, 1:] == 0)
+
+
+def test_next_token_logits_equal_the_last_row_of_forward():
+    from lmlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("transformer", {"vocab_size": 11, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}).eval()
+    ids = torch.randint(0, 11, (3, 6))
+    full, _ = model(ids)
+    last, state = model.next_token_logits(ids[:, :4])
+    assert last.shape == (3, 11) and torch.allclose(last, full[:, 3], atol=1e-6)
+    step, _ = model.next_token_logits(ids[:, 4:5], state)
+    assert torch.allclose(step, full[:, 4], atol=1e-5)

@@ -178,6 +178,7 @@ class HFModel(LanguageModel):
 
         params = inspect.signature(hf_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params
 
     @property
     def vocab_size(self) -> int:
@@ -193,6 +194,18 @@ class HFModel(LanguageModel):
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, HFState]:
         """ids (B, T) int64 -> logits (B, T, V) and the state after the last token."""
+        return self._run(ids, state)
+
+    def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, HFState]:
+        """(B, V) logits after the last token; the LM head runs there only when the model
+        takes ``logits_to_keep`` (as ``generate`` does)."""
+        if self._keeps_logits:
+            logits, state = self._run(ids, state, logits_to_keep=1)
+        else:
+            logits, state = self._run(ids, state)
+        return logits[:, -1], state
+
+    def _run(self, ids: torch.Tensor, state: State | None, **extra: Any) -> tuple[torch.Tensor, HFState]:
         if ids.ndim != 2:
             raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
         start = state.length if state is not None else 0
@@ -206,7 +219,7 @@ class HFModel(LanguageModel):
             raise TypeError(f"an HFModel continues only its own HFState, got {type(state).__name__}")
         # A shallow copy: the model appends to the copy, so ``state`` stays valid.
         cache = _shallow_copy_cache(state.cache) if state is not None else None
-        out = self.hf(input_ids=ids, use_cache=True, return_dict=True, **{self._cache_arg: cache})
+        out = self.hf(input_ids=ids, use_cache=True, return_dict=True, **{self._cache_arg: cache}, **extra)
         new = out.get("cache", None) if out.get("cache", None) is not None else out.get("past_key_values", None)
         return out.logits, HFState(_cache_tensors(new), start + ids.shape[1], new)
 

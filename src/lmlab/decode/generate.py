@@ -64,13 +64,13 @@ class ContextWindow:
             )
 
     def step(self, history: torch.Tensor, state: State | None, new: torch.Tensor) -> tuple[torch.Tensor, State]:
-        """Feed ``new`` (B, T) after ``history`` (B, t); returns logits (B, T, V) and the state."""
+        """Feed ``new`` (B, T) after ``history`` (B, t); returns the next-token logits (B, V) and the state."""
         if self.limit is None or state is None and new.shape[1] <= self.limit or state is not None and state.length + new.shape[1] <= self.limit:
-            return self.model(new, state)
+            return self.model.next_token_logits(new, state)
         if self.policy == "error":
             raise ValueError(f"the sequence would exceed the model's context of {self.limit} tokens")
         window = torch.cat([history, new], dim=1)[:, -self.limit :]
-        return self.model(window, None)
+        return self.model.next_token_logits(window, None)
 
 
 @torch.no_grad()
@@ -167,7 +167,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     if max_new_tokens > 0:
         logits, state = window.step(seq[:, :0], None, seq[:, :common])
     while max_new_tokens > 0:
-        next_logits = logits[:, -1, :].float()
+        next_logits = logits.float()
         if processors:
             num_generated = (position - lengths).clamp_min(0)
             scores = apply_processors(processors, next_logits, seq[:, :position], num_generated=num_generated)

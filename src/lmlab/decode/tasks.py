@@ -97,7 +97,7 @@ def step_logits(
     position = common  # index of the next token to feed
     last_position = longest + n - 1  # every row has its n logits once position reaches this
     while True:
-        last = logits[:, -1].float()
+        last = logits.float()
         step = position - lengths  # (B,): the step whose logits these are (< 0: still in the prompt)
         ready = (step >= 0) & (step < n)
         out[rows[ready], step[ready]] = last[ready]

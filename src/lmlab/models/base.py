@@ -81,6 +81,12 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Like ``forward`` but only the logits after the last token: (B, V). Generation
+        reads nothing else, so a family may skip its output layer at the other positions."""
+        logits, state = self(ids, state)
+        return logits[:, -1], state
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

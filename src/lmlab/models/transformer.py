@@ -311,6 +311,11 @@ class Transformer(LanguageModel):
         hidden, state = self.hidden_states(ids, state, return_attention)
         return self.lm_head(hidden), state
 
+    def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """(B, V) logits after the last token; the LM head runs on that position only."""
+        hidden, state = self.hidden_states(ids, state)
+        return self.lm_head(hidden[:, -1]), state
+
     def hidden_states(
         self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
     ) -> tuple[torch.Tensor, State]:
