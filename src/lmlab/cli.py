@@ -15,6 +15,7 @@ from lmlab import data as data_mod
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
+from lmlab.finetune import add_finetune_arguments, run_finetune
 from lmlab.study import add_eval_generation_arguments
 from lmlab.train import TrainConfig
 
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distillation: teacher data, SFT on it, token-level KD")
     add_distill_arguments(p)
     p.set_defaults(func=run_distill)
+
+    p = sub.add_parser("finetune", help="LoRA or full fine-tuning: continued LM training, text classification")
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
 
     p = sub.add_parser("fill", help="fill masked tokens in a text with a masked LM (lmlab masked-transformer or hf:DIR)")
     add_fill_arguments(p)

@@ -71,6 +71,7 @@ __all__ = [
     "unmerge_lora",
     "save_adapter",
     "load_adapter",
+    "check_adapter_dir",
     "base_identity",
     "save_finetuned",
     "FinetuneTrainer",
@@ -80,6 +81,7 @@ __all__ = [
     "encode_texts",
     "pad_batch",
     "hidden_states",
+    "pool",
     "SequenceClassifier",
     "build_classifier",
     "ClassifyConfig",
@@ -126,10 +128,10 @@ def _peft():
 
 def _peft_of(model: Any):
     """The PeftModel behind ``model`` (a PeftModel, or an HFModel around one), else None."""
-    try:
-        from peft import PeftModel
-    except ImportError:
+    if "peft" not in sys.modules:  # nothing can be a PeftModel before peft is imported
         return None
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
         return model
     inner = getattr(model, "hf", None)
@@ -137,10 +139,10 @@ def _peft_of(model: Any):
 
 
 def _is_hf_module(module: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    if "transformers" not in sys.modules:  # nothing can be a Hugging Face model before transformers is imported
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(module, PreTrainedModel)
 
 
@@ -166,15 +168,9 @@ def _base_module(model: Any) -> nn.Module:
 
 def _wrap_hf(hf_module: nn.Module, source: str | None):
     """An HFModel around ``hf_module`` (a raw model or a PeftModel of one)."""
-    import inspect
-
     from lmlab.hf import HFModel
 
-    model = HFModel(hf_module, source=source)
-    # A PeftModel hides the wrapped model's signature; the cache argument is named after the raw model's.
-    raw = hf_module.get_base_model() if hasattr(hf_module, "get_base_model") else hf_module
-    model._cache_arg = "cache" if "cache" in inspect.signature(raw.forward).parameters else "past_key_values"
-    return model
+    return HFModel(hf_module, source=source)
 
 
 def _describe(model: Any) -> str:
@@ -206,9 +202,15 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.ndim == 2 and not any(True for _ in module.children())
 
 
+def _short_name(name: str) -> str:
+    """'blocks.0.attn.q' -> 'q'; a numbered layer keeps its parent: 'hidden.0' -> 'hidden.0'."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
 def _layer_names(base: nn.Module) -> list[str]:
-    """The distinct last names of the layers LoRA can adapt, e.g. ['fc', 'k', 'lm_head', 'o', ...]."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if name and _adaptable(m)})
+    """The distinct short names of the layers LoRA can adapt, e.g. ['fc', 'k', 'lm_head', 'o', ...]."""
+    return sorted({_short_name(name) for name, m in base.named_modules() if name and _adaptable(m)})
 
 
 def _matches(name: str, target: str) -> bool:
@@ -220,7 +222,7 @@ def _output_layer_names(base: nn.Module) -> set[str]:
     out = {"lm_head"}
     if hasattr(base, "get_output_embeddings"):
         head = base.get_output_embeddings()
-        out |= {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if m is head and name}
+        out |= {_short_name(name) for name, m in base.named_modules() if m is head and name}
     return out
 
 
@@ -291,7 +293,7 @@ class LoraSettings:
             targets = default_target_modules(model)
         elif self.target_modules == "all-linear":
             outputs = _output_layer_names(base)
-            targets = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+            targets = sorted({_short_name(n) for n, m in modules.items()
                               if n and _adaptable(m) and not isinstance(m, nn.Embedding)} - outputs)
         else:
             targets = list(self.target_modules)
@@ -410,7 +412,7 @@ def _fingerprint(base: nn.Module) -> str:
     the same shapes but different weights apart, cheaply."""
     for name, p in base.named_parameters():
         if p.ndim == 2 and "lora_" not in name:
-            rows = p.detach().float().cpu()[:: max(1, p.shape[0] // 64)].contiguous()
+            rows = p.detach()[:: max(1, p.shape[0] // 64)].float().cpu().contiguous()
             return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
     return ""
 
@@ -750,8 +752,8 @@ def read_labelled(path: str | Path, val_fraction: float = 0.2, seed: int = 0) ->
     if not rows:
         raise ValueError(f"{str(path)!r} holds no rows")
     texts, names, valid = [], [], []
-    for n, row in enumerate(rows, 2 if path.suffix.lower() in (".csv", ".tsv") else 1):
-        where = f"{path.name} row {n}"
+    for n, row in enumerate(rows, 1):
+        where = f"{path.name} record {n}"
         text, label = row.get("text"), row.get("label")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}: the text is empty or missing; every row needs some text")
@@ -764,7 +766,8 @@ def read_labelled(path: str | Path, val_fraction: float = 0.2, seed: int = 0) ->
     labels = sorted(set(names))
     if len(labels) < 2:
         raise ValueError(f"{str(path)!r} has one class only ({labels[0]!r}); a classifier needs at least two labels")
-    ids = [labels.index(x) for x in names]
+    label_ids = {name: i for i, name in enumerate(labels)}
+    ids = [label_ids[x] for x in names]
     if "is_valid" in columns:
         val_rows = [i for i, v in enumerate(valid) if v]
     else:
@@ -776,7 +779,9 @@ def read_labelled(path: str | Path, val_fraction: float = 0.2, seed: int = 0) ->
     train_rows = [i for i in range(len(rows)) if i not in chosen]
     if not train_rows or not val_rows:
         empty = "training" if not train_rows else "validation"
-        raise ValueError(f"{str(path)!r}: the {empty} split is empty; mark some rows is_valid={empty == 'training'}")
+        fix = (f"mark some rows is_valid={empty == 'validation'}" if "is_valid" in columns
+               else f"choose a val_fraction that leaves rows for both (got {val_fraction})")
+        raise ValueError(f"{str(path)!r}: the {empty} split is empty; {fix}")
     return ClassificationData(labels, [texts[i] for i in train_rows], [ids[i] for i in train_rows],
                               [texts[i] for i in val_rows], [ids[i] for i in val_rows])
 
@@ -825,7 +830,10 @@ def _hidden_size(model: Any) -> int:
     if _is_hf_module(base):
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         return int(cfg.hidden_size)
-    return int(base.config.n_embd)
+    if hasattr(base.config, "n_embd"):
+        return int(base.config.n_embd)
+    with torch.no_grad():  # any other family with hidden_states: ask it
+        return int(base.hidden_states(torch.zeros((1, 1), dtype=torch.long, device=base.device))[0].shape[-1])
 
 
 def _context(model: Any) -> int | None:
@@ -864,11 +872,12 @@ class SequenceClassifier(nn.Module):
     """``logits = head(pool(hidden_states(base, ids, mask)))``: ids, mask (B, T) -> (B, K).
 
     ``base`` is an lmlab transformer or a Hugging Face causal LM (plain or with LoRA);
-    ``labels[i]`` names class ``i``; ``mode`` records how it was trained.
+    ``labels[i]`` names class ``i``; ``mode`` records how it was trained. The head starts
+    at zero: every class equally likely (the loss is log K) until it trains.
     """
 
     def __init__(self, base: Any, labels: Sequence[str], pooling: str = "last", mode: str = "lora",
-                 max_length: int = 128, seed: int = 0) -> None:
+                 max_length: int = 128) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}; accepted: {', '.join(map(repr, POOLINGS))}")
@@ -881,9 +890,9 @@ class SequenceClassifier(nn.Module):
         self.base = base
         self.labels = list(labels)
         self.pooling, self.mode, self.max_length = pooling, mode, max_length
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.head = nn.Linear(_hidden_size(base), len(self.labels))
+        self.head = nn.Linear(_hidden_size(base), len(self.labels))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (B, T) -> pooled features (B, C)."""
@@ -894,23 +903,29 @@ class SequenceClassifier(nn.Module):
 
 
 def build_classifier(model: Any, labels: Sequence[str], mode: str = "lora", *, lora: LoraSettings | None = None,
-                     pooling: str = "last", max_length: int = 128, seed: int = 0) -> SequenceClassifier:
+                     pooling: str = "last", max_length: int | None = None, seed: int = 0) -> SequenceClassifier:
     """A classifier on ``model`` set up for ``mode``: ``lora`` (adapters + head train),
-    ``full`` (every weight trains), ``probe`` (base frozen, only the head trains)."""
+    ``full`` (every weight trains), ``probe`` (base frozen, only the head trains).
+    Texts are cut to ``max_length`` tokens (None: 128, or the model's context if shorter);
+    ``seed`` seeds the adapters' random initialisation."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; accepted: {', '.join(map(repr, MODES))}")
     model = _as_lmlab(model)
     _check_classifiable(model)
     ctx = _context(model)
+    if max_length is None:
+        max_length = min(128, ctx or 128)
     if ctx is not None and max_length > ctx:
         raise ValueError(f"max_length={max_length} exceeds the model's context of {ctx} tokens")
     if mode == "lora":
-        model = add_lora(model, lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = add_lora(model, lora)
     elif lora is not None:
         raise ValueError(f"LoRA settings were given with mode={mode!r}; they apply to mode='lora' only")
     else:
         model.requires_grad_(mode == "full")
-    return SequenceClassifier(model, labels, pooling, mode, max_length, seed)
+    return SequenceClassifier(model, labels, pooling, mode, max_length)
 
 
 @dataclass
@@ -1026,7 +1041,7 @@ def train_classifier(clf: SequenceClassifier, tokenizer: Any, data: Classificati
         if probe:
             clf.base.eval()
         epoch_losses = []
-        for rows in _batches(len(train_seqs), config.batch_size, torch.randperm(len(train_seqs), generator=generator)):
+        for rows in _batches(len(train_seqs), config.batch_size, torch.randperm(len(train_seqs), generator=generator).tolist()):
             factor = learning_rate(step, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
@@ -1195,7 +1210,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--data", help="CSV/TSV or JSONL with text,label columns (optional is_valid)")
     g.add_argument("--mode", choices=MODES, help="lora (default): adapters + head; full: every weight; probe: head only")
     g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-length", type=int, default=128, help="tokens kept per text")
+    g.add_argument("--max-length", type=int, help="tokens kept per text (default: 128, or the model's context if shorter)")
     g.add_argument("--truncation-side", choices=TRUNCATION_SIDES, default="right", help="right: keep the start")
     g.add_argument("--pooling", choices=POOLINGS, default="last", help="last real token, or mean over real tokens")
     g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default 1e-3)")
@@ -1229,7 +1244,7 @@ def _check_args(args) -> None:
         if args.lora and args.mode not in (None, "lora"):
             raise ValueError(f"--lora contradicts --mode {args.mode}; use --mode lora, full or probe")
     for name in ("batch_size", "epochs", "max_iters", "block_size", "max_length"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
 
 
@@ -1241,51 +1256,61 @@ def _model_spec(spec: str) -> str:
 
 
 def run_finetune(args) -> int:
-    """Run ``lmlab finetune`` (returns the exit status) and print a JSON summary. Bad values
-    raise ValueError naming the value (the ``lmlab`` command prints them as ``error: ...``)."""
-    from lmlab.checkpoints import load_checkpoint
-
+    """Run ``lmlab finetune`` (returns the exit status): train, write OUT, print a JSON
+    summary (also OUT/summary.json). Bad values raise ValueError naming the value (the
+    ``lmlab`` command prints them as ``error: ...``); nothing is written then."""
     _check_args(args)
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"output directory {str(out)!r} already exists; choose a new --out")
-    lora = _lora_settings(args) if (args.lora or (args.task == "classify" and args.mode in (None, "lora"))) else None
     t0 = time.perf_counter()
     if args.task == "lm":
-        from lmlab.data import read_corpus
-
-        text = read_corpus(args.corpus)
-        model, tok = load_checkpoint(args.model, args.device)
-        lr = args.lr or (1e-3 if args.lora else 1e-4)
-        config = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
-                             warmup_iters=min(args.warmup_iters, args.max_iters), weight_decay=args.weight_decay,
-                             grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                             seed=args.seed, device=args.device, progress=args.progress)
-        _, summary = finetune_lm(model, tok, text, out, config, lora=lora, block_size=args.block_size,
-                                 val_fraction=args.val_fraction or 0.1, merge=args.merge)
-        summary = {"task": "lm", "model": args.model, **summary}
-        if args.merge:
-            summary["merged"] = str(out / "merged")
-    else:
-        data = read_labelled(args.data, args.val_fraction or 0.2, args.seed)
-        model, tok = load_checkpoint(args.model, args.device)
-        mode = args.mode or "lora"
-        clf = build_classifier(model, data.labels, mode, lora=lora, pooling=args.pooling,
-                               max_length=args.max_length, seed=args.seed)
-        config = ClassifyConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
-                                weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                                truncation_side=args.truncation_side, seed=args.seed, device=args.device,
-                                progress=args.progress)
-        summary = {"task": "classify", "model": args.model, **train_classifier(clf, tok, data, config)}
-        with _staged_dir(out) as tmp:
-            _write_classifier(clf, tmp, tok, _model_spec(args.model))
-            atomic_write_text(tmp / "summary.json", json.dumps({**summary, "out": str(out)}, indent=2) + "\n")
-    summary["seconds"] = time.perf_counter() - t0
-    summary["out"] = str(out)
-    if args.task == "lm":
+        summary, model = _run_lm(args, out)
+        summary.update(seconds=time.perf_counter() - t0, out=str(out))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    else:
+        summary, clf, tok = _run_classify(args)
+        summary.update(seconds=time.perf_counter() - t0, out=str(out))
+        with _staged_dir(out) as tmp:  # OUT appears complete or not at all
+            _write_classifier(clf, tmp, tok, _model_spec(args.model))
+            atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _run_lm(args, out: Path) -> tuple[dict, Any]:
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.data import read_corpus
+
+    text = read_corpus(args.corpus)
+    model, tok = load_checkpoint(args.model, args.device)
+    lr = args.lr or (1e-3 if args.lora else 1e-4)
+    config = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
+                         warmup_iters=min(args.warmup_iters, args.max_iters), weight_decay=args.weight_decay,
+                         grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                         seed=args.seed, device=args.device, progress=args.progress)
+    model, summary = finetune_lm(model, tok, text, out, config, lora=_lora_settings(args) if args.lora else None,
+                                 block_size=args.block_size, val_fraction=args.val_fraction or 0.1, merge=args.merge)
+    summary = {"task": "lm", "model": args.model, **summary}
+    if args.merge:
+        summary["merged"] = str(out / "merged")
+    return summary, model
+
+
+def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
+    from lmlab.checkpoints import load_checkpoint
+
+    data = read_labelled(args.data, args.val_fraction or 0.2, args.seed)
+    model, tok = load_checkpoint(args.model, args.device)
+    mode = args.mode or "lora"
+    clf = build_classifier(model, data.labels, mode, lora=_lora_settings(args) if mode == "lora" else None,
+                           pooling=args.pooling, max_length=args.max_length, seed=args.seed)
+    config = ClassifyConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                            weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                            truncation_side=args.truncation_side, seed=args.seed, device=args.device,
+                            progress=args.progress)
+    summary = {"task": "classify", "model": args.model, **train_classifier(clf, tok, data, config)}
+    return summary, clf, tok
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,7 +176,8 @@ class HFModel(LanguageModel):
         # Recent transformers (5.x) name the cache argument ``cache``; older ones ``past_key_values``.
         import inspect
 
-        params = inspect.signature(hf_model.forward).parameters
+        raw = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model  # a PEFT wrapper
+        params = inspect.signature(raw.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
 
