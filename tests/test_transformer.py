@@ -134,24 +134,3 @@ def test_next_token_logits_equal_the_last_row_of_forward():
     assert last.shape == (3, 11) and torch.allclose(last, full[:, 3], atol=1e-6)
     step, _ = model.next_token_logits(ids[:, 4:5], state)
     assert torch.allclose(step, full[:, 4], atol=1e-5)
-
-
-def test_block_weights_stay_column_major_through_load_to_and_training(tmp_path):
-    from lmlab.models import build_model
-
-    def column_major(model):
-        weights = [m.weight for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
-        return all(w.t().is_contiguous() and not w.is_contiguous() for w in weights)
-
-    torch.manual_seed(0)
-    model = build_model("transformer", {"vocab_size": 11, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16})
-    assert column_major(model)
-    ids = torch.randint(0, 11, (2, 8))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(ids)[0].logsumexp(-1).mean().backward()
-    optimizer.step()
-    assert column_major(model) and column_major(model.to(torch.float64).float())
-    save_model(model, tmp_path / "m")
-    loaded = load_model(tmp_path / "m")
-    assert column_major(loaded)
-    assert torch.equal(loaded(ids)[0], model(ids)[0])

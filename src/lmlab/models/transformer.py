@@ -228,18 +228,6 @@ class FeedForward(nn.Module):
         return self.proj(h)
 
 
-def _store_column_major(linear: nn.Linear) -> None:
-    """Keep the (out, in) weight in (in, out) memory order, as GPT-2's Conv1D does.
-
-    Shapes, names, checkpoints and the math are unchanged; only strides differ. A
-    decoding step multiplies one row per sequence by each weight, which streams the
-    whole matrix from memory, and on CPU that product runs about 20% faster over
-    this order (``x @ W.T`` then reads a contiguous (in, out) matrix). Copies into
-    the weight (``load_state_dict``), ``.to()`` and optimizer state keep the order."""
-    weight = linear.weight.detach()
-    linear.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=linear.weight.requires_grad)
-
-
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -285,9 +273,6 @@ class Transformer(LanguageModel):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                _store_column_major(module)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
