@@ -448,6 +448,20 @@ _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", 
 _LMLAB_TO_GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
+def _gpt2_names(n_layer: int) -> list[tuple[str, str, bool]]:
+    """(lmlab name, GPT-2 name, transposed) of every tensor but the fused ``c_attn`` and
+    the output layer. GPT-2's Conv1D stores (in, out): its weights are transposed."""
+    names = [("wte.weight", "transformer.wte.weight", False), ("wpe.weight", "transformer.wpe.weight", False),
+             ("ln_f.weight", "transformer.ln_f.weight", False), ("ln_f.bias", "transformer.ln_f.bias", False)]
+    for i in range(n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for lm, hf in (("attn.o", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            names += [(b + lm + ".weight", h + hf + ".weight", True), (b + lm + ".bias", h + hf + ".bias", False)]
+        for lm, hf in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            names += [(b + lm + ".weight", h + hf + ".weight", False), (b + lm + ".bias", h + hf + ".bias", False)]
+    return names
+
+
 def gpt2_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Transformer:
     """A ``GPT2LMHeadModel`` as lmlab's Transformer (learned positions, pre-norm
     LayerNorm, GELU-tanh, biases, tied embeddings). Conv1D weights (in, out) are
@@ -486,28 +500,14 @@ def gpt2_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32)
     )
     sd = _state_dict(hf_model)
     C = cfg.n_embd
-    t: dict[str, torch.Tensor] = {
-        "wte.weight": sd["transformer.wte.weight"],
-        "wpe.weight": sd["transformer.wpe.weight"],
-        "ln_f.weight": sd["transformer.ln_f.weight"],
-        "ln_f.bias": sd["transformer.ln_f.bias"],
-        "lm_head.weight": sd["transformer.wte.weight"] if tie else sd["lm_head.weight"],
-    }
+    t = {lm: sd[hf].t() if transposed else sd[hf] for lm, hf, transposed in _gpt2_names(cfg.n_layer)}
+    t["lm_head.weight"] = sd["transformer.wte.weight"] if tie else sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        w, bias = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # (C, 3C), (3C,)
+        w, bias = sd[h + "attn.c_attn.weight"], sd[h + "attn.c_attn.bias"]  # (C, 3C), (3C,): q, k, v side by side
         for j, name in enumerate("qkv"):
             t[b + f"attn.{name}.weight"] = w[:, j * C : (j + 1) * C].t()
             t[b + f"attn.{name}.bias"] = bias[j * C : (j + 1) * C]
-        t[b + "attn.o.weight"] = sd[h + "attn.c_proj.weight"].t()
-        t[b + "attn.o.bias"] = sd[h + "attn.c_proj.bias"]
-        t[b + "mlp.fc.weight"] = sd[h + "mlp.c_fc.weight"].t()
-        t[b + "mlp.fc.bias"] = sd[h + "mlp.c_fc.bias"]
-        t[b + "mlp.proj.weight"] = sd[h + "mlp.c_proj.weight"].t()
-        t[b + "mlp.proj.bias"] = sd[h + "mlp.c_proj.bias"]
-        for src, dst in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            t[b + f"{dst}.weight"] = sd[h + f"{src}.weight"]
-            t[b + f"{dst}.bias"] = sd[h + f"{src}.bias"]
     model = Transformer(config).to(dtype)
     return _load_into(model, t, "GPT-2")
 
@@ -556,28 +556,13 @@ def lmlab_to_gpt2(model: Transformer, *, bos_id: int | None = None, eos_id: int 
     )
     hf_model = tf.GPT2LMHeadModel(hf_cfg)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    t: dict[str, torch.Tensor] = {
-        "transformer.wte.weight": sd["wte.weight"],
-        "transformer.wpe.weight": sd["wpe.weight"],
-        "transformer.ln_f.weight": sd["ln_f.weight"],
-        "transformer.ln_f.bias": sd["ln_f.bias"],
-        "lm_head.weight": sd["lm_head.weight"],
-    }
+    t = {hf: sd[lm].t() if transposed else sd[lm] for lm, hf, transposed in _gpt2_names(c.n_layer)}
+    if not c.tie_weights:  # tied: the parameter is wte
+        t["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(c.n_layer):
         h, b = f"transformer.h.{i}.", f"blocks.{i}."
         t[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"].t() for n in "qkv"], dim=1)
         t[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"])
-        t[h + "attn.c_proj.weight"] = sd[b + "attn.o.weight"].t()
-        t[h + "attn.c_proj.bias"] = sd[b + "attn.o.bias"]
-        t[h + "mlp.c_fc.weight"] = sd[b + "mlp.fc.weight"].t()
-        t[h + "mlp.c_fc.bias"] = sd[b + "mlp.fc.bias"]
-        t[h + "mlp.c_proj.weight"] = sd[b + "mlp.proj.weight"].t()
-        t[h + "mlp.c_proj.bias"] = sd[b + "mlp.proj.bias"]
-        for src, dst in (("ln_1", "ln1"), ("ln_2", "ln2")):
-            t[h + f"{src}.weight"] = sd[b + f"{dst}.weight"]
-            t[h + f"{src}.bias"] = sd[b + f"{dst}.bias"]
-    if c.tie_weights:
-        del t["lm_head.weight"]  # the tied parameter is wte
     return _load_into_hf(hf_model, t, "GPT2LMHeadModel")
 
 
@@ -596,6 +581,24 @@ def _rope_settings(cfg: Any) -> tuple[float, str, dict]:
     theta = 10000.0 if theta is None else float(theta)
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return theta, rope_type, {**scaling, **params}
+
+
+_LLAMA_LINEARS = (("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+                  ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.fc", "mlp.up_proj"),
+                  ("mlp.proj", "mlp.down_proj"))
+
+
+def _llama_names(n_layer: int, bias: bool) -> list[tuple[str, str]]:
+    """(lmlab name, Llama name) of every tensor but the output layer; same layout both sides."""
+    names = [("wte.weight", "model.embed_tokens.weight"), ("ln_f.weight", "model.norm.weight")]
+    for i in range(n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        for lm, hf in _LLAMA_LINEARS:
+            names.append((b + lm + ".weight", h + hf + ".weight"))
+            if bias:
+                names.append((b + lm + ".bias", h + hf + ".bias"))
+        names += [(b + "ln1.weight", h + "input_layernorm.weight"), (b + "ln2.weight", h + "post_attention_layernorm.weight")]
+    return names
 
 
 def llama_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -644,22 +647,8 @@ def llama_to_lmlab(hf_model: torch.nn.Module, dtype: torch.dtype = torch.float32
         tie_weights=tie,
     )
     sd = _state_dict(hf_model)
-    t: dict[str, torch.Tensor] = {
-        "wte.weight": sd["model.embed_tokens.weight"],
-        "ln_f.weight": sd["model.norm.weight"],
-        "lm_head.weight": sd["model.embed_tokens.weight"] if tie else sd["lm_head.weight"],
-    }
-    names = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
-             "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.fc",
-             "mlp.down_proj": "mlp.proj"}
-    for i in range(cfg.num_hidden_layers):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        for src, dst in names.items():
-            t[b + dst + ".weight"] = sd[h + src + ".weight"]
-            if attn_bias:
-                t[b + dst + ".bias"] = sd[h + src + ".bias"]
-        t[b + "ln1.weight"] = sd[h + "input_layernorm.weight"]
-        t[b + "ln2.weight"] = sd[h + "post_attention_layernorm.weight"]
+    t = {lm: sd[hf] for lm, hf in _llama_names(cfg.num_hidden_layers, attn_bias)}
+    t["lm_head.weight"] = sd["model.embed_tokens.weight"] if tie else sd["lm_head.weight"]
     model = Transformer(config).to(dtype)
     return _load_into(model, t, "Llama")
 
@@ -704,23 +693,9 @@ def lmlab_to_llama(model: Transformer, *, bos_id: int | None = None, eos_id: int
     )
     hf_model = tf.LlamaForCausalLM(hf_cfg)
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    t: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": sd["wte.weight"],
-        "model.norm.weight": sd["ln_f.weight"],
-    }
+    t = {hf: sd[lm] for lm, hf in _llama_names(c.n_layer, c.bias)}
     if not c.tie_weights:
         t["lm_head.weight"] = sd["lm_head.weight"]
-    names = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj",
-             "mlp.proj": "mlp.down_proj"}
-    for i in range(c.n_layer):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        for src, dst in names.items():
-            t[h + dst + ".weight"] = sd[b + src + ".weight"]
-            if c.bias:
-                t[h + dst + ".bias"] = sd[b + src + ".bias"]
-        t[h + "input_layernorm.weight"] = sd[b + "ln1.weight"]
-        t[h + "post_attention_layernorm.weight"] = sd[b + "ln2.weight"]
     return _load_into_hf(hf_model, t, "LlamaForCausalLM")
 
 
