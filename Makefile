@@ -1,7 +1,7 @@
 # Two commands do all the set-up: `make demo` and `make test`.
 # TORCH pins the PyTorch release; on Linux, PyPI's build of it uses a CUDA GPU when
 # one is present. For another CUDA or ROCm build, install torch into .venv first
-# (see docs/install.md); pip then keeps it.
+# (see README.md); pip then keeps it.
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH ?= torch==2.13.0
