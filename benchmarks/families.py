@@ -91,7 +91,7 @@ def run_shakespeare(args, out):
     for family in args.families:
         model_cfg, overrides = FAMILIES[family]
         block = 64
-        model, summary = train_family(family, model_cfg, overrides, StreamBatches(train_ids, block, 32),
+        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, StreamBatches(train_ids, block, 32),
                                       StreamBatches(val_ids, block, 32), tok.vocab_size, block, args.budget, out, 32)
         window = model.max_context or 256
         t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def run_names(args, out):
             overrides = dict(lr=5e-4, min_lr=5e-5, weight_decay=0.01)
         if family == "mlp":
             model_cfg = {"context": 3, "n_embd": 64, "n_hidden": 512, "pad_id": tok.bos_id}
-        model, summary = train_family(family, model_cfg, overrides, train, test, tok.vocab_size, block,
+        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, train, test, tok.vocab_size, block,
                                       args.budget, out, 32, steps=args.steps)
         score = score_sequences(model, tok, test_lines)
         rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
@@ -160,14 +160,17 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--ngram-orders", nargs="*", type=int, help="KN n-gram rows (default: 3 5 for shakespeare, 2 3 4 5 for names)")
     parser.add_argument("--names", default=str(NAMES_PATH))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config field of every trained family, e.g. --set dropout=0.1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.ngram_orders is None:
         args.ngram_orders = [3, 5] if args.task == "shakespeare" else [2, 3, 4, 5]
+    args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     rows = run_shakespeare(args, out) if args.task == "shakespeare" else run_names(args, out)
-    (out / "families.json").write_text(json.dumps({"task": args.task, "budget": args.budget, "rows": rows,
+    (out / "families.json").write_text(json.dumps({"task": args.task, "budget": args.budget, "rows": rows, "set": args.overrides,
                                                    "threads": torch.get_num_threads()}, indent=2) + "\n")
     metric = "val_bits_per_char" if args.task == "shakespeare" else "test_nll_per_char"
     print(f"| family | parameters | steps | train s | {metric} |")
