@@ -228,32 +228,13 @@ def filler_from_hf(hf_model: Any, hf_tokenizer: Any, mask_text: str | None = Non
 def load_filler(spec: str | Path, *, mask_text: str | None = None, device: str = "cpu") -> Filler:
     """A :class:`Filler` from an lmlab checkpoint/run directory or ``hf:DIR`` (a local HF masked LM)."""
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        from lmlab.hf import load_hf_masked_lm
+
         return filler_from_hf(*load_hf_masked_lm(spec[len(HF_PREFIX):], device=device), mask_text=mask_text)
     from lmlab.checkpoints import load_checkpoint
 
     model, tokenizer = load_checkpoint(spec, device=device)
     return filler_from_lmlab(model, tokenizer, mask_text or LMLAB_MASK_TEXT)
-
-
-def load_hf_masked_lm(path: str | Path, device: str = "cpu"):
-    """(AutoModelForMaskedLM, AutoTokenizer) from a local directory, offline, in eval mode."""
-    from lmlab.hf import _check_hf_dir, _model_type, _transformers
-
-    directory, gguf = _check_hf_dir(path)
-    if gguf is not None:
-        raise ValueError(f"{path} is a GGUF file; masked LMs load from a Hugging Face directory")
-    tf = _transformers()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    model_type = _model_type(directory)
-    if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        raise ValueError(
-            f"model_type {model_type!r} in {directory / 'config.json'} is not a masked language model; accepted: "
-            "the model types transformers loads with AutoModelForMaskedLM (e.g. 'bert', 'roberta', 'distilbert')"
-        )
-    model = tf.AutoModelForMaskedLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    return model.to(device).eval(), tokenizer
 
 
 # ---------------------------------------------------------------- command line

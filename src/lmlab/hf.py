@@ -262,16 +262,42 @@ def _model_type(directory: Path) -> str | None:
         raise ValueError(f"{directory / 'config.json'} is not a readable JSON config: {e}") from None
 
 
+def _check_model_type(directory: Path, mapping: dict, what: str, auto_class: str, examples: str,
+                      allow_unknown: bool) -> None:
+    """Refuse a config whose ``model_type`` is not in ``mapping`` (one of transformers'
+    MODEL_FOR_*_MAPPING_NAMES); ``allow_unknown`` lets a config without a model_type through."""
+    model_type = _model_type(directory)
+    if model_type is None and allow_unknown:
+        return
+    if model_type not in mapping:
+        raise ValueError(
+            f"model_type {model_type!r} in {directory / 'config.json'} is not a {what} "
+            f"that transformers can load with {auto_class}; accepted: the model types {auto_class} loads "
+            f"(e.g. {examples})"
+        )
+
+
 def _check_causal_lm(directory: Path) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model_type = _model_type(directory)
-    if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(
-            f"model_type {model_type!r} in {directory / 'config.json'} is not a causal language model "
-            "that transformers can load with AutoModelForCausalLM; accepted: the model types of "
-            "transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (e.g. 'gpt2', 'llama', 'mistral', 'qwen2')"
-        )
+    _check_model_type(directory, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model", "AutoModelForCausalLM",
+                      "'gpt2', 'llama', 'mistral', 'qwen2'", allow_unknown=True)
+
+
+def load_hf_masked_lm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"):
+    """(``AutoModelForMaskedLM``, ``AutoTokenizer``) from a local directory, offline, float32,
+    in eval mode: a BERT-like model for :mod:`lmlab.fill`."""
+    directory, gguf = _check_hf_dir(path)
+    if gguf is not None:
+        raise ValueError(f"{path} is a GGUF file; masked LMs load from a Hugging Face directory")
+    tf = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    _check_model_type(directory, MODEL_FOR_MASKED_LM_MAPPING_NAMES, "masked language model", "AutoModelForMaskedLM",
+                      "'bert', 'roberta', 'distilbert'", allow_unknown=False)
+    model = tf.AutoModelForMaskedLM.from_pretrained(str(directory), local_files_only=True, **_dtype_kwargs(torch.float32))
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return model.to(device).eval(), tokenizer
 
 
 def load_hf_model(
