@@ -40,15 +40,12 @@ imported only when a function here needs them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data import read_jsonl
-from lmlab.models.base import atomic_write_bytes, atomic_write_text, save_model
+from lmlab.models.base import atomic_write_bytes, atomic_write_text, save_model, staged_directory
 from lmlab.train import TrainConfig, Trainer, learning_rate, make_optimizer, objective_loss, resolve_device
 
 __all__ = [
@@ -492,30 +489,6 @@ def check_adapter_dir(directory: str | Path) -> tuple[dict, dict | None]:
     return config, record
 
 
-@contextlib.contextmanager
-def _staged_dir(directory: Path, replace: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside ``directory``, then rename it into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if directory.exists():
-            if not replace:
-                raise FileExistsError(f"{str(directory)!r} already exists; choose a new directory")
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
     from lmlab.tokenizers import HFTokenizer
 
@@ -542,7 +515,7 @@ def save_adapter(model: Any, directory: str | Path, tokenizer: Any = None, *, ov
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"adapter directory {str(directory)!r} already exists; pass overwrite=True or a new path")
-    with _staged_dir(directory, replace=overwrite) as tmp:
+    with staged_directory(directory, replace=overwrite) as tmp:
         _write_adapter(model, tmp, tokenizer)
     return directory
 
@@ -581,7 +554,7 @@ def save_finetuned(model: Any, directory: str | Path, tokenizer: Any = None, *, 
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{str(directory)!r} already exists; pass overwrite=True or a new path")
-    with _staged_dir(directory, replace=overwrite) as tmp:
+    with staged_directory(directory, replace=overwrite) as tmp:
         _write_finetuned(model, tmp, tokenizer)
     return directory
 
@@ -625,7 +598,7 @@ class FinetuneTrainer(Trainer):
     def save_checkpoint(self, directory: Path) -> None:
         if self._plain(self.model):
             return super().save_checkpoint(directory)
-        with _staged_dir(directory, replace=True) as tmp:
+        with staged_directory(directory, replace=True) as tmp:
             _write_finetuned(self.model, tmp, self.tokenizer)
             state = {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                      "elapsed": self.elapsed, "train_config": dataclasses.asdict(self.config)}
@@ -1102,7 +1075,7 @@ def save_classifier(clf: SequenceClassifier, directory: str | Path, tokenizer: A
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{str(directory)!r} already exists; pass overwrite=True or a new path")
-    with _staged_dir(directory, replace=overwrite) as tmp:
+    with staged_directory(directory, replace=overwrite) as tmp:
         _write_classifier(clf, tmp, tokenizer, base)
     return directory
 
@@ -1264,7 +1237,7 @@ def run_finetune(args) -> int:
     else:
         summary, clf, tok = _run_classify(args)
         summary.update(seconds=time.perf_counter() - t0, out=str(out))
-        with _staged_dir(out) as tmp:  # OUT appears complete or not at all
+        with staged_directory(out) as tmp:  # OUT appears complete or not at all
             _write_classifier(clf, tmp, tok, _model_spec(args.model))
             atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmlab.data import IGNORE
-from lmlab.models.base import LanguageModel, atomic_write_bytes, atomic_write_text, load_model, save_model
+from lmlab.models.base import LanguageModel, atomic_write_bytes, atomic_write_text, load_model, save_model, staged_directory
 
 
 class Batches(Protocol):
@@ -294,36 +293,28 @@ class Trainer:
     # ---------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Write the checkpoint to a temporary directory, then swap it in."""
+        """Write the checkpoint to a temporary directory, then swap it in (never half-written)."""
         from safetensors.torch import save
 
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_model(self.model, tmp)
-        if self.tokenizer is not None:
-            self.tokenizer.save(tmp / "tokenizer.json")
-        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
-        atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
-        atomic_write_bytes(tmp / "rng.safetensors", save(rng))
-        state = {
-            "step": self.step,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "elapsed": self.elapsed,
-            "optimizer": opt_meta,
-            "train_config": dataclasses.asdict(self.config),
-        }
-        atomic_write_text(tmp / "trainer.json", json.dumps(state, indent=2) + "\n")
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old)
+        with staged_directory(directory, replace=True) as tmp:
+            save_model(self.model, tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp / "tokenizer.json")
+            opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+            atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
+            rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
+            atomic_write_bytes(tmp / "rng.safetensors", save(rng))
+            state = {
+                "step": self.step,
+                "best_val": self.best_val,
+                "best_step": self.best_step,
+                "elapsed": self.elapsed,
+                "optimizer": opt_meta,
+                "train_config": dataclasses.asdict(self.config),
+            }
+            atomic_write_text(tmp / "trainer.json", json.dumps(state, indent=2) + "\n")
 
     def _load_checkpoint(self, directory: Path) -> None:
         from safetensors.torch import load_file
