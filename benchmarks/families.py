@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlab.cli import key_values
 from lmlab.data import SequenceBatches, StreamBatches, makemore_split, read_corpus, read_lines, split_by_position
 from lmlab.models import build_model
 from lmlab.score import score_sequences, stream_nll
@@ -91,8 +92,9 @@ def run_shakespeare(args, out):
     for family in args.families:
         model_cfg, overrides = FAMILIES[family]
         block = 64
-        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, StreamBatches(train_ids, block, 32),
-                                      StreamBatches(val_ids, block, 32), tok.vocab_size, block, args.budget, out, 32)
+        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, StreamBatches(train_ids, block, args.batch_size),
+                                      StreamBatches(val_ids, block, args.batch_size), tok.vocab_size, block, args.budget, out,
+                                      args.batch_size)
         window = model.max_context or 256
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -122,7 +124,7 @@ def run_names(args, out):
     train_lines, test_lines = makemore_split(lines, seed=3407)
     tok = CharTokenizer.train("\n".join(lines))
     enc = [tok.encode(s) for s in train_lines]
-    train = SequenceBatches(enc, 32, tok.bos_id, tok.eos_id, tok.pad_id)
+    train = SequenceBatches(enc, args.batch_size, tok.bos_id, tok.eos_id, tok.pad_id)
     test = SequenceBatches([tok.encode(s) for s in test_lines], 32, tok.bos_id, tok.eos_id, tok.pad_id)
     block = max(train.block_size, test.block_size)
     rows = []
@@ -141,10 +143,11 @@ def run_names(args, out):
         if family == "transformer":
             model_cfg = NAMES_TRANSFORMER
             overrides = dict(lr=5e-4, min_lr=5e-5, weight_decay=0.01)
+        overrides = {**overrides, **args.train_overrides}
         if family == "mlp":
             model_cfg = {"context": 3, "n_embd": 64, "n_hidden": 512, "pad_id": tok.bos_id}
         model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, train, test, tok.vocab_size, block,
-                                      args.budget, out, 32, steps=args.steps)
+                                      args.budget, out, args.batch_size, steps=args.steps)
         score = score_sequences(model, tok, test_lines)
         rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
                      "train_seconds": round(summary["seconds"], 1), "test_nll_per_char": round(score.nll_per_token, 4)})
@@ -162,15 +165,21 @@ def main() -> None:
     parser.add_argument("--names", default=str(NAMES_PATH))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field of every trained family, e.g. --set dropout=0.1")
+    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training setting of every trained family, e.g. --train-set lr=1e-3")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch of every trained family")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.ngram_orders is None:
         args.ngram_orders = [3, 5] if args.task == "shakespeare" else [2, 3, 4, 5]
-    args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.overrides = key_values(args.set)
+    args.train_overrides = key_values(args.train_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     rows = run_shakespeare(args, out) if args.task == "shakespeare" else run_names(args, out)
     (out / "families.json").write_text(json.dumps({"task": args.task, "budget": args.budget, "rows": rows, "set": args.overrides,
+                                                   "train_set": args.train_overrides,
+                                                   "batch_size": args.batch_size,
                                                    "threads": torch.get_num_threads()}, indent=2) + "\n")
     metric = "val_bits_per_char" if args.task == "shakespeare" else "test_nll_per_char"
     print(f"| family | parameters | steps | train s | {metric} |")

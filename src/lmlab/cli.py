@@ -27,8 +27,9 @@ def _parse_value(text: str):
         return text
 
 
-def _key_values(pairs: list[str] | None) -> dict:
+def key_values(pairs: list[str] | None) -> dict:
     out = {}
+    """``["n_layer=4", "positions=rotary"]`` -> ``{"n_layer": 4, "positions": "rotary"}`` (JSON values, else strings)."""
     for pair in pairs or []:
         if "=" not in pair:
             raise SystemExit(f"error: --set expects key=value, got {pair!r}")
@@ -105,7 +106,7 @@ def build_from_args(args, vocab_size: int, block_size: int):
     for name in ("n_layer", "n_head", "n_embd", "dropout"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    values.update(_key_values(args.set))
+    values.update(key_values(args.set))
     return build_model(args.model, config_from_dict(args.model, values))
 
 
@@ -116,7 +117,7 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     from lmlab.models import build_model, save_model
 
     values = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-              "unk_id": tokenizer.unk_id, **_key_values(args.set)}
+              "unk_id": tokenizer.unk_id, **key_values(args.set)}
     model = build_model("ngram", values)
     t0 = time.perf_counter()
     if args.sequences:
