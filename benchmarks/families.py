@@ -2,6 +2,8 @@
 
     python benchmarks/families.py --task shakespeare --budget 120 --out runs/families-shakespeare
     python benchmarks/families.py --task names --budget 120 --out runs/families-names
+    python benchmarks/families.py --task names --families transformer --ngram-orders --steps 20000 \
+        --train-set lr=2e-3 --train-set min_lr=2e-4 --train-set weight_decay=0.1 --out runs/names-tf
 
 shakespeare: characters of the bundled tiny Shakespeare, nanoGPT's 90/10 split
 by position; each trainable family gets the same wall-clock training budget;
