@@ -93,10 +93,12 @@ def run_shakespeare(args, out):
         print(rows[-1], flush=True)
     for family in args.families:
         model_cfg, overrides = FAMILIES[family]
+        overrides = {**overrides, **args.train_overrides}
         block = 64
-        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, StreamBatches(train_ids, block, args.batch_size),
-                                      StreamBatches(val_ids, block, args.batch_size), tok.vocab_size, block, args.budget, out,
-                                      args.batch_size)
+        train = StreamBatches(train_ids, block, args.batch_size)
+        val = StreamBatches(val_ids, block, args.batch_size)
+        model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, train, val, tok.vocab_size, block,
+                                      args.budget, out, args.batch_size)
         window = model.max_context or 256
         t0 = time.perf_counter()
         with torch.no_grad():

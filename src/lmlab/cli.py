@@ -28,11 +28,11 @@ def _parse_value(text: str):
 
 
 def key_values(pairs: list[str] | None) -> dict:
-    out = {}
     """``["n_layer=4", "positions=rotary"]`` -> ``{"n_layer": 4, "positions": "rotary"}`` (JSON values, else strings)."""
+    out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --set expects key=value, got {pair!r}")
+            raise SystemExit(f"error: a setting must be key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.replace("-", "_")] = _parse_value(value)
     return out
