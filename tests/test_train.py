@@ -25,10 +25,19 @@ def setup(dropout=0.1):
 
 
 def config(**kw):
-    base = dict(max_iters=20, eval_interval=10, eval_iters=2, log_interval=5, warmup_iters=2, lr=3e-3,
+    base = dict(max_iters=20, batch_size=8, eval_interval=10, eval_iters=2, log_interval=5, warmup_iters=2, lr=3e-3,
                 progress=False, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
+
+
+def test_batches_and_config_must_agree_on_the_batch_size(tmp_path):
+    tok, model, train, val = setup()
+    with pytest.raises(ValueError, match=r"train batches hold 8 rows but config.batch_size=12"):
+        Trainer(model, train, val, config(batch_size=12), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"val batches hold 4 rows"):
+        Trainer(model, train, StreamBatches(val.ids, 16, 4), config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_lowers_the_loss_and_writes_a_run_directory(tmp_path):

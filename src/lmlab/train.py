@@ -148,6 +148,11 @@ class Trainer:
         resume: bool = False,
         loss_fn: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        for name, batches in (("train", train), ("val", val)):
+            size = getattr(batches, "batch_size", config.batch_size)
+            if size != config.batch_size:
+                raise ValueError(f"the {name} batches hold {size} rows but config.batch_size={config.batch_size}; "
+                                 "build both with the same batch size (the run directory records the config's)")
         self.config = config
         self.loss_fn = loss_fn or objective_loss(model)
         self.run_dir = Path(run_dir)
