@@ -6,7 +6,8 @@
    the last position's logits computed) after a 32-token prompt, for lmlab's converted
    ``Transformer`` (``next_token_logits`` with its KV cache) and for ``GPT2LMHeadModel``
    (its dynamic cache, ``logits_to_keep=1``); random weights, seed 0.
-2. ``torch.profiler`` tables (self CPU time) of 16 such steps for each.
+2. ``torch.profiler`` tables (self CPU time) of 16 such steps for each, the prompt read
+   before the profiler starts.
 3. The weight layout on its own: the 48 block matrix products of one step (12 layers x
    c_attn/qkv, attention out, fc, proj shapes) at one row, as ``F.linear`` over (out, in)
    weights (lmlab, Llama) and as ``torch.addmm`` over (in, out) weights (GPT-2's ``Conv1D``);
@@ -23,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 
-def step_time(step, prompt_state, n: int) -> float:
+def step_time(step, state, n: int) -> float:
+    """Seconds per step of ``n`` decoding steps from ``state`` (the prompt already read)."""
     tok = torch.zeros(1, 1, dtype=torch.long)
-    state = prompt_state()
     t0 = time.perf_counter()
     for _ in range(n):
         state = step(tok, state)
@@ -81,18 +82,19 @@ def main() -> None:
     }
     with torch.no_grad():
         for step, start in paths.values():
-            step_time(step, start, 4)
+            step_time(step, start(), 4)
         times = {name: [] for name in paths}
         for _ in range(args.repeats):
             for name, (step, start) in paths.items():
-                times[name].append(step_time(step, start, args.steps))
+                times[name].append(step_time(step, start(), args.steps))
         print(f"torch {torch.__version__}, {args.threads} threads")
         for name, t in times.items():
             print(f"{name}: {statistics.median(t) * 1e3:.1f} ms per decoding step (median of {args.repeats})")
         for name, (step, start) in paths.items():
+            state = start()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step_time(step, start, 16)
-            print(f"\n{name}, 16 steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+                step_time(step, state, 16)
+            print(f"\n{name}, 16 steps (the prompt read before profiling)\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     print("48 block products of one step, one row:")
     for kind, t in layout_times(30).items():
         print(f"  {kind}: min {min(t) * 1e3:.2f} ms, median {statistics.median(t) * 1e3:.2f} ms")
