@@ -52,18 +52,18 @@ FAMILIES = {
 NAMES_TRANSFORMER = {"n_layer": 4, "n_head": 4, "n_embd": 64}  # makemore's default transformer
 
 
-def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, batch_size, steps=None):
+def train_family(family, model_cfg, overrides, train, val, vocab, block, budget, out, steps=None):
     """Train for ``steps`` steps, or for ``budget`` seconds with the schedule fitted to the
     step count a 60-step probe predicts for that budget (the budget also stops the run)."""
     if steps is not None:
         torch.manual_seed(1337)
         model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
-        config = TrainConfig(max_iters=steps, batch_size=batch_size, warmup_iters=min(100, steps // 10),
+        config = TrainConfig(max_iters=steps, batch_size=train.batch_size, warmup_iters=min(100, steps // 10),
                              eval_interval=max(1, steps // 4), eval_iters=20, progress=False, **overrides)
         return model.eval(), Trainer(model, train, val, config, out / family).fit()
     torch.manual_seed(1337)
     model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
-    probe = Trainer(model, train, val, TrainConfig(max_iters=60, batch_size=batch_size, warmup_iters=0, eval_iters=1,
+    probe = Trainer(model, train, val, TrainConfig(max_iters=60, batch_size=train.batch_size, warmup_iters=0, eval_iters=1,
                                                    eval_interval=1000, log_interval=10, progress=False, **overrides),
                     out / f"probe-{family}")
     probe.fit()
@@ -74,7 +74,7 @@ def train_family(family, model_cfg, overrides, train, val, vocab, block, budget,
     steps = max(100, int(budget / per_step))
     torch.manual_seed(1337)
     model = build_model(family, {"vocab_size": vocab, "block_size": block, **model_cfg})
-    config = TrainConfig(max_iters=steps, batch_size=batch_size, warmup_iters=min(100, steps // 10),
+    config = TrainConfig(max_iters=steps, batch_size=train.batch_size, warmup_iters=min(100, steps // 10),
                          eval_interval=max(1, steps // 4), eval_iters=20, time_budget=budget, progress=False,
                          **overrides)
     summary = Trainer(model, train, val, config, out / family).fit()
@@ -98,7 +98,7 @@ def run_shakespeare(args, out):
         train = StreamBatches(train_ids, block, args.batch_size)
         val = StreamBatches(val_ids, block, args.batch_size)
         model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, train, val, tok.vocab_size, block,
-                                      args.budget, out, args.batch_size)
+                                      args.budget, out)
         window = model.max_context or 256
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -129,7 +129,7 @@ def run_names(args, out):
     tok = CharTokenizer.train("\n".join(lines))
     enc = [tok.encode(s) for s in train_lines]
     train = SequenceBatches(enc, args.batch_size, tok.bos_id, tok.eos_id, tok.pad_id)
-    test = SequenceBatches([tok.encode(s) for s in test_lines], 32, tok.bos_id, tok.eos_id, tok.pad_id)
+    test = SequenceBatches([tok.encode(s) for s in test_lines], args.batch_size, tok.bos_id, tok.eos_id, tok.pad_id)
     block = max(train.block_size, test.block_size)
     rows = []
     for order in args.ngram_orders:
@@ -151,7 +151,7 @@ def run_names(args, out):
         if family == "mlp":
             model_cfg = {"context": 3, "n_embd": 64, "n_hidden": 512, "pad_id": tok.bos_id}
         model, summary = train_family(family, {**model_cfg, **args.overrides}, overrides, train, test, tok.vocab_size, block,
-                                      args.budget, out, args.batch_size, steps=args.steps)
+                                      args.budget, out, steps=args.steps)
         score = score_sequences(model, tok, test_lines)
         rows.append({"family": family, "parameters": model.num_parameters(), "steps": summary["steps"],
                      "train_seconds": round(summary["seconds"], 1), "test_nll_per_char": round(score.nll_per_token, 4)})
