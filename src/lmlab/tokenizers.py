@@ -67,6 +67,7 @@ __all__ = [
     "WordTokenizer",
     "RegexTokenizer",
     "split_words",
+    "ASCII_WHITESPACE",
     "read_vocab_file",
     "BPETokenizer",
     "HFTokenizer",
@@ -400,6 +401,9 @@ class WordTokenizer(Tokenizer):
     ``decode(encode(s))`` is ``s`` with each run of blanks in a line made one
     space and the lines' ends stripped (out-of-vocabulary words as ``<unk>``).
     """
+
+    #: Scores of text in this tokenizer's ids are reported per word (see lmlab.score).
+    score_unit = "word"
 
     def __init__(self, words: Iterable[str]) -> None:
         words = list(words)
