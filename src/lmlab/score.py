@@ -95,7 +95,7 @@ class Score:
     def summary(self) -> str:
         """One line of text naming the unit of each figure."""
         if self.unit == "word":
-            head = (f"perplexity per word {self.perplexity:.4f} (NLL {self.nll_per_token:.4f} nats per word; "
+            head = (f"corpus perplexity per word {self.perplexity:.4f} (NLL {self.nll_per_token:.4f} nats per word; "
                     f"{self.tokens} words, </s> included)")
         else:
             head = (f"{self.bits_per_character:.4f} bits per character, {self.bits_per_byte:.4f} bits per byte "
@@ -103,7 +103,8 @@ class Score:
                     f"{self.perplexity:.4f} over {self.tokens} tokens)")
         if self.mean_text_perplexity is not None:
             per = "word" if self.unit == "word" else "token"
-            head += f"; mean of per-text perplexities per {per} {self.mean_text_perplexity:.4f}"
+            head += (f"; mean of the {per}-level perplexities of each text {self.mean_text_perplexity:.4f} "
+                     "(Hugging Face evaluate's mean_perplexity)")
         return head
 
 
