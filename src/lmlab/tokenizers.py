@@ -69,6 +69,7 @@ __all__ = [
     "split_words",
     "ASCII_WHITESPACE",
     "read_vocab_file",
+    "continuation_text",
     "BPETokenizer",
     "HFTokenizer",
     "from_pretrained_dir",
@@ -964,6 +965,20 @@ class HFTokenizer(Tokenizer):
 def from_pretrained_dir(path: str | os.PathLike[str], **kwargs: Any) -> HFTokenizer:
     """Shorthand for :meth:`HFTokenizer.from_pretrained_dir`."""
     return HFTokenizer.from_pretrained_dir(path, **kwargs)
+
+
+def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+    """The text that ``ids`` add after ``prompt_ids``: ``decode(prompt + ids)`` less
+    ``decode(prompt)``, so that ``prompt_text + continuation`` reads right — for a word
+    tokenizer it starts with the space between two words (``decode(ids)`` alone
+    would glue them); with a tokenizer whose ``decode`` drops a leading space
+    (SentencePiece) the space is kept."""
+    prompt_ids, ids = list(prompt_ids), list(ids)
+    head = tokenizer.decode(prompt_ids) if prompt_ids else ""
+    if not head:
+        return tokenizer.decode(ids)
+    full = tokenizer.decode(prompt_ids + ids)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
 
 
 # ---------------------------------------------------------------------------
