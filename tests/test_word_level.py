@@ -221,3 +221,14 @@ def test_predict_and_complete_ignore_a_prompts_trailing_whitespace(tmp_path, spl
     assert c == d
     if tokenizer == "word":
         assert c["text"].startswith(" ") and len(c["text"].split()) == 4  # words keep their spaces after the prompt
+
+
+def test_oracle_scores_of_arpa_models_are_per_word():
+    from pathlib import Path
+
+    from lmlab.metrics import oracle_perplexity
+
+    arpa = Path(__file__).parent / "data" / "lmplz_tiny.arpa"
+    score = oracle_perplexity(str(arpa), ["a"], [" b c"])  # continuations start with their space
+    assert score.unit == "word" and score.tokens == 2 and score.bytes == 4
+    assert score.as_dict()["perplexity_per_word"] == score.perplexity

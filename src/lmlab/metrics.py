@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from lmlab.data import IGNORE
-from lmlab.score import Score, target_logprobs
+from lmlab.score import Score, score_unit, target_logprobs
 from lmlab.tokenizers import split_words
 
 __all__ = [
@@ -464,8 +464,9 @@ def oracle_perplexity(
             count[r] += int(n[i])
     per_text = list(zip(nll, count))
     total_chars = sum(len(c) for c in continuations)
-    return OracleScore(nll=math.fsum(nll), tokens=sum(count), characters=total_chars, per_text=per_text,
-                       unknown=unknown, unscored=unscored)
+    return OracleScore(nll=math.fsum(nll), tokens=sum(count), characters=total_chars,
+                       bytes=sum(len(c.encode("utf-8")) for c in continuations), unit=score_unit(tok),
+                       per_text=per_text, unknown=unknown, unscored=unscored)
 
 
 # ================================================================ fluency
