@@ -76,7 +76,8 @@ def _val_fraction(args) -> float:
 def _check_split_files(args) -> None:
     if args.corpus is None and (args.valid is not None or args.test is not None):
         flag = "--valid" if args.valid is not None else "--test"
-        raise ValueError(f"{flag} needs the training file too: give --train FILE")
+        raise ValueError(f"{flag} needs the training file too: give --train FILE"
+                         + (" (a --data directory holds its splits already)" if getattr(args, "data", None) else ""))
 
 
 def stream_splits(args):
@@ -131,8 +132,8 @@ def load_training_data(args, block_size: int):
     from lmlab.tokenizers import load_tokenizer
 
     batch_size = args.batch_size or TrainConfig.batch_size
+    _check_split_files(args)
     if args.sequences:
-        _check_split_files(args)
         lines = data_mod.read_lines(args.corpus)
         tokenizer = tokenizer_from_args(args, "\n".join(lines))
         if args.valid is not None or args.val_fraction == 0:
