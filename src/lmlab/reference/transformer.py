@@ -52,10 +52,10 @@ from lmlab.reference.ops import (
     format_shape,
     gelu,
     layer_norm,
+    masked_softmax,
     relu,
     rms_norm,
     sigmoid,
-    softmax,
     to_numpy,
 )
 
@@ -457,7 +457,7 @@ class TransformerLM:
         scores = qg @ np.swapaxes(K, -1, -2)[:, :, None]                      # (B, H_kv, rep, T, end)
         if T > 1:
             scores = np.where(causal_mask(T, end), -np.inf, scores)
-        weights = softmax(scores)
+        weights = masked_softmax(scores)
         y = (weights @ V[:, :, None]).reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
         if keep is not None:
             keep.append(weights.reshape(B, H, T, end))
