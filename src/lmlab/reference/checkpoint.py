@@ -35,7 +35,7 @@ from typing import Mapping
 import numpy as np
 
 from lmlab.reference.ops import expect_shape, format_shape, to_numpy
-from lmlab.reference.recurrent import RecurrentLM, from_torch_state_dict
+from lmlab.reference.recurrent import RecurrentLM, from_torch_state_dict, layer_widths
 from lmlab.reference.transformer import (
     ACTIVATIONS,
     NORM_POSITIONS,
@@ -213,10 +213,15 @@ def recurrent_from_lmlab(family: str, config: Mapping, tensors: Mapping[str, np.
         raise ValueError(f"unexpected arrays {extra} in {where} for an lmlab {family}")
     model = from_torch_state_dict(tensors, family, rnn_prefix="rnn.", embedding_prefix="encoder.",
                                   output_prefix="decoder.", nonlinearity=c["nonlinearity"], dtype=dtype)
-    for what, got, want in (("n_layer", model.n_layers, c["n_layer"]), ("n_hidden", model.hidden_size, c["n_hidden"]),
-                            ("n_embd", model.input_size, c["n_embd"]), ("vocab_size", model.vocab_size, c["vocab_size"])):
+    widths = model.hidden_sizes
+    shown = widths[0] if len(set(widths)) == 1 else list(widths)
+    for what, got, want, text in (
+            ("n_layer", model.n_layers, c["n_layer"], model.n_layers),
+            ("n_hidden", widths, layer_widths(c["n_hidden"], c["n_layer"]), shown),   # one width or one per layer
+            ("n_embd", model.input_size, c["n_embd"], model.input_size),
+            ("vocab_size", model.vocab_size, c["vocab_size"], model.vocab_size)):
         if got != want:
-            raise ValueError(f"the weights in {where} have {what}={got}, the config says {what}={want}")
+            raise ValueError(f"the weights in {where} have {what}={text}, the config says {what}={c[what]}")
     if family == "gru" and c["gru_variant"] == "classic":
         model = RecurrentLM(model.weights, "gru", reset_after=False, dtype=dtype)
     return model
