@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmlab.decode.processors import apply_processors
+from lmlab.decode.search import greedy_pick, sample_pick
 from lmlab.models.base import LanguageModel, State, require_causal
 
 # A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
@@ -92,7 +93,10 @@ def generate(
     """Extend each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     ``processors`` transform the (B, V) next-token logits in order; then the
-    token is the argmax (``do_sample=False``) or a draw from the softmax.
+    token is the argmax (``do_sample=False``) or a draw from the softmax
+    (``lmlab.decode.search.greedy_pick`` / ``sample_pick``). A row that must
+    choose a token when every logit is -inf (everything banned) or one is NaN
+    or +inf raises ValueError naming the row.
     A row stops at ``eos_id``, at a stop string (needs ``tokenizer``), or at the
     budget. ``on_token(row, token_id)`` is called for every new token as it is chosen.
     """
@@ -173,10 +177,12 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
             scores = apply_processors(processors, next_logits, seq[:, :position], num_generated=num_generated)
         else:
             scores = next_logits
-        if do_sample:
-            chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            chosen = scores.argmax(dim=-1)
+        # Rows still reading their prompt, or already finished, discard their pick: only the
+        # rows that choose a token now must have one to choose (the picks raise otherwise).
+        choosing = (position >= lengths) & (position < limit) & ~done
+        if not bool(choosing.all()):
+            scores = torch.where(choosing[:, None], scores, 0.0)
+        chosen = sample_pick(scores, generator) if do_sample else greedy_pick(scores)
         if position < longest:
             chosen = torch.where(position < lengths, prompt_cols[:, position], chosen)
         seq[:, position] = chosen
