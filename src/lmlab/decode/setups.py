@@ -13,7 +13,9 @@ the same ``Result`` either way.
 Search. ``num_beams=None`` (the default) runs the generation loop: argmax when
 ``do_sample`` is False, a draw from the processed distribution otherwise. An
 integer ``num_beams`` (1 included) runs ``beam_search``; ``beam 1`` is therefore
-a second, independent route to the greedy continuation. ``do_sample=None``
+a second, independent route to the greedy continuation (except with
+``repetition_penalty``: beam search, as Hugging Face's, applies the processors
+to the log-probabilities, the loop to the logits). ``do_sample=None``
 resolves to False for beams and temperature 0, True otherwise.
 
 Special tokens. ``suppress_specials`` decides which special tokens can never
@@ -474,9 +476,10 @@ class Result:
     finish_reason: "eos", "length" or "stop".
     setup: the name of the setup that produced it.
     Beams also have ``score`` (the ranking score, sum_logprob / len ** length_penalty),
-    ``sum_logprob`` and ``search_logprobs`` (log-probs under the processed
-    distribution the beam search ranks by; equal to ``logprobs`` with no
-    processors); they are None for greedy and sampling.
+    ``sum_logprob`` and ``search_logprobs`` (the scores the beam search ranks by,
+    ``processors(log_softmax(logits))`` at each token, not renormalised; equal to
+    ``logprobs`` with no processors and where only bans act); they are None for
+    greedy and sampling.
     """
 
     prompt_ids: list[int]
