@@ -69,6 +69,13 @@ def test_beam_search_with_penalties_matches_hugging_face(gpt2, options, num_beam
     assert [r.score for rs in results for r in rs] == pytest.approx(ref_scores, abs=1e-4)
 
 
+def test_a_hugging_face_model_declares_its_config_specials(gpt2):
+    assert HFModel(gpt2).special_ids == {"pad": 0, "bos": 1, "eos": EOS}
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=[5, 6], pad_token_id=None))
+    assert HFModel(other).special_ids == {"eos": 5}  # the first of a list ends a row
+
+
 def test_the_old_order_gives_other_beams(gpt2):
     """Renormalising the penalised logits (the generation loop's order) is another search: the
     cases above would not all pass with it, so the test can tell the two orders apart."""

@@ -12,6 +12,7 @@ from test_processors import chi2_pvalue
 
 from lmlab.decode.setups import run_setup, special_ids_to_suppress
 from lmlab.decode.tasks import complete
+from lmlab.metrics import next_tokens_nll
 from lmlab.models import build_model
 from lmlab.models.base import special_token_ids
 from lmlab.models.ngram import NGramConfig, NGramModel
@@ -110,7 +111,27 @@ def test_an_ngram_model_declares_bos_eos_unk():
     assert special_token_ids(model, tok) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
 
 
+class _NoBosTokenizer:
+    """A tokenizer with <eos> 0 and <pad> 0 but no <bos> (as many Hugging Face ones)."""
+
+    pad_id, bos_id, eos_id, unk_id = 0, None, 0, None
+    vocab_size = 4
+
+    def encode(self, text):
+        return [1 + "ab".index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join("?ab"[i] if i < 3 else "" for i in ids)
+
+
 def test_add_bos_needs_a_declared_bos():
     model = BigramTable(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="add_bos=True but no <bos> id is declared"):
         run_setup(model, None, [[2]], "greedy", 2, add_bos=True)
+    with pytest.raises(ValueError, match="add_bos=True but no <bos> id is declared"):
+        run_setup(model, _NoBosTokenizer(), ["ab"], "greedy", 2, add_bos=True)
+    with pytest.raises(ValueError, match="has no <bos> id"):
+        next_tokens_nll(model, _NoBosTokenizer(), ["a"], ["b"], add_bos=True)
+    # the tokenizer's <eos> 0 doubles as <pad>: "default" keeps it, "all" bans it
+    assert special_ids_to_suppress("default", _NoBosTokenizer(), 4) == []
+    assert special_ids_to_suppress("all", _NoBosTokenizer(), 4) == [0]
