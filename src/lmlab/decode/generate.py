@@ -180,15 +180,14 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
         # Rows still reading their prompt, or already finished, discard their pick: only the
         # rows that choose a token now must have one to choose (the picks raise otherwise).
         choosing = (position >= lengths) & (position < limit) & ~done
-        if not bool(choosing.all()):
-            scores = torch.where(choosing[:, None], scores, 0.0)
+        scores = torch.where(choosing[:, None], scores, 0.0)
         chosen = sample_pick(scores, generator) if do_sample else greedy_pick(scores)
         if position < longest:
             chosen = torch.where(position < lengths, prompt_cols[:, position], chosen)
         seq[:, position] = chosen
         logps[:, position] = torch.log_softmax(next_logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
         if track:
-            generating = (position >= lengths) & (position < limit) & ~done
+            generating = choosing
             if eos_id is not None:
                 hit = generating & (chosen == eos_id)
                 finish = torch.where(hit, 1, finish)
