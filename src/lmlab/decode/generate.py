@@ -168,6 +168,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     finish = torch.full((B,), 2, dtype=torch.long, device=device)  # 1 eos, 2 length, 3 stop
     last_position = longest + max_new_tokens - 1
     position = common  # column of the token chosen this step
+    may_skip = track or longest != common  # can a row not be choosing at some step?
     if max_new_tokens > 0:
         logits, state = window.step(seq[:, :0], None, seq[:, :common])
     while max_new_tokens > 0:
@@ -177,10 +178,12 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
             scores = apply_processors(processors, next_logits, seq[:, :position], num_generated=num_generated)
         else:
             scores = next_logits
-        # Rows still reading their prompt, or already finished, discard their pick: only the
-        # rows that choose a token now must have one to choose (the picks raise otherwise).
-        choosing = (position >= lengths) & (position < limit) & ~done
-        scores = torch.where(choosing[:, None], scores, 0.0)
+        # Rows still reading their prompt, finished or past their budget discard their pick: only
+        # the rows that choose a token now must have one to choose (the picks raise otherwise).
+        # With prompts of one length and no early end, every row chooses at every step.
+        if may_skip:
+            choosing = (position >= lengths) & (position < limit) & ~done
+            scores = torch.where(choosing[:, None], scores, 0.0)
         chosen = sample_pick(scores, generator) if do_sample else greedy_pick(scores)
         if position < longest:
             chosen = torch.where(position < lengths, prompt_cols[:, position], chosen)

@@ -30,27 +30,35 @@ __all__ = ["Hypothesis", "greedy_pick", "sample_pick", "beam_search"]
 # ---------------------------------------------------------------- picks
 
 
-def _check_pickable(logits: Tensor, rows: Tensor | None = None) -> None:
+def _check_pickable(logits: Tensor, rows: Tensor | None = None, best: Tensor | None = None) -> None:
     """ValueError naming the rows (of those where ``rows`` is True; default all) that have
-    no token to pick: every entry -inf, or a NaN or +inf entry."""
+    no token to pick: every entry -inf, or a NaN or +inf entry. ``best``: the rows' maxima
+    when already computed (a row is pickable exactly when its max is finite: max propagates NaN)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (B, V), got shape {tuple(logits.shape)}")
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    if best is None:
+        best = logits.amax(dim=-1)
     if rows is not None:
-        bad &= rows
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
+        best = torch.where(rows, best, 0.0)
+    if math.isfinite(float(best.float().sum())):  # the usual case, in one reduction and one read
+        return
+    bad = ~torch.isfinite(best)
+    if bool(bad.any()):  # (else the sum overflowed and every row is fine)
         raise ValueError(
-            f"rows {rows[:10]} of the logits have no token to pick (all -inf, or NaN/+inf entries); "
-            "every row needs at least one finite logit and no NaN or +inf — check the processors' bans"
+            f"rows {bad.nonzero().flatten().tolist()[:10]} of the logits have no token to pick (all -inf, or "
+            "NaN/+inf entries); every row needs at least one finite logit and no NaN or +inf — check the "
+            "processors' bans"
         )
 
 
 def greedy_pick(logits: Tensor) -> Tensor:
     """logits (B, V) -> (B,) int64 argmax per row (first index on a tie).
     Rows with no finite logit or with NaN raise ValueError."""
-    _check_pickable(logits)
-    return logits.argmax(dim=-1)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, V), got shape {tuple(logits.shape)}")
+    best, index = logits.max(dim=-1)
+    _check_pickable(logits, best=best)
+    return index
 
 
 def sample_pick(logits: Tensor, generator: torch.Generator | None) -> Tensor:
