@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from lmlab.models.base import special_token_ids
+
 ORDERS = ("confidence", "left-to-right", "parallel")
 HF_PREFIX = "hf:"
 LMLAB_MASK_TEXT = "<mask>"
@@ -190,7 +192,7 @@ def filler_from_lmlab(model: Any, tokenizer: Any, mask_text: str = LMLAB_MASK_TE
         token_text=tokenizer.id_to_token,
         mask_id=model.mask_id,
         mask_text=mask_text,
-        forbidden_ids=sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id}),
+        forbidden_ids=sorted(set(special_token_ids(model, tokenizer).values())),
         max_length=model.max_context,
         device=device,
     )

@@ -189,6 +189,19 @@ class HFModel(LanguageModel):
         return int(self.config.vocab_size)
 
     @property
+    def special_ids(self) -> dict[str, int]:
+        """The config's ``pad_token_id``, ``bos_token_id``, ``eos_token_id`` (the first of a
+        list) by role; ids outside the vocabulary are left out."""
+        out = {}
+        for role in ("pad", "bos", "eos", "unk"):
+            value = getattr(self.config, f"{role}_token_id", None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int) and 0 <= value < self.vocab_size:
+                out[role] = value
+        return out
+
+    @property
     def max_context(self) -> int | None:
         n = getattr(self.config, "max_position_embeddings", None)
         return int(n) if n else None

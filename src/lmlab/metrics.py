@@ -616,7 +616,9 @@ def next_tokens_nll(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
     if not prompts:
         raise ValueError("no prompts given; give at least one prompt with its target")
-    p_ids = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(p)) for p in prompts]
+    if add_bos and getattr(tokenizer, "bos_id", None) is None:
+        raise ValueError(f"add_bos=True but the tokenizer {tokenizer!r} has no <bos> id; call without add_bos")
+    p_ids = [([int(tokenizer.bos_id)] if add_bos else []) + list(tokenizer.encode(p)) for p in prompts]
     t_ids = [list(tokenizer.encode(t)) for t in targets]
     for i, (p, t) in enumerate(zip(p_ids, t_ids)):
         if not p:

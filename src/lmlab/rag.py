@@ -470,12 +470,16 @@ def document_prefix(tokenizer, text: str, template: str = "{doc}\n\n", max_token
     return pre + body + post
 
 
-def _default_filler(tokenizer) -> int:
+def _default_filler(tokenizer) -> int | None:
+    """The tokenizer's one token for "\n", else its <bos>; None when it has neither."""
     try:
         ids = tokenizer.encode("\n")
     except Exception:  # pragma: no cover - a tokenizer that cannot encode a newline
         ids = []
-    return int(ids[-1]) if len(ids) == 1 else int(tokenizer.bos_id)
+    if len(ids) == 1:
+        return int(ids[-1])
+    bos = getattr(tokenizer, "bos_id", None)
+    return int(bos) if bos is not None else None
 
 
 def _check_retriever(retriever, k) -> None:
@@ -603,6 +607,11 @@ class RAGTokenModel(LanguageModel):
         if n <= 0:
             return list(prefix)
         if self.pad == "filler" or not prefix:
+            if self.filler_id is None:
+                raise ValueError(
+                    "padding needs a filler token: the tokenizer has no single token for '\\n' and no <bos>; "
+                    "pass filler_id= (a token id) to the RAG model"
+                )
             return [self.filler_id] * n + list(prefix)
         reps = -(-n // len(prefix))
         return (list(prefix) * reps)[len(prefix) * reps - n :] + list(prefix)

@@ -100,6 +100,14 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The special tokens the model itself declares, by role ("pad", "bos", "eos",
+        "unk"); roles it does not declare are absent. None by default: a vocabulary
+        position never makes a token special (a family whose config names its
+        specials, such as the n-gram model's ``bos_id``/``eos_id``/``unk_id``, says so)."""
+        return {}
+
 
 def require_causal(model: Any, purpose: str) -> None:
     """Refuse a model that does not predict the next token (a masked LM) for ``purpose``."""
@@ -108,6 +116,21 @@ def require_causal(model: Any, purpose: str) -> None:
             f"{purpose} needs a model that predicts the next token; the {getattr(model, 'family', type(model).__name__)} "
             "model fills masks (use `lmlab fill` or lmlab.fill, and pseudo_log_likelihood to score a text)"
         )
+
+
+SPECIAL_ROLES = ("pad", "bos", "eos", "unk")
+
+
+def special_token_ids(model: Any = None, tokenizer: Any = None) -> dict[str, int]:
+    """Special token ids by role ("pad", "bos", "eos", "unk"): the tokenizer's
+    (``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``) when a tokenizer is given, else
+    the model's declared ``special_ids``; a role without an id is absent. With
+    neither, the result is empty: no id is special because of its position."""
+    if tokenizer is not None:
+        found = {role: getattr(tokenizer, f"{role}_id", None) for role in SPECIAL_ROLES}
+    else:
+        found = dict(getattr(model, "special_ids", None) or {})
+    return {role: int(found[role]) for role in SPECIAL_ROLES if found.get(role) is not None}
 
 
 # ---------------------------------------------------------------- registry

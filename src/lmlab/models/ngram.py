@@ -688,6 +688,12 @@ class NGramModel(LanguageModel):
         self._cache_key = None
         self._cache: _Tables | None = None
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """<s>, </s> and <unk> as the config names them (roles "bos", "eos", "unk")."""
+        c = self.config
+        return {role: int(i) for role, i in (("bos", c.bos_id), ("eos", c.eos_id), ("unk", c.unk_id)) if i is not None}
+
     # ------------------------------------------------------------ tables
     def _buffers_in_order(self) -> list[torch.Tensor]:
         out = [self.prob_1, self.backoff_1]
