@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import os
 import shutil
@@ -168,28 +170,90 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(directory: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside ``directory``, then rename it into place
-    (replacing an existing one only with ``replace=True``): it appears complete or not at all."""
+def staged_directory(directory: str | Path, replace: bool = False, parents: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``directory`` (``.NAME.XXXX.tmp``), then
+    rename it into place (replacing an existing one only with ``replace=True``): it appears
+    complete or not at all.
+
+    Replacing takes two renames: the old directory to ``.NAME.old``, the new one into place;
+    then ``.NAME.old`` is deleted. If the second rename fails the old directory is put back.
+    A process killed between the two leaves ``.NAME.old`` and the finished temporary
+    directory; :func:`recover_staged` completes or undoes such a swap. With ``parents=False``
+    a missing parent is an error, not created, and so is a parent deleted (or replaced)
+    while the directory was being built.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    parent = directory.parent
+    if parents:
+        parent.mkdir(parents=True, exist_ok=True)
+    identity = directory_identity(parent)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         yield tmp
+        if directory_identity(parent, missing_ok=True) != identity:
+            raise FileNotFoundError(errno.ENOENT, "directory deleted or replaced while writing into it", str(parent))
         if directory.exists():
             if not replace:
                 raise FileExistsError(f"{str(directory)!r} already exists; choose a new directory")
-            old = directory.with_name(f".{directory.name}.old")
+            old = _swap_name(directory)
             if old.exists():
                 shutil.rmtree(old)
             directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(directory)
+            except BaseException:
+                old.rename(directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # a leftover is only stale, recover_staged removes it
         else:
             tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not parents and directory_identity(parent, missing_ok=True) not in (identity, None):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # recreated by a write into the vanished parent: remove it if empty
         raise
+
+
+def recover_staged(directory: str | Path, finished: Callable[[Path], bool],
+                   newest: Callable[[Path], Any]) -> Path | None:
+    """Complete or undo a :func:`staged_directory` a killed process left half done.
+
+    ``directory`` in place wins: leftovers beside it (``.NAME.old``, ``.NAME.*.tmp``) are
+    deleted. Without it, the newest (by ``newest``) of ``.NAME.old`` and the temporary
+    directories whose contents are ``finished`` is renamed into place and the rest deleted.
+    Returns ``directory``, or None when there is nothing complete to put there.
+    """
+    directory = Path(directory)
+    old = _swap_name(directory)
+    staged = sorted(p for p in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp") if p.is_dir())
+    if directory.exists():
+        leftovers, chosen = [old, *staged], directory
+    else:
+        complete = ([old] if old.is_dir() else []) + [p for p in staged if finished(p)]
+        chosen = max(complete, key=newest, default=None)
+        leftovers = [p for p in (old, *staged) if p != chosen]
+        if chosen is not None:
+            chosen.rename(directory)
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+    return directory if chosen is not None else None
+
+
+def _swap_name(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of ``path``: tells a directory from another made at the same place."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    return st.st_dev, st.st_ino
 
 
 def save_model(model: LanguageModel, directory: str | Path) -> None:
