@@ -459,6 +459,11 @@ class Trainer:
         self.model.load_state_dict(saved.state_dict())
         state = json.loads((directory / "trainer.json").read_text())
         check_resumed_config(self.config, state.get("train_config", {}), directory / "trainer.json")
+        saved_tokenizer = directory / "tokenizer.json"
+        if self.tokenizer is not None and saved_tokenizer.is_file():
+            if json.loads(saved_tokenizer.read_text(encoding="utf-8")) != json.loads(self.tokenizer.to_json()):
+                raise ValueError(f"the tokenizer given differs from the run's {saved_tokenizer}; "
+                                 "resume with the data and tokenizer settings the run was started with")
         opt = _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), state["optimizer"])
         self.optimizer.load_state_dict(opt)
         rng = load_file(str(directory / "rng.safetensors"))
