@@ -211,7 +211,10 @@ def cmd_train(args) -> int:
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights (a resume loads its own)
     model = build_from_args(args, tokenizer.vocab_size, block)
     print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
-    settings = {k: v for k, v in vars(args).items() if k not in RUN_OPTIONS}
+    # recorded as used: an option left to its default (None) is saved with the value it took
+    effective = {**dataclasses.asdict(model.config), **dataclasses.asdict(config)}
+    settings = {k: effective[k] if v is None and k in effective else v
+                for k, v in vars(args).items() if k not in RUN_OPTIONS}
     summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume,
                       settings=settings).fit()
     print(json.dumps(summary, indent=2))

@@ -217,26 +217,26 @@ def staged_directory(directory: str | Path, replace: bool = False, parents: bool
 
 def recover_staged(directory: str | Path, finished: Callable[[Path], bool],
                    newest: Callable[[Path], Any]) -> Path | None:
-    """Complete or undo a :func:`staged_directory` a killed process left half done.
+    """Complete or undo the :func:`staged_directory` swaps a killed process left half done.
 
-    ``directory`` in place wins: leftovers beside it (``.NAME.old``, ``.NAME.*.tmp``) are
-    deleted. Without it, the newest (by ``newest``) of ``.NAME.old`` and the temporary
-    directories whose contents are ``finished`` is renamed into place and the rest deleted.
-    Returns ``directory``, or None when there is nothing complete to put there.
+    The candidates are ``directory`` itself, else ``.NAME.old`` (a directory is only moved
+    there complete), and the temporary directories whose contents are ``finished``; the
+    newest by ``newest`` (``directory`` on a tie) ends in place, the other leftovers are
+    deleted. Returns ``directory``, or None when nothing complete is there to put in place.
     """
     directory = Path(directory)
     old = _swap_name(directory)
     staged = sorted(p for p in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp") if p.is_dir())
-    if directory.exists():
-        leftovers, chosen = [old, *staged], directory
-    else:
-        complete = ([old] if old.is_dir() else []) + [p for p in staged if finished(p)]
-        chosen = max(complete, key=newest, default=None)
-        leftovers = [p for p in (old, *staged) if p != chosen]
-        if chosen is not None:
-            chosen.rename(directory)
-    for path in leftovers:
-        if path.is_dir():
+    in_place = [directory] if directory.is_dir() else [old] if old.is_dir() else []
+    chosen = max(in_place + [p for p in staged if finished(p)], key=newest, default=None)
+    if chosen is not None and chosen != directory:
+        if directory.is_dir():  # a finished copy newer than the one in place: the swap again
+            if old.is_dir():
+                shutil.rmtree(old)
+            directory.rename(old)
+        chosen.rename(directory)
+    for path in (old, *staged):
+        if path != chosen and path.is_dir():
             shutil.rmtree(path)
     return directory if chosen is not None else None
 
