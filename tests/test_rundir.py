@@ -256,7 +256,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
     tok, model, tr, va = setup()
     first = Trainer(model, tr, va, config(max_iters=10), run, tokenizer=tok)
     for resume in (False, True):
-        with pytest.raises(RunDirectoryError, match=rf"in use by another process \(pid {os.getpid()}"):
+        with pytest.raises(RunDirectoryError, match=rf"in use by another run \(pid {os.getpid()}"):
             Trainer(setup()[1], tr, va, config(max_iters=10), run, tokenizer=tok, resume=resume)
     first.fit()  # releases the lock
     train(run, resume=True, max_iters=20)
@@ -290,7 +290,7 @@ def test_a_second_lmlab_train_names_the_holder_and_a_kill_9_resumes_exactly(tmp_
         _, err = second.communicate(timeout=120)
         assert second.returncode == 2
         assert err.strip().splitlines()[-1].startswith("error: run directory")
-        assert f"in use by another process (pid {holder.pid}" in err and "Traceback" not in err
+        assert f"in use by another run (pid {holder.pid}" in err and "Traceback" not in err
         assert main(["train", "--out", str(run), "--resume"]) == 2
         assert f"pid {holder.pid}" in capsys.readouterr().err
         while max(r["step"] for r in records(run)) < 12:  # past the checkpoint of step 10

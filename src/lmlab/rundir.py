@@ -55,7 +55,7 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise RunDirectoryError(
-                f"run directory {str(self.path.parent)!r} is in use by another process ({self.holder()}, "
+                f"run directory {str(self.path.parent)!r} is in use by another run ({self.holder()}, "
                 f"which holds {self.path}); wait for it to finish or stop it"
             ) from None
         except BaseException:

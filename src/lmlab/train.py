@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from tqdm.auto import tqdm
 from lmlab.data import IGNORE
 from lmlab.models.base import (
     LanguageModel,
-    directory_identity,
     atomic_write_bytes,
     atomic_write_text,
+    directory_identity,
     load_model,
     save_model,
     staged_directory,
@@ -456,14 +455,14 @@ class Trainer:
                 f"the checkpoint at {directory} has config {dataclasses.asdict(saved.config)}, "
                 f"which does not match the model being trained {dataclasses.asdict(self.model.config)}"
             )
-        self.model.load_state_dict(saved.state_dict())
-        state = json.loads((directory / "trainer.json").read_text())
-        check_resumed_config(self.config, state.get("train_config", {}), directory / "trainer.json")
+        state = json.loads((directory / COMPLETE_MARK).read_text())
+        check_resumed_config(self.config, state.get("train_config", {}), directory / COMPLETE_MARK)
         saved_tokenizer = directory / "tokenizer.json"
         if self.tokenizer is not None and saved_tokenizer.is_file():
             if json.loads(saved_tokenizer.read_text(encoding="utf-8")) != json.loads(self.tokenizer.to_json()):
                 raise ValueError(f"the tokenizer given differs from the run's {saved_tokenizer}; "
                                  "resume with the data and tokenizer settings the run was started with")
+        self.model.load_state_dict(saved.state_dict())
         opt = _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), state["optimizer"])
         self.optimizer.load_state_dict(opt)
         rng = load_file(str(directory / "rng.safetensors"))
