@@ -156,3 +156,25 @@ def test_resume_restores_the_run_settings_from_the_out_directory_alone(tmp_path,
     (run / "settings.json").write_text(json.dumps({**settings, "bogus": 1}))
     assert main(["train", "--out", str(run), "--resume"]) == 2
     assert "records option(s) --bogus" in capsys.readouterr().err
+
+
+def test_an_ngram_estimate_is_written_whole_or_not_at_all(tmp_path, corpus, capsys, monkeypatch):
+    import errno
+
+    from lmlab.tokenizers import Tokenizer
+
+    run = tmp_path / "kn"
+    args = ["train", "--model", "ngram", "--set", "order=3", "--corpus", str(corpus), "--out", str(run)]
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Tokenizer, "save", full_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: cannot write {run / 'best'}: No space left on device; nothing was kept"
+    assert not (run / "best").exists() and list(run.iterdir()) == []  # no half-written checkpoint to load
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 2
+    assert "no run to resume" in capsys.readouterr().err

@@ -189,6 +189,8 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     import time
 
     from lmlab.models import build_model, save_model
+    from lmlab.models.base import staged_directory
+    from lmlab.rundir import RunDirectoryError
 
     values = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
               "unk_id": tokenizer.unk_id, **key_values(args.set)}
@@ -201,8 +203,14 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run directory {str(out)!r} already exists; choose a new directory")
-    save_model(model, out / "best")
-    tokenizer.save(out / "best" / "tokenizer.json")
+    try:
+        with staged_directory(out / "best") as tmp:  # complete or absent, even with another process on --out
+            save_model(model, tmp)
+            tokenizer.save(tmp / "tokenizer.json")
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        raise RunDirectoryError(f"cannot write {e.filename or out / 'best'}: {e.strerror or e}; nothing was kept") from e
     return {"family": "ngram", "order": model.config.order, "method": model.config.method,
             "ngrams": model.config.sizes, "vocab_size": tokenizer.vocab_size, "seconds": seconds}, model
 
@@ -272,6 +280,9 @@ def cmd_train(args) -> int:
     if args.resume:
         args, _ = restore_train_settings(args)
     if args.model == "ngram":
+        if args.resume:
+            raise ValueError("an n-gram model is estimated in one pass, so there is no run to resume; "
+                             "estimate it into a new --out")
         tokenizer, train, _, test = load_training_data(args, 1)  # no windows: the whole split is counted
         summary, model = estimate_ngram(args, tokenizer, train, Path(args.out))
         if test is not None:
