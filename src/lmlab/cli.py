@@ -17,7 +17,7 @@ from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
 from lmlab.finetune import add_finetune_arguments, run_finetune
 from lmlab.study import add_eval_generation_arguments
-from lmlab.train import TrainConfig
+from lmlab.train import CHANGEABLE_ON_RESUME, TrainConfig
 
 
 def _parse_value(text: str):
@@ -189,6 +189,8 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     import time
 
     from lmlab.models import build_model, save_model
+    from lmlab.models.base import staged_directory
+    from lmlab.rundir import RunDirectoryError
 
     values = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
               "unk_id": tokenizer.unk_id, **key_values(args.set)}
@@ -201,16 +203,86 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run directory {str(out)!r} already exists; choose a new directory")
-    save_model(model, out / "best")
-    tokenizer.save(out / "best" / "tokenizer.json")
+    try:
+        with staged_directory(out / "best") as tmp:  # complete or absent, even with another process on --out
+            save_model(model, tmp)
+            tokenizer.save(tmp / "tokenizer.json")
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        raise RunDirectoryError(f"cannot write {e.filename or out / 'best'}: {e.strerror or e}; nothing was kept") from e
     return {"family": "ngram", "order": model.config.order, "method": model.config.method,
             "ngrams": model.config.sizes, "vocab_size": tokenizer.vocab_size, "seconds": seconds}, model
+
+
+RUN_OPTIONS = ("func", "command_parser", "argv", "out", "resume")  # what a run's settings.json does not keep
+
+
+class _Unset(list):
+    """A default no parsed value is: a list, so that append actions copy it into a new one."""
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str], names) -> set[str]:
+    """Which of the options ``names`` (dests) are written in ``argv``, whatever their values:
+    ``argv`` is parsed again with every default replaced by a marker."""
+    unset = _Unset()
+    defaults = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**{name: unset for name in names})
+    try:
+        parsed = vars(parser.parse_args(argv))
+    finally:
+        parser.set_defaults(**defaults)
+    return {name for name in names if parsed.get(name, unset) is not unset}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def restore_train_settings(args) -> tuple[argparse.Namespace, Path | None]:
+    """``lmlab train --resume``: the run's saved options (settings.json), with the options
+    given again checked against them: equal, or one of CHANGEABLE_ON_RESUME, or an error
+    naming both values. Returns (the options to use, the settings file or None when the run
+    has none: then the command line is used as it is)."""
+    from lmlab.rundir import SETTINGS_FILE
+
+    path = Path(args.out) / SETTINGS_FILE
+    if not path.is_file():
+        return args, None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the run's settings {path}: {e}") from None
+    current = {k: v for k, v in vars(args).items() if k not in RUN_OPTIONS}
+    unknown = sorted(set(saved) - set(current))
+    if unknown:
+        raise ValueError(f"{path} records option(s) {', '.join(map(_flag, unknown))} that `lmlab train` does not have")
+    parser = args.command_parser
+    command = args.argv[args.argv.index("train") + 1:]
+    given = given_options(parser, command, list(current))
+    conflicts = []
+    for name in sorted(given):
+        recorded = saved.get(name, parser.get_default(name))
+        if name not in CHANGEABLE_ON_RESUME and current[name] != recorded:
+            conflicts.append(f"{_flag(name)} {current[name]!r} (the run has {recorded!r})")
+    if conflicts:
+        raise ValueError(
+            f"cannot resume {args.out} with other settings: {'; '.join(conflicts)}, recorded in {path}; "
+            f"only {', '.join(map(_flag, CHANGEABLE_ON_RESUME))} may change on resume"
+        )
+    restored = {**current, **saved, **{name: current[name] for name in given}}
+    return argparse.Namespace(**{**vars(args), **restored}), path
 
 
 def cmd_train(args) -> int:
     from lmlab.train import Trainer
 
+    if args.resume:
+        args, _ = restore_train_settings(args)
     if args.model == "ngram":
+        if args.resume:
+            raise ValueError("an n-gram model is estimated in one pass, so there is no run to resume; "
+                             "estimate it into a new --out")
         tokenizer, train, _, test = load_training_data(args, 1)  # no windows: the whole split is counted
         summary, model = estimate_ngram(args, tokenizer, train, Path(args.out))
         if test is not None:
@@ -225,14 +297,15 @@ def cmd_train(args) -> int:
     if args.sequences:
         block = max(train.block_size, val.block_size if val is not None else 0,
                     *(1 + len(tokenizer.encode(t)) for t in test or ()))
-    if args.resume:
-        from lmlab.models.base import load_model
-        model = load_model(Path(args.out) / "last")
-    else:
-        torch.manual_seed(config.seed)  # the same seed gives the same initial weights
-        model = build_from_args(args, tokenizer.vocab_size, block)
+    torch.manual_seed(config.seed)  # the same seed gives the same initial weights (a resume loads its own)
+    model = build_from_args(args, tokenizer.vocab_size, block)
     print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
-    summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume).fit()
+    # recorded as used: an option left to its default (None) is saved with the value it took
+    effective = {**dataclasses.asdict(model.config), **dataclasses.asdict(config)}
+    settings = {k: effective[k] if v is None and k in effective else v
+                for k, v in vars(args).items() if k not in RUN_OPTIONS}
+    summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume,
+                      settings=settings).fit()
     if test is not None:
         from lmlab.checkpoints import load_checkpoint
 
@@ -343,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=3407)
     add_split_and_tokenizer_arguments(p)
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its recorded settings; of those, only "
+                        + ", ".join(map(_flag, CHANGEABLE_ON_RESUME)) + " may change")
     p.add_argument("--block-size", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
@@ -359,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name == "time_budget":
                 kind = float
             p.add_argument(flag, type=kind or str, default=None)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, command_parser=p)  # the parser: --resume tells the options given from the defaults
 
     p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
     p.add_argument("--model", required=True, help="checkpoint or run directory")
@@ -415,10 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: FileNotFoundError, a full or read-only disk, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 

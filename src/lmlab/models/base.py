@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import os
 import shutil
@@ -199,28 +201,90 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(directory: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside ``directory``, then rename it into place
-    (replacing an existing one only with ``replace=True``): it appears complete or not at all."""
+def staged_directory(directory: str | Path, replace: bool = False, parents: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``directory`` (``.NAME.XXXX.tmp``), then
+    rename it into place (replacing an existing one only with ``replace=True``): it appears
+    complete or not at all.
+
+    Replacing takes two renames: the old directory to ``.NAME.old``, the new one into place;
+    then ``.NAME.old`` is deleted. If the second rename fails the old directory is put back.
+    A process killed between the two leaves ``.NAME.old`` and the finished temporary
+    directory; :func:`recover_staged` completes or undoes such a swap. With ``parents=False``
+    a missing parent is an error, not created, and so is a parent deleted (or replaced)
+    while the directory was being built.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    parent = directory.parent
+    if parents:
+        parent.mkdir(parents=True, exist_ok=True)
+    identity = directory_identity(parent)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         yield tmp
+        if directory_identity(parent, missing_ok=True) != identity:
+            raise FileNotFoundError(errno.ENOENT, "directory deleted or replaced while writing into it", str(parent))
         if directory.exists():
             if not replace:
                 raise FileExistsError(f"{str(directory)!r} already exists; choose a new directory")
-            old = directory.with_name(f".{directory.name}.old")
+            old = _swap_name(directory)
             if old.exists():
                 shutil.rmtree(old)
             directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(directory)
+            except BaseException:
+                old.rename(directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # a leftover is only stale, recover_staged removes it
         else:
             tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not parents and directory_identity(parent, missing_ok=True) not in (identity, None):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # recreated by a write into the vanished parent: remove it if empty
         raise
+
+
+def recover_staged(directory: str | Path, finished: Callable[[Path], bool],
+                   newest: Callable[[Path], Any]) -> Path | None:
+    """Complete or undo the :func:`staged_directory` swaps a killed process left half done.
+
+    The candidates are ``directory`` itself, else ``.NAME.old`` (a directory is only moved
+    there complete), and the temporary directories whose contents are ``finished``; the
+    newest by ``newest`` (``directory`` on a tie) ends in place, the other leftovers are
+    deleted. Returns ``directory``, or None when nothing complete is there to put in place.
+    """
+    directory = Path(directory)
+    old = _swap_name(directory)
+    staged = sorted(p for p in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp") if p.is_dir())
+    in_place = [directory] if directory.is_dir() else [old] if old.is_dir() else []
+    chosen = max(in_place + [p for p in staged if finished(p)], key=newest, default=None)
+    if chosen is not None and chosen != directory:
+        if directory.is_dir():  # a finished copy newer than the one in place: the swap again
+            if old.is_dir():
+                shutil.rmtree(old)
+            directory.rename(old)
+        chosen.rename(directory)
+    for path in (old, *staged):
+        if path != chosen and path.is_dir():
+            shutil.rmtree(path)
+    return directory if chosen is not None else None
+
+
+def _swap_name(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of ``path``: tells a directory from another made at the same place."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    return st.st_dev, st.st_ino
 
 
 def save_model(model: LanguageModel, directory: str | Path) -> None:
