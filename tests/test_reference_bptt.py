@@ -87,7 +87,7 @@ def close(ours, theirs):
 
 
 @pytest.mark.parametrize("kind,extras", CASES, ids=lambda c: c if isinstance(c, str) else "-".join(c.values()))
-@pytest.mark.parametrize("widths,B,T,window", [((6,), 2, 1, None), ((7, 4), 3, 5, None),
+@pytest.mark.parametrize("widths,B,T,window", [((6,), 2, 1, None), ((5, 5), 2, 3, None), ((7, 4), 3, 5, None),
                                                ((4, 8, 3), 1, 7, None), ((7, 4), 2, 7, 3), ((5, 6), 3, 4, 1)])
 def test_bptt_matches_autograd(kind, extras, widths, B, T, window):
     model, ref = torch_and_numpy(kind, extras, widths)

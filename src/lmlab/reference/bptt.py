@@ -9,7 +9,8 @@ The loss is any function of the logits O (B, T, V) and, optionally, of the final
 state; ``backward`` takes dL/dO and returns:
 
 - dL/dO (B, T, V) -> dL/d out.W (V, H_top) = sum_t dO_tᵀ h_t, dL/d out.b (V,), and
-  dO_t/dh_t = out.W, so the output's share of dL/dh_t is dO_t @ out.W: (B, H_top);
+  dO_t/dh_t = out.W (V, H_top) per row (O_t (V,) by h_t (H_top,): the shapes concatenated),
+  so the output's share of dL/dh_t is dO_t @ out.W: (B, H_top);
 - dL/dh_t (B, H_k), the total derivative of layer k's state at step t, is its output's
   share (top layer) or the layer above's dL/dx_t (lower layers), plus what flows back
   from step t+1: dL/dh_{t+1} @ dh_{t+1}/dh_t. That Jacobian is (B, H_k, H_k) per row;
@@ -149,7 +150,7 @@ def forward_trace(model: RecurrentLM, xs, state: dict[str, np.ndarray] | None = 
     return Trace(inputs, ids, logits, final, initial, cells)
 
 
-def _accumulate_gate(model: RecurrentLM, grads: dict, k: int, gate: str, da: np.ndarray, x: np.ndarray,
+def _accumulate_gate(grads: dict, k: int, gate: str, da: np.ndarray, x: np.ndarray,
                      h_in: np.ndarray | None, da_rec: np.ndarray | None = None) -> None:
     """dW += daᵀ x, dbx += sum da; dU += da_recᵀ h_in, dbh += sum da_rec (da_rec = da unless given)."""
     s = _sfx(gate)
@@ -170,7 +171,7 @@ def _cell_backward(model: RecurrentLM, k: int, cache: dict, dh: np.ndarray, dc: 
     U = lambda g: w[f"l{k}.U{_sfx(g)}"]                     # (H_k, H_k)
     if model.kind == "rnn":
         da = dh * activation_grad(act, cache["h_new"], cache["pre"][""])      # (B, H_k)
-        _accumulate_gate(model, grads, k, "", da, x, h)
+        _accumulate_gate(grads, k, "", da, x, h)
         return da @ W(""), da @ U(""), None
     if model.kind == "gru":
         r, z, n = cache["r"], cache["z"], cache["n"]
@@ -179,17 +180,17 @@ def _cell_backward(model: RecurrentLM, k: int, cache: dict, dh: np.ndarray, dc: 
         if model.reset_after:
             rec_n = cache["rec_n"]
             dr = da_n * rec_n
-            _accumulate_gate(model, grads, k, "n", da_n, x, h, da_rec=da_n * r)
+            _accumulate_gate(grads, k, "n", da_n, x, h, da_rec=da_n * r)
             dh_prev = dh_prev + (da_n * r) @ U("n")
         else:
             d_rh = da_n @ U("n")                                              # dL/d(r * h) (B, H_k)
             dr = d_rh * h
-            _accumulate_gate(model, grads, k, "n", da_n, x, r * h)
+            _accumulate_gate(grads, k, "n", da_n, x, r * h)
             dh_prev = dh_prev + d_rh * r
         da_r = dr * activation_grad(ract, r, cache["pre"]["r"])
         da_z = dz * activation_grad(ract, z, cache["pre"]["z"])
         for g, da in (("r", da_r), ("z", da_z)):
-            _accumulate_gate(model, grads, k, g, da, x, h)
+            _accumulate_gate(grads, k, g, da, x, h)
             dh_prev = dh_prev + da @ U(g)
         dx = da_r @ W("r") + da_z @ W("z") + da_n @ W("n")
         return dx, dh_prev, None
@@ -202,7 +203,7 @@ def _cell_backward(model: RecurrentLM, k: int, cache: dict, dh: np.ndarray, dc: 
            "o": do * activation_grad(ract, o, cache["pre"]["o"])}
     dx, dh_prev = 0.0, 0.0
     for gate, da in das.items():
-        _accumulate_gate(model, grads, k, gate, da, x, h)
+        _accumulate_gate(grads, k, gate, da, x, h)
         dx = dx + da @ W(gate)
         dh_prev = dh_prev + da @ U(gate)
     return dx, dh_prev, dc * f
