@@ -240,3 +240,26 @@ def test_bad_input_is_named():
     trace = forward_trace(ref, np.zeros((1, 3), int))
     with pytest.raises(ValueError, match="dlogits has shape"):
         backward(ref, trace, np.zeros((1, 2, V)))
+
+
+@pytest.mark.parametrize("kind,kwargs", [("lstm", {"recurrent_activation": "hard_sigmoid"}),
+                                         ("gru", {"reset_after": False, "recurrent_activation": "hard_sigmoid"}),
+                                         ("gru", {"activation": "relu"}),
+                                         ("rnn", {"activation": "linear"})])
+def test_other_activations_against_finite_differences(kind, kwargs):
+    """Keras-style activations (hard_sigmoid gates, linear / relu candidates) differentiate too."""
+    w = RecurrentLM.random(kind, V, [4, 3], 2, embed_dim=E, seed=5).weights
+    ref = RecurrentLM(w, kind, **kwargs)
+    rng = np.random.default_rng(2)
+    ids, targets = rng.integers(0, V, (2, 4)), rng.integers(0, V, (2, 4))
+    _, grads, _ = bptt(ref, ids, targets)
+    names = {"rnn": ("l0.U", "l1.W"), "gru": ("l0.U_n", "l1.W_z"), "lstm": ("l0.U_o", "l1.W_f")}[kind]
+    for name in names:
+        for index in [(0, 0), (2, 1)]:
+            original = w[name][index]
+            values = []
+            for eps in (1e-6, -1e-6):
+                ref.weights[name][index] = original + eps
+                values.append(bptt(ref, ids, targets)[0])
+            ref.weights[name][index] = original
+            assert grads.weights[name][index] == pytest.approx((values[0] - values[1]) / 2e-6, rel=1e-5, abs=1e-10)
