@@ -31,7 +31,7 @@ between windows does in PyTorch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,21 +57,23 @@ def activation_grad(name: str, y: np.ndarray, a: np.ndarray) -> np.ndarray:
     raise ValueError(f"no derivative for activation {name!r}; accepted: tanh, sigmoid, relu, hard_sigmoid, linear")
 
 
-@dataclass
 class Trace:
-    """What ``forward_trace`` keeps: inputs (B, T, E), logits (B, T, V), the final state,
-    the initial state, and ``cells[t][k]``: a dict of layer k's values at step t."""
+    """What ``forward_trace`` keeps: inputs (B, T, E), the ids (B, T) or None (dense inputs),
+    logits (B, T, V), the final and the initial state, and ``cells[t][k]``: a dict of layer
+    k's values at step t (its input ``x``, the state it read ``h`` / ``c``, gate values,
+    pre-activations ``pre`` and what it wrote ``h_new`` / ``c_new``)."""
 
-    inputs: np.ndarray
-    ids: np.ndarray | None
-    logits: np.ndarray
-    state: dict[str, np.ndarray]
-    initial: dict[str, np.ndarray]
-    cells: list[list[dict[str, np.ndarray]]] = field(repr=False)
+    def __init__(self, inputs: np.ndarray, ids: np.ndarray | None, logits: np.ndarray,
+                 state: dict[str, np.ndarray], initial: dict[str, np.ndarray],
+                 cells: list[list[dict[str, np.ndarray]]]) -> None:
+        self.inputs, self.ids, self.logits = inputs, ids, logits
+        self.state, self.initial, self.cells = state, initial, cells
+
+    def __repr__(self) -> str:
+        return f"Trace(inputs={self.inputs.shape}, logits={self.logits.shape})"
 
 
-@dataclass
-class Gradients:
+class Gradients(NamedTuple):
     """dL/d everything: ``weights`` (the model's names and shapes), ``inputs`` (B, T, E)
     (dL/dx_t of the embedded or one-hot inputs), ``state`` (dL/d initial state, (B, L, H)
     per entry, zeros in the padding), ``hidden`` (B, T, L, H): dL/dh_t of each layer
