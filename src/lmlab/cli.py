@@ -343,6 +343,9 @@ def cmd_plot(args) -> int:
 
     if args.what == "positions":
         path = plots.plot_position_similarity(args.positions, args.dim, args.layout, args.out)
+    elif args.what == "gradient-flow":
+        curves = plots.gradient_flow(args.steps, args.hidden, seed=args.seed)
+        path = plots.plot_gradient_flow(curves, args.out, title=f"gradient flow, width {args.hidden}, seed {args.seed}")
     else:
         if not args.model or args.text is None:
             raise ValueError("lmlab plot attention needs --model and --text")
@@ -452,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=run_generate)
 
-    p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights")
-    p.add_argument("what", choices=["positions", "attention"])
+    p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights, gradient flow")
+    p.add_argument("what", choices=["positions", "attention", "gradient-flow"])
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--positions", type=int, default=128, help="positions: how many")
     p.add_argument("--dim", type=int, default=128, help="positions: encoding width")
@@ -462,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="attention: the text to look at")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--head", type=int, help="attention: one head (default: all heads in a grid)")
+    p.add_argument("--steps", type=int, default=50, help="gradient-flow: sequence length")
+    p.add_argument("--hidden", type=int, default=32, help="gradient-flow: width of the tanh RNN and the LSTM")
+    p.add_argument("--seed", type=int, default=0, help="gradient-flow: weights and input")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("eval-generation", help="compare decoding setups: oracle perplexity, fluency, diversity")
