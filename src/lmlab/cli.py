@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lmlab import data as data_mod
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
@@ -166,7 +167,7 @@ def cmd_score(args) -> int:
     from lmlab.checkpoints import load_checkpoint
     from lmlab.score import score_sequences, score_text
 
-    model, tokenizer = load_checkpoint(args.model, args.device)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
     else:
@@ -262,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
-    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or hf:<dir>")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
     p.add_argument("--window", type=int)

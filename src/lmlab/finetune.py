@@ -43,6 +43,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import sys
@@ -56,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data import read_jsonl
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.data import read_jsonl, read_text
 from lmlab.models.base import atomic_write_bytes, atomic_write_text, save_model, staged_directory
 from lmlab.train import TrainConfig, Trainer, learning_rate, make_optimizer, objective_loss, resolve_device
 
@@ -688,10 +690,10 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """(rows, column names) of a CSV/TSV file or JSON lines."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
+        text = read_text(path, "labelled-text file")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = list(reader)
+        return rows, list(reader.fieldnames or [])
     if suffix in (".jsonl", ".json"):
         rows = [obj for _, obj in read_jsonl(path, "an object with 'text' and 'label'")]
         columns: list[str] = []
@@ -1142,6 +1144,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Add the ``lmlab finetune`` flags to ``parser`` (returns it)."""
     p = parser
     p.add_argument("--model", required=True, help="lmlab checkpoint or run directory, or hf:<dir>")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--task", required=True, choices=TASKS, help="lm: continued training on a corpus; classify: labelled texts")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -1249,7 +1252,7 @@ def _run_lm(args, out: Path) -> tuple[dict, Any]:
     from lmlab.data import read_corpus
 
     text = read_corpus(args.corpus)
-    model, tok = load_checkpoint(args.model, args.device)
+    model, tok = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     lr = args.lr or (1e-3 if args.lora else 1e-4)
     config = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                          warmup_iters=min(args.warmup_iters, args.max_iters), weight_decay=args.weight_decay,
@@ -1267,7 +1270,7 @@ def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
     from lmlab.checkpoints import load_checkpoint
 
     data = read_labelled(args.data, args.val_fraction or 0.2, args.seed)
-    model, tok = load_checkpoint(args.model, args.device)
+    model, tok = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     mode = args.mode or "lora"
     clf = build_classifier(model, data.labels, mode, lora=_lora_settings(args) if mode == "lora" else None,
                            pooling=args.pooling, max_length=args.max_length, seed=args.seed)

@@ -80,7 +80,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lmlab.data import read_jsonl
+from lmlab.data import read_jsonl, read_text
 from lmlab.models.base import LanguageModel, State
 
 __all__ = [
@@ -140,14 +140,14 @@ def load_collection(source: str | Path | Sequence[str | Document]) -> list[Docum
             )
         if path.is_dir():
             for f in sorted(path.rglob("*.txt")):
-                docs.append(Document(str(f.relative_to(path)), f.read_text(encoding="utf-8").strip()))
+                docs.append(Document(str(f.relative_to(path)), read_text(f, "document").strip()))
         elif path.suffix == ".jsonl":
             for n, obj in read_jsonl(path, "an object with a 'text' string"):
                 if not isinstance(obj.get("text"), str):
                     raise ValueError(f"{path}:{n} has no string 'text' field; each line must be an object with 'text'")
                 docs.append(Document(str(obj.get("id", n - 1)), obj["text"].strip(), obj.get("title")))
         else:
-            docs = [Document(str(i), p) for i, p in enumerate(_paragraphs(path.read_text(encoding="utf-8")))]
+            docs = [Document(str(i), p) for i, p in enumerate(_paragraphs(read_text(path, "collection file")))]
     else:
         if isinstance(source, (bytes, bytearray)):
             raise ValueError("a collection is a path or a list of strings/Documents, got bytes")
