@@ -691,11 +691,10 @@ class HFTokenizer(Tokenizer):
     ``split_special_tokens=True``, treats special-token strings in the text as
     text. ``decode`` skips all special tokens and does no clean-up of spaces.
     ``vocab_size`` is ``len(tokenizer)`` (added tokens included). ``save(path)``
-    writes the tokenizer's own files into a directory beside ``path``
-    (``<stem>-hf/``) and, at ``path``, a reference to it relative to ``path``'s
-    directory: the pair moves together. A reference is only followed inside the
-    directory of the file that holds it; no code from a tokenizer directory runs
-    unless ``trust_remote_code=True``.
+    writes the tokenizer's own files beside ``path`` (a self-contained copy); a
+    reference file (``"pretrained_dir"``) is only followed inside the directory
+    of the file that holds it. No code from a tokenizer directory runs unless
+    ``trust_remote_code=True``.
     """
 
     def __init__(self, tokenizer: Any, *, split_special_tokens: bool = True, source_dir: str | None = None) -> None:
@@ -774,13 +773,14 @@ class HFTokenizer(Tokenizer):
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """The tokenizer's files into ``<stem>-hf/`` beside ``path``, and at ``path`` a reference to that
-        directory relative to ``path``'s own (read back with :func:`load_tokenizer`)."""
+        """The tokenizer's own files (``save_pretrained``) into ``path``'s directory and, unless that wrote
+        ``path`` itself (a fast tokenizer's ``tokenizer.json``), a reference to that directory at ``path``."""
         path = Path(path)
-        files = path.with_name(f"{path.stem}-hf")
-        self.hf.save_pretrained(str(files))
-        reference = json.loads(self.to_json()) if self.source_dir is not None else {"type": "hf", "version": _FORMAT_VERSION}
-        reference.update(pretrained_dir=files.name, split_special_tokens=self.split_special_tokens)
+        self.hf.save_pretrained(str(path.parent))
+        if path.name == "tokenizer.json" and path.is_file():
+            return
+        reference = {"type": "hf", "version": _FORMAT_VERSION, "pretrained_dir": ".",
+                     "split_special_tokens": self.split_special_tokens}
         _atomic_write_text(path, json.dumps(reference, indent=1))
 
     def __repr__(self) -> str:
