@@ -190,3 +190,37 @@ def test_a_config_whose_shapes_differ_from_the_weights_names_the_directory(gpt2_
     (gpt2_dir / "config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match=r"weight 'transformer.wpe.weight' in .*model.safetensors has shape \(64, 16\), the config .* expects \(32, 16\)"):
         load_checkpoint(f"hf:{gpt2_dir}")
+
+
+# ---------------------------------------------------------------- checkpoints of Hugging Face models
+
+
+def test_distill_sft_with_an_hf_student_writes_loadable_checkpoints(gpt2_dir, tmp_path, capsys):
+    data = tmp_path / "examples.jsonl"
+    data.write_text("".join(json.dumps({"input": f"the fox {i}", "output": "a dog"}) + "\n" for i in range(6)))
+    run = tmp_path / "sft"
+    assert main(["distill", "sft", "--student", f"hf:{gpt2_dir}", "--data", str(data), "--out", str(run),
+                 "--max-iters", "2", "--eval-interval", "1", "--eval-iters", "1", "--batch-size", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    model, tok = load_checkpoint(f"hf:{run / 'best'}")  # a Hugging Face directory with its own tokenizer
+    assert isinstance(model, HFModel) and tok.vocab_size == 300
+    with pytest.raises(ValueError, match=r"is a Hugging Face config \(model_type 'gpt2'\).*hf:"):
+        load_checkpoint(run / "best")
+
+
+def test_convert_hf_dir_refuses_a_missing_or_oversized_tokenizer_before_writing(gpt2_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((gpt2_dir / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*bare"):
+        convert_hf_dir(bare, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    big = BPETokenizer.train(TEXT * 3, vocab_size=400)
+    assert big.vocab_size > SMALL["vocab_size"]
+    PreTrainedTokenizerFast(tokenizer_object=big.backend, eos_token="<eos>").save_pretrained(str(bare))
+    with pytest.raises(ValueError, match=r"tokenizer in .*bare has \d+ tokens but the model's vocabulary has 300"):
+        convert_hf_dir(bare, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert load_checkpoint(convert_hf_dir(gpt2_dir, tmp_path / "out"))[0].vocab_size == 300
