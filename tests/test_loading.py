@@ -118,7 +118,7 @@ def test_every_text_reader_names_the_file_and_the_byte(tmp_path, capsys):
         read_jsonl(jsonl, "an object")
     tok_file = tmp_path / "tokenizer.json"
     tok_file.write_bytes(b'{"type": "char", "chars": "' + LATIN1.strip() + b'"}')
-    with pytest.raises(ValueError, match=r"tokenizer.json' is not UTF-8 \(byte 30"):
+    with pytest.raises(ValueError, match=r"tokenizer.json' is not UTF-8: byte 30 \(0xe9\)"):
         load_tokenizer(tok_file)
     assert main(["prepare", "--corpus", str(bad), "--out", str(tmp_path / "data")]) == 2
     assert "latin1.txt' is not UTF-8: byte 3" in _one_error_line(capsys)
@@ -143,3 +143,12 @@ def test_labelled_texts_inputs_and_documents_that_are_not_utf8(tmp_path):
     (docs / "a.txt").write_bytes(LATIN1)
     with pytest.raises(ValueError, match=r"a.txt' is not UTF-8: byte 3"):
         load_collection(docs)
+
+
+def test_a_vocabulary_file_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    from lmlab.tokenizers import read_vocab_file
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(b"the\ncat\n" + LATIN1)
+    with pytest.raises(ValueError, match=r"vocabulary file '.*vocab.txt' is not UTF-8: byte 11 \(0xe9\)"):
+        read_vocab_file(vocab)

@@ -359,7 +359,9 @@ def read_vocab_file(path: str | os.PathLike[str]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist; give a text file with one word per line")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    from lmlab.data import read_text  # lmlab.data imports this module
+
+    lines = read_text(path, "vocabulary file").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     words: list[str] = []
@@ -1077,8 +1079,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             )
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {str(path)!r}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"tokenizer file {str(path)!r} is not UTF-8 (byte {e.start}: {e.reason}); a tokenizer file is UTF-8 JSON") from None
-    return tokenizer_from_json(text, base_dir=path.parent)
+    from lmlab.data import read_text  # lmlab.data imports this module
+
+    return tokenizer_from_json(read_text(path, "tokenizer file"), base_dir=path.parent)
