@@ -314,7 +314,8 @@ def _check_hf_files(directory: Path, trust_remote_code: bool, auto_class: Any) -
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, AssertionError) as e:
         raise ValueError(f"{directory / 'config.json'} does not describe a model transformers can build: {e}") from None
     implied = sum(p.numel() for p in skeleton.parameters())
-    if implied > stored:
+    quantized = getattr(config, "quantization_config", None) is not None  # packed weights: fewer stored values
+    if implied > stored and not quantized:
         raise ValueError(
             f"{directory / 'config.json'} implies {implied:,} parameters but the weights "
             f"({', '.join(p.name for p in shards)}) hold {stored:,} values; the config does not belong to these weights"
@@ -353,17 +354,20 @@ def _from_pretrained(auto_class: Any, directory: Path, **kwargs: Any) -> torch.n
 
 def check_causal(model: torch.nn.Module, where: str) -> None:
     """Refuse ``model`` (a Hugging Face module in eval mode) unless position t's logits do not depend on
-    tokens after t: two sequences that differ only after position 2 must give the same logits up to it."""
+    tokens after t: two sequences (8 tokens, or the model's context if shorter) that differ only in
+    their second half must give the same logits over the first half."""
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    first = torch.arange(8) % vocab
+    length = min(8, int(getattr(model.config, "max_position_embeddings", None) or 8))
+    half = length // 2
+    first = torch.arange(length) % vocab
     second = first.clone()
-    second[3:] = (first[3:] + 1 + torch.arange(5)) % vocab
+    second[half:] = (first[half:] + 1 + torch.arange(length - half)) % vocab
     ids = torch.stack([first, second]).to(model.device)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False, return_dict=True).logits.float()
     eps = torch.finfo(next(model.parameters()).dtype).eps
     tolerance = 8 * eps * max(1.0, float(logits.abs().max()))
-    changed = (logits[0, :3] - logits[1, :3]).abs().amax(dim=-1)
+    changed = (logits[0, :half] - logits[1, :half]).abs().amax(dim=-1)
     if bool((changed > tolerance).any()):
         t = int((changed > tolerance).nonzero()[0])
         raise ValueError(

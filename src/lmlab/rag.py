@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from lmlab.data import read_jsonl, read_text
+from lmlab.untrusted import refuse_pickled_weights, refuse_remote_code
 from lmlab.models.base import LanguageModel, State
 
 __all__ = [
@@ -350,7 +351,8 @@ class SentenceEncoder:
                     raise
         self._st = None
         if st is not None:
-            self._st = st.SentenceTransformer(str(self.dir), device=str(self.device))
+            refuse_remote_code(self.dir)
+            self._st = st.SentenceTransformer(str(self.dir), device=str(self.device), trust_remote_code=False)
             return
         try:
             from transformers import AutoModel, AutoTokenizer
@@ -364,8 +366,11 @@ class SentenceEncoder:
             raise FileNotFoundError(f"no encoder config.json in {str(body)!r}")
         self.pooling = self._pooling(modules)
         self.max_length = max_length or self._max_seq_length(body)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(body), local_files_only=True).to(self.device).eval()
+        refuse_remote_code(body)  # no code from the directory runs
+        refuse_pickled_weights(body)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(str(body), local_files_only=True, trust_remote_code=False,
+                                               use_safetensors=True).to(self.device).eval()
 
     def _modules(self) -> list[dict]:
         path = self.dir / "modules.json"
