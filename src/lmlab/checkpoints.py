@@ -53,21 +53,31 @@ def _load_converted_tokenizer(directory: Path) -> Tokenizer:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads((directory / "tokenizer_config.json").read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{directory / 'tokenizer_config.json'} is not a readable JSON file: {e}") from None
         names = {f"{role}_token": _special_name(cfg.get(f"{role}_token")) for role in ("pad", "bos", "eos", "unk")}
         return BPETokenizer.from_file(directory / "tokenizer.json", **{k: v for k, v in names.items() if v})
     return load_tokenizer(directory)
 
 
-def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree."""
+TRUST_REMOTE_CODE_HELP = ("let an hf:<dir> model run the Python code its directory ships (an auto_map in "
+                          "config.json or tokenizer_config.json); off by default, and never for lmlab checkpoints")
+
+
+def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False):
+    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree.
+
+    ``trust_remote_code`` applies to ``hf:`` directories only: an lmlab checkpoint never runs
+    code from its directory (a tokenizer file there with an ``auto_map`` is refused)."""
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         from lmlab.hf import load_hf
 
         path = spec[len(HF_PREFIX):]
         if not path:
             raise ValueError("the model spec 'hf:' names no path; accepted: 'hf:/path/to/hf-model-dir'")
-        model, tokenizer = load_hf(path, device=device)
+        model, tokenizer = load_hf(path, device=device, trust_remote_code=trust_remote_code)
         return model.eval(), tokenizer
     directory = resolve_checkpoint_dir(spec)
     model: LanguageModel = load_model(directory, map_location=device)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lmlab import data as data_mod
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
@@ -324,7 +325,7 @@ def cmd_score(args) -> int:
 
     if args.per_text and not args.sequences:
         raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
-    model, tokenizer = load_checkpoint(args.model, args.device)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
         if not args.per_text:
@@ -440,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, command_parser=p)  # the parser: --resume tells the options given from the defaults
 
     p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
-    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or hf:<dir>")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
     p.add_argument("--per-text", action="store_true",

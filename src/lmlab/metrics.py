@@ -515,8 +515,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
         import transformers
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("the fluency classifier needs transformers: pip install 'lmlab[hf]'") from e
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from lmlab.untrusted import refuse_pickled_weights, refuse_remote_code
+
+    refuse_remote_code(path)  # no code from the directory runs
+    refuse_pickled_weights(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return Classifier(model.to(device).eval(), tokenizer, name=str(path))
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmlab import data
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
 from lmlab.decode.setups import DecodingSetup, run_setup
 from lmlab.metrics import (
     UNITS,
@@ -481,6 +482,7 @@ def run_study(
 def add_eval_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``lmlab eval-generation``."""
     parser.add_argument("--model", required=True, help="the generator: a checkpoint or run directory, or hf:<dir>")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument("--prompts", required=True,
                         help="prompt file: one prompt per line, or JSONL {\"prompt\": ..., \"reference\": ...}")
     parser.add_argument("--oracle", help="the judge of naturalness: an lmlab checkpoint or run directory, "
@@ -520,7 +522,7 @@ def run_eval_generation(args, out=None) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts, refs = prompts[: args.limit], refs[: args.limit]
-    model, tokenizer = load_checkpoint(args.model, args.device)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     oracle = load_oracle(args.oracle, args.device, add_bos=args.oracle_bos) if args.oracle else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
     study = run_study(

@@ -25,6 +25,7 @@ from typing import TextIO
 import torch
 
 from lmlab import data
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
 from lmlab.tokenizers import continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
@@ -72,7 +73,8 @@ _FIELD_HELP = {
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``lmlab generate`` option to ``parser`` (returns it)."""
-    parser.add_argument("--model", required=True, help="checkpoint or run directory")
+    parser.add_argument("--model", required=True, help="checkpoint or run directory, or hf:<dir>")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     g = parser.add_argument_group("prompts and output")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a newline")
     g.add_argument("--prompt-file", help="prompts, one per line (blank lines skipped), or JSONL with a \"prompt\" "
@@ -232,7 +234,7 @@ def run_generate(args, out: TextIO | None = None) -> int:
     # Validate the setups before loading the model: bad values fail fast.
     setups = [setup_from_args(args, s) for s in args.compare] if args.compare else [setup_from_args(args)]
     prompts, targets = _prompts(args)
-    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device))
+    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device), trust_remote_code=args.trust_remote_code)
     for s in setups:
         s.check_vocab(model.vocab_size)
     if args.task == "predict":

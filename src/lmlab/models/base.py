@@ -288,15 +288,43 @@ def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] 
 
 
 def save_model(model: LanguageModel, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``."""
+    """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``.
+
+    A Hugging Face model (family ``"hf"``) is written as a Hugging Face directory
+    (``save_pretrained``, safetensors), which loads again as ``hf:<directory>``.
+    """
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"family": model.family, **dataclasses.asdict(model.config)}
+    hf_module = getattr(model, "hf", None)
+    if getattr(model, "family", None) == "hf" and hf_module is not None:
+        hf_module.save_pretrained(str(directory), safe_serialization=True)
+        return
+    config = {"family": model.family, **config_to_json(model.config)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def config_to_json(config: Any) -> dict:
+    """The fields of a config dataclass as JSON values (tuples become lists); any other value is
+    an error naming the field, so a checkpoint is never half-written or unreadable."""
+    values = dataclasses.asdict(config)
+
+    def plain(value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: plain(v, f"{where}.{k}") for k, v in value.items()}
+        raise ValueError(
+            f"config field {where} of {type(config).__name__} is {value!r} ({type(value).__name__}), which a "
+            "JSON config cannot hold; accepted: None, bool, int, float, str, and lists or dicts of them"
+        )
+
+    return {k: plain(v, k) for k, v in values.items()}
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,36 +342,41 @@ def read_config(directory: str | Path) -> tuple[str, dict]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no model config at {path}; a model directory holds config.json and model.safetensors")
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON config: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}; expected an object with a 'family' field")
     if "family" not in values:
+        if "model_type" in values:
+            raise ValueError(
+                f"{path} is a Hugging Face config (model_type {values['model_type']!r}), not an lmlab one; "
+                f"load that directory as 'hf:{Path(directory)}'"
+            )
         raise ValueError(f"{path} has no 'family' field; known families: {', '.join(families())}")
     family = values.pop("family")
     return family, values
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
-    """Load a model saved by ``save_model``; shapes are checked against the config."""
-    from safetensors.torch import load_file
+    """Load a model saved by ``save_model``. The weights file's header is checked against the
+    config (names, shapes, and so the size) before the model is allocated."""
+    from lmlab.untrusted import check_weights_fit, load_safetensors, refuse_pickled_weights
 
     directory = Path(directory)
     family, values = read_config(directory)
-    model = build_model(family, values)
     weights = directory / "model.safetensors"
     if not weights.is_file():
+        refuse_pickled_weights(directory)
         raise FileNotFoundError(f"no weights at {weights}")
-    tensors = load_file(str(weights), device=str(map_location))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {weights} do not match the {family} config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"weight {name!r} in {weights} has shape {tuple(t.shape)}, "
-                f"the config in {directory / 'config.json'} expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            skeleton = build_model(family, values)
+    except TypeError as e:
+        raise ValueError(f"{directory / 'config.json'} does not describe a {family} model: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    check_weights_fit(expected, weights, directory / "config.json")
+    model = build_model(family, values)
+    model.load_state_dict(load_safetensors(weights, map_location))
     return model.to(map_location)
