@@ -174,43 +174,48 @@ class NGramConfig:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SLOTS_PER_KEY = 1.6  # hash table size per key (KenLM's probing default is 1.5)
 
 
 class _HashIndex:
     """Open-addressing (linear probing) hash of a sorted int64 key array,
     for vectorized exact lookups: ``find(q)`` gives the row of each query key
-    or -1. Built in one sort: keys are placed in order of their home slot, so
-    key i lands at ``i + max_{j<=i}(home_j - j)``; the table has no wrap-around
-    (a tail of empty slots ends every probe sequence)."""
+    or -1. A slot holds only the row (int32; the key is read from the array),
+    about 1.6 slots per key. Built in one sort: keys are placed in order of
+    their home slot, so key i lands at ``i + max_{j<=i}(home_j - j)``; the
+    table has no wrap-around (a tail of empty slots ends every probe
+    sequence)."""
 
     def __init__(self, keys: np.ndarray):
         n = keys.size
-        self.bits = max(4, int(math.ceil(math.log2(max(n, 1) * 2))))
+        self.keys = keys
+        self.size = max(16, int(math.ceil(n * _SLOTS_PER_KEY)))
         home = self._home(keys)
-        order = np.argsort(home)
+        order = np.argsort(home, kind="stable")
         h = home[order]
+        del home
         slot = np.arange(n, dtype=np.int64) + np.maximum.accumulate(h - np.arange(n, dtype=np.int64)) if n else h
-        size = (int(slot[-1]) + 2) if n else 2
-        size = max(size, (1 << self.bits) + 1)
-        self.slot_keys = np.full(size, -1, dtype=np.int64)
+        size = max(self.size, (int(slot[-1]) + 2) if n else 2)
         self.slot_rows = np.full(size, -1, dtype=np.int32 if n < 2**31 else np.int64)
-        self.slot_keys[slot] = keys[order]
         self.slot_rows[slot] = order
 
     def _home(self, q: np.ndarray) -> np.ndarray:
-        return ((q.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+        """Home slot in [0, size): the top 32 bits of a multiplicative hash, scaled."""
+        return (((q.astype(np.uint64) * _GOLDEN) >> np.uint64(32)) * np.uint64(self.size) >> np.uint64(32)).astype(np.int64)
 
     def find(self, q: np.ndarray) -> np.ndarray:
         out = np.full(q.size, -1, dtype=np.int64)
         h = self._home(q)
         idx = np.arange(q.size)
-        sk, sr = self.slot_keys, self.slot_rows
+        sr, keys = self.slot_rows, self.keys
         while idx.size:
-            s = sk[h]
-            hit = s == q
+            r = sr[h]
+            full = r >= 0
+            hit = full.copy()
+            hit[full] = keys[r[full]] == q[full]
             if hit.any():
-                out[idx[hit]] = sr[h[hit]]
-            go = ~hit & (s != -1)
+                out[idx[hit]] = r[hit]
+            go = full & ~hit
             if not go.any():
                 break
             idx, h, q = idx[go], h[go] + 1, q[go]
@@ -264,6 +269,25 @@ class _Tables:
             hit = pos >= 0
             alive, cur = alive[hit], pos[hit]
             out[k - 1, alive] = cur
+        return out
+
+    def lookup(self, windows: np.ndarray) -> np.ndarray:
+        """Row of each row of ``windows`` (M, L) as an L-gram in order L's
+        table, or -1 (what ``chain(windows)[L - 1]`` gives, in O(M) memory)."""
+        M, L = windows.shape
+        cur = windows[:, -1].astype(np.int64)
+        alive = np.flatnonzero(cur >= 0)
+        cur = cur[alive]
+        for k in range(2, L + 1):
+            if alive.size == 0:
+                break
+            first = windows[alive, L - k].astype(np.int64)
+            ok = first >= 0
+            pos = self.index(k).find(cur[ok] * self.V + first[ok])
+            hit = pos >= 0
+            alive, cur = alive[ok][hit], pos[hit]
+        out = np.full(M, -1, dtype=np.int64)
+        out[alive] = cur
         return out
 
     def index(self, k: int) -> _HashIndex:
@@ -811,22 +835,32 @@ class NGramModel(LanguageModel):
         model's method is ``"backoff"``. n-grams whose prefix or suffix is
         missing from the file (pruned SRILM models) are added with backoff 0
         and the probability the model gives them, which changes no score."""
-        from lmlab.arpa import read_arpa
+        from lmlab.arpa import iter_arpa, read_arpa
 
-        t = read_arpa(path)
-        vocab = t.vocab
-        index = _index(vocab)
-        cfg = NGramConfig(
-            vocab_size=len(vocab),
-            order=t.order,
-            method="backoff",
-            bos_id=index.get(bos),
-            eos_id=index.get(eos),
-            unk_id=index.get(unk),
-        )
+        sections = iter_arpa(path)
+        try:
+            counts = next(sections)
+            unigrams = next(sections)
+            vocab = unigrams.vocab
+            index = _index(vocab)
+            cfg = NGramConfig(
+                vocab_size=len(vocab),
+                order=len(counts),
+                method="backoff",
+                bos_id=index.get(bos),
+                eos_id=index.get(eos),
+                unk_id=index.get(unk),
+            )
+            built = _tables_from_sections(unigrams, sections, cfg, path)
+        finally:
+            sections.close()
         model = cls(cfg)
-        keys, prob, bo = _tables_from_arpa(t, cfg, path)
-        model._set_tables(keys, prob, bo)
+        if built is not None:
+            keys, prob, bo, T = built
+            model._set_tables(keys, prob, bo)
+            model._tables()._hash.update(T._hash)  # the same key arrays: keep their indexes
+        else:  # some n-gram lacks its prefix or suffix: read it all, then close the table
+            model._set_tables(*_tables_from_arpa(read_arpa(path), cfg, path))
         model.vocab = vocab
         return model.prepare(), vocab
 
@@ -1047,6 +1081,42 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     cn = nodes[: N - 1, np.maximum(prev, 0)]
     cn[:, prev < run_start[at]] = -1
     return T.combine(tnodes, cn), at
+
+
+def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
+    """Tables of an ARPA file built order by order as :func:`iter_arpa`
+    parses it (one section's word ids in memory at a time). Returns (keys,
+    prob, backoff, the _Tables with their hash indexes), or None when an
+    n-gram's prefix or suffix is missing (then ``_tables_from_arpa`` closes
+    the table)."""
+    from lmlab.arpa import ArpaFormatError
+
+    V = cfg.vocab_size
+    keys: list = [None]
+    prob = [unigrams.probs.astype(np.float32)]
+    bo = [unigrams.backoffs.astype(np.float32)]
+    T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)  # grows with the lists
+    for sec in sections:
+        k, g = sec.order, sec.ids
+        suffix = T.lookup(g[:, 1:])
+        if (suffix < 0).any() or (T.lookup(g[:, :-1]) < 0).any():
+            return None
+        key = suffix * V + g[:, 0]
+        del suffix
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        dup = np.flatnonzero(key[1:] == key[:-1])
+        if dup.size:
+            a, b = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
+            raise ArpaFormatError(path, sec.first_line + b, f"duplicate {k}-gram (first given on line {sec.first_line + a})")
+        keys.append(key)
+        prob.append(sec.probs[order].astype(np.float32))
+        bo.append(sec.backoffs[order].astype(np.float32))
+        del g, order, sec
+        T.index(k)
+    if cfg.bos_id is not None:
+        prob[0][cfg.bos_id] = -np.inf
+    return keys, prob, bo, T
 
 
 def _tables_from_arpa(t, cfg: NGramConfig, path):
