@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -98,6 +99,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from lmlab.arpa import split_words
 from lmlab.models.base import LanguageModel, State, register
 
 __all__ = ["NGramConfig", "NGramModel", "DiscountWarning", "build_vocab", "METHODS"]
@@ -449,9 +451,48 @@ class _Counts:
     prefix: list     # prefix node (order k-1) of each entry (None for k=1)
 
 
+@dataclass
+class _Packed:
+    """Sequences already concatenated: ids (int, total,), lens (num_sequences,)."""
+
+    ids: np.ndarray
+    lens: np.ndarray
+
+
+def _encode_lines(lines, vocab: Sequence[str] | None) -> tuple[_Packed, list[str], dict[str, int]]:
+    """Word lines (strings or token lists) as packed ids, in one pass; the
+    vocabulary grows by first occurrence unless given (then unknown words
+    are <unk>, or an error without one)."""
+
+    given = vocab is not None
+    index = _index(vocab) if given else _index(("<unk>", "<s>", "</s>"))
+    unk = index.get("<unk>")
+    ids, lens = array("i"), array("q")
+    for ln in lines:
+        words = split_words(ln) if isinstance(ln, str) else ln
+        if given:
+            row = [index.get(w, -1) for w in words]
+            if -1 in row:
+                if unk is None:
+                    w = next(w for w in words if w not in index)
+                    raise ValueError(f"word {w!r} is not in the vocabulary and the model has no <unk>")
+                row = [unk if i < 0 else i for i in row]
+        else:
+            row = [index.setdefault(w, len(index)) for w in words]
+        ids.extend(row)
+        lens.append(len(row))
+    packed = _Packed(np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, dtype=np.int32),
+                     np.frombuffer(lens, dtype=np.int64) if lens else np.zeros(0, dtype=np.int64))
+    return packed, (list(vocab) if given else list(index)), index
+
+
 def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: bool, drop: int | None):
     """One int64 array of all tokens (wrapped in <s> ... </s> if asked) and a
     flag marking the first token of each non-empty sequence."""
+    if isinstance(sequences, _Packed):
+        if sequences.lens.size == 0:
+            raise ValueError("no sequences to count: give at least one sequence of token ids")
+        return _wrap(sequences.ids.astype(np.int64), sequences.lens, V, bos, eos, add_bos_eos, drop)
     if isinstance(sequences, torch.Tensor):
         sequences = sequences.detach().cpu().numpy()
     if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
@@ -470,6 +511,11 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
         arrs.append(a)
     lens = np.fromiter((a.size for a in arrs), dtype=np.int64, count=len(arrs))
     flat = np.concatenate(arrs).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, dtype=np.int64)
+    return _wrap(flat, lens, V, bos, eos, add_bos_eos, drop)
+
+
+def _wrap(flat: np.ndarray, lens: np.ndarray, V: int, bos, eos, add_bos_eos: bool, drop):
+    """Checks, <unk> dropping and <s> ... </s> wrapping of packed sequences (see ``_flatten``)."""
     ends = np.cumsum(lens)
 
     def where(mask: np.ndarray) -> tuple[int, int]:
@@ -511,44 +557,73 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
 
 
 def _count(tok: np.ndarray, seg_start: np.ndarray, N: int, V: int, bos: int | None) -> _Counts:
+    """Counts of every order. Per n-gram it keeps the int64 key and int32
+    raw count, left-less count and prefix node (20 bytes); per corpus
+    position one node array of the current order at a time."""
     n = tok.size
     pos = np.arange(n, dtype=np.int64)
     boundary = seg_start.copy()
     if bos is not None:
         boundary |= tok == bos
     run_start = np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos
-    span = pos - run_start + 1  # length of the longest valid n-gram ending here
+    # length of the longest valid n-gram ending here, capped at N + 1 (only "== k" and ">= k" for k <= N are asked)
+    span = np.minimum(pos - run_start + 1, N + 1).astype(np.uint8 if N < 255 else np.int64)
+    del pos, run_start, boundary
     pred = np.ones(n, dtype=bool) if bos is None else tok != bos
     if not pred.any():
         raise ValueError("no tokens to count: every sequence is empty (and add_bos_eos=False)")
     C = _Counts()
     C.keys, C.raw, C.nonext, C.prefix = [None], [], [], [None]
-    valid = pred
-    C.raw.append(np.bincount(tok[valid], minlength=V).astype(np.int64))
-    C.nonext.append(np.bincount(tok[valid & (span == 1)], minlength=V).astype(np.int64))
+    C.raw.append(np.bincount(tok[pred], minlength=V).astype(np.int64))
+    C.nonext.append(np.bincount(tok[pred & (span == 1)], minlength=V).astype(np.int64))
     node = tok  # node of the k-gram ending at each position (a unigram's node is its id; <s> included)
     for k in range(2, N + 1):
-        valid = pred & (span >= k)
-        at = np.flatnonzero(valid)
+        at = np.flatnonzero(pred & (span >= k))
         if at.size == 0:
             C.keys.append(np.zeros(0, dtype=np.int64))
-            C.raw.append(np.zeros(0, dtype=np.int64))
-            C.nonext.append(np.zeros(0, dtype=np.int64))
-            C.prefix.append(np.zeros(0, dtype=np.int64))
-            node = np.full(n, -1, dtype=np.int64)
+            C.raw.append(np.zeros(0, dtype=np.int32))
+            C.nonext.append(np.zeros(0, dtype=np.int32))
+            C.prefix.append(np.zeros(0, dtype=np.int32))
+            node = np.full(n, -1, dtype=np.int32)
             continue
-        q = node[at] * V + tok[at - (k - 1)]
-        uniq, first, inv, cnt = np.unique(q, return_index=True, return_inverse=True, return_counts=True)
+        q = np.multiply(node[at], V, dtype=np.int64)
+        q += tok[at - (k - 1)]
+        uniq, inv, cnt = _unique_inverse_counts(q)
+        del q
         C.keys.append(uniq)
-        C.raw.append(cnt.astype(np.int64))
-        ne = span[at] == k
-        C.nonext.append(np.bincount(inv[ne], minlength=uniq.size).astype(np.int64))
+        C.raw.append(cnt)
+        C.nonext.append(np.bincount(inv[span[at] == k], minlength=uniq.size).astype(np.int32))
         # the prefix x1..x_{k-1} of the k-gram ending at j ends at j-1: its node is node_{k-1}[j-1]
-        C.prefix.append(node[at[first] - 1])
-        new = np.full(n, -1, dtype=np.int64)
-        new[at] = inv
-        node = new
+        prefix = np.empty(uniq.size, dtype=_index_dtype(C.raw[k - 2].size))
+        prefix[inv] = node[at - 1]
+        C.prefix.append(prefix)
+        node = np.full(n, -1, dtype=inv.dtype)
+        node[at] = inv
+        del at, inv
     return C
+
+
+def _index_dtype(n: int):
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _unique_inverse_counts(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.unique(q, return_inverse=True, return_counts=True) with int32
+    inverse and counts, in less memory."""
+    perm = np.argsort(q)
+    qs = q[perm]
+    first = np.empty(qs.size, dtype=bool)
+    first[0] = True
+    np.not_equal(qs[1:], qs[:-1], out=first[1:])
+    uniq = qs[first]
+    del qs
+    dt = _index_dtype(uniq.size)
+    inv = np.empty(q.size, dtype=dt)
+    inv[perm] = np.cumsum(first, dtype=dt) - 1
+    del perm
+    starts = np.flatnonzero(first)
+    cnt = np.diff(starts, append=q.size).astype(np.int32 if q.size < 2**31 else np.int64)
+    return uniq, inv, cnt
 
 
 def _estimate_discounts(a: np.ndarray, k: int, cfg: NGramConfig) -> list[float]:
@@ -593,23 +668,36 @@ def _estimate_discounts(a: np.ndarray, k: int, cfg: NGramConfig) -> list[float]:
 
 
 def _estimate(C: _Counts, cfg: NGramConfig):
-    """Tables (keys, log10 prob, log10 backoff) of the chosen estimator."""
+    """Tables (keys, log10 prob, log10 backoff) of the chosen estimator.
+    Consumes ``C``: the counts of an order are dropped once its table is
+    made, and a table is kept in float64 only while the next order needs it."""
     N, V, Vp, bos = cfg.order, cfg.vocab_size, cfg.num_predictable, cfg.bos_id
     sizes = [V] + [C.keys[k].size for k in range(1, N)]
-    probs: list[np.ndarray] = []
-    bos_: list[np.ndarray] = [np.zeros(s, dtype=np.float64) for s in sizes]  # log10 backoff / floor
+    keys = [None] + [C.keys[k] for k in range(1, N)]
+    probs: list = []
+    bos_: list = [None] * N  # log10 backoff / floor, float32
     used: list[list[float]] = []
     method = cfg.method
+
+    def finish(k: int, p: np.ndarray, kn: bool) -> None:
+        """Order k's probabilities are no longer needed in float64."""
+        lp = np.minimum(_stable_log10(p), 0.0) if kn else _stable_log10(p)
+        probs[k - 1] = lp.astype(np.float32)
+        if bos_[k - 1] is None:
+            bos_[k - 1] = np.zeros(sizes[k - 1], dtype=np.float32)
+
     if method == "kneser_ney":
         adj = []
         for k in range(1, N + 1):
             if k == N:
-                a = C.raw[k - 1].copy()
+                a = C.raw[k - 1]
             else:
-                a = np.bincount(C.keys[k] // V, minlength=sizes[k - 1]).astype(np.int64) + C.nonext[k - 1]
+                a = np.bincount(keys[k] // V, minlength=sizes[k - 1]).astype(np.int64) + C.nonext[k - 1]
             if k == 1 and bos is not None:
+                a = a.copy()
                 a[bos] = 0
             adj.append(a)
+            C.raw[k - 1] = C.nonext[k - 1] = None
         for k in range(1, N + 1):
             a = adj[k - 1]
             D = _estimate_discounts(a, k, cfg)
@@ -635,10 +723,16 @@ def _estimate(C: _Counts, cfg: NGramConfig):
                 has = denom > 0
                 gamma = np.zeros(n_ctx)
                 gamma[has] = g[has] / denom[has]
-                p = (a - disc) / denom[pre] + gamma[pre] * probs[k - 2][C.keys[k - 1] // V]
-                bos_[k - 2] = np.where(has, _stable_log10(np.where(has, gamma, 1.0)), 0.0)
+                del g
+                p = (a - disc) / denom[pre] + gamma[pre] * probs[k - 2][keys[k - 1] // V]
+                bos_[k - 2] = np.where(has, _stable_log10(np.where(has, gamma, 1.0)), 0.0).astype(np.float32)
+                del denom, gamma, has, pre
+                C.prefix[k - 1] = None
+                finish(k - 1, probs[k - 2], kn=True)
+            del disc
+            adj[k - 1] = None
             probs.append(p)
-        probs = [np.minimum(_stable_log10(p), 0.0) for p in probs]
+        finish(N, probs[N - 1], kn=True)
     elif method in ("mle", "addk"):
         kk = cfg.k if method == "addk" else 0.0
         for k in range(1, N + 1):
@@ -653,14 +747,15 @@ def _estimate(C: _Counts, cfg: NGramConfig):
                 p = (raw + kk) / (tot[pre] + kk * Vp)
                 has = tot > 0
                 if method == "mle":
-                    bos_[k - 2] = np.where(has, -np.inf, 0.0)
+                    bos_[k - 2] = np.where(has, -np.inf, 0.0).astype(np.float32)
                 else:
-                    bos_[k - 2] = np.where(has, _stable_log10(kk / (tot + kk * Vp)), 0.0)
-            probs.append(_stable_log10(p))
+                    bos_[k - 2] = np.where(has, _stable_log10(kk / (tot + kk * Vp)), 0.0).astype(np.float32)
+            C.raw[k - 1] = C.prefix[k - 1] = C.nonext[k - 1] = None
+            probs.append(p)
+            finish(k, p, kn=False)
     else:
         raise ValueError(f"method {method!r} cannot be estimated from counts; use kneser_ney, mle or addk")
-    keys = [None] + [C.keys[k] for k in range(1, N)]
-    return keys, [p.astype(np.float32) for p in probs], [b.astype(np.float32) for b in bos_], used
+    return keys, probs, bos_, used
 
 
 # ---------------------------------------------------------------- vocabulary helpers
@@ -675,7 +770,7 @@ def build_vocab(
     vocab = list(specials)
     seen = set(vocab)
     for s in sentences:
-        for w in s.split() if isinstance(s, str) else s:
+        for w in split_words(s) if isinstance(s, str) else s:
             if w not in seen:
                 seen.add(w)
                 vocab.append(w)
@@ -803,13 +898,14 @@ class NGramModel(LanguageModel):
         **config,
     ) -> tuple["NGramModel", list[str]]:
         """Build from whitespace-tokenized lines (one sentence each, as lmplz
-        reads them). The vocabulary is ``vocab`` or ``build_vocab(lines)``
-        (<unk>, <s>, </s>, then words by first occurrence); words outside a
-        given vocabulary become <unk>. Returns (model, vocabulary)."""
-        lines = [ln.split() if isinstance(ln, str) else list(ln) for ln in lines]
-        vocab = list(vocab) if vocab is not None else build_vocab(lines)
-        index = _index(vocab)
+        reads them; words split on ASCII whitespace, see
+        :func:`lmlab.arpa.split_words`), read once and kept as ids only, so
+        an open file can be given. The vocabulary is ``vocab`` or
+        ``build_vocab(lines)`` (<unk>, <s>, </s>, then words by first
+        occurrence); words outside a given vocabulary become <unk>. Returns
+        (model, vocabulary)."""
         fit_kw = {k: config.pop(k) for k in ("add_bos_eos", "drop_unk") if k in config}
+        packed, vocab, index = _encode_lines(lines, vocab)
         cfg = NGramConfig(
             vocab_size=len(vocab),
             order=order,
@@ -820,8 +916,7 @@ class NGramModel(LanguageModel):
             **config,
         )
         model = cls(cfg)
-        seqs = [model.encode(ln, vocab, index=index) for ln in lines]
-        model.fit(seqs, **fit_kw)
+        model.fit(packed, **fit_kw)
         model.vocab = vocab
         return model, vocab
 
@@ -1027,7 +1122,7 @@ class NGramModel(LanguageModel):
             index = _index(vocab)
         unk = self.config.unk_id
         out = []
-        for w in words.split() if isinstance(words, str) else words:
+        for w in split_words(words) if isinstance(words, str) else words:
             i = index.get(w)
             if i is None:
                 if unk is None:
