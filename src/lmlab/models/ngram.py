@@ -176,51 +176,44 @@ class NGramConfig:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_SLOTS_PER_KEY = 1.6  # hash table size per key (KenLM's probing default is 1.5)
 
 
 class _HashIndex:
-    """Open-addressing (linear probing) hash of a sorted int64 key array,
-    for vectorized exact lookups: ``find(q)`` gives the row of each query key
-    or -1. A slot holds only the row (int32; the key is read from the array),
-    about 1.6 slots per key. Built in one sort: keys are placed in order of
-    their home slot, so key i lands at ``i + max_{j<=i}(home_j - j)``; the
-    table has no wrap-around (a tail of empty slots ends every probe
-    sequence)."""
+    """Bucketed hash of a sorted int64 key array, for vectorized exact
+    lookups: ``find(q)`` gives the row of each query key or -1. One bucket
+    per key on average; ``rows`` lists the keys' rows bucket after bucket and
+    ``start[b]:start[b + 1]`` is bucket b's part, so a lookup reads one
+    bucket (about one key) and a miss costs no longer probe than a hit.
+    8 bytes per key (int32 rows and bucket starts)."""
 
     def __init__(self, keys: np.ndarray):
         n = keys.size
         self.keys = keys
-        self.size = max(16, int(math.ceil(n * _SLOTS_PER_KEY)))
+        self.buckets = max(1, n)
         home = self._home(keys)
-        order = np.argsort(home, kind="stable")
-        h = home[order]
-        del home
-        slot = np.arange(n, dtype=np.int64) + np.maximum.accumulate(h - np.arange(n, dtype=np.int64)) if n else h
-        size = max(self.size, (int(slot[-1]) + 2) if n else 2)
-        self.slot_rows = np.full(size, -1, dtype=np.int32 if n < 2**31 else np.int64)
-        self.slot_rows[slot] = order
+        dt = np.int32 if n < 2**31 else np.int64
+        self.rows = np.argsort(home, kind="stable").astype(dt)
+        self.start = np.zeros(self.buckets + 1, dtype=dt)
+        np.cumsum(np.bincount(home, minlength=self.buckets), out=self.start[1:])
 
     def _home(self, q: np.ndarray) -> np.ndarray:
-        """Home slot in [0, size): the top 32 bits of a multiplicative hash, scaled."""
-        return (((q.astype(np.uint64) * _GOLDEN) >> np.uint64(32)) * np.uint64(self.size) >> np.uint64(32)).astype(np.int64)
+        """Bucket in [0, buckets): the top 32 bits of a multiplicative hash, scaled."""
+        return (((q.astype(np.uint64) * _GOLDEN) >> np.uint64(32)) * np.uint64(self.buckets) >> np.uint64(32)).astype(np.int64)
 
     def find(self, q: np.ndarray) -> np.ndarray:
         out = np.full(q.size, -1, dtype=np.int64)
         h = self._home(q)
-        idx = np.arange(q.size)
-        sr, keys = self.slot_rows, self.keys
+        pos, end = self.start[h], self.start[h + 1]
+        idx = np.flatnonzero(pos < end)
+        pos, end, q = pos[idx], end[idx], q[idx]
         while idx.size:
-            r = sr[h]
-            full = r >= 0
-            hit = full.copy()
-            hit[full] = keys[r[full]] == q[full]
-            if hit.any():
-                out[idx[hit]] = r[hit]
-            go = full & ~hit
-            if not go.any():
-                break
-            idx, h, q = idx[go], h[go] + 1, q[go]
+            r = self.rows[pos]
+            hit = self.keys[r] == q
+            out[idx[hit]] = r[hit]
+            pos += 1
+            go = pos < end
+            go &= ~hit
+            idx, pos, end, q = idx[go], pos[go], end[go], q[go]
         return out
 
 
@@ -1191,14 +1184,23 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     prob = [unigrams.probs.astype(np.float32)]
     bo = [unigrams.backoffs.astype(np.float32)]
     T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)  # grows with the lists
+    prefix_of = None  # node of each entry's prefix, for the order just built
     for sec in sections:
         k, g = sec.order, sec.ids
         suffix = T.lookup(g[:, 1:])
-        if (suffix < 0).any() or (T.lookup(g[:, :-1]) < 0).any():
+        if (suffix < 0).any():
             return None
+        if k == 2:
+            prefix = g[:, 0].astype(np.int64)
+        else:  # x1..x_{k-1} = x1 before x2..x_{k-1}, the prefix of the suffix x2..xk
+            prefix = T.index(k - 1).find(prefix_of[suffix] * V + g[:, 0])
+            if (prefix < 0).any():
+                return None
         key = suffix * V + g[:, 0]
         del suffix
         order = np.argsort(key, kind="stable")
+        prefix_of = prefix[order]
+        del prefix
         key = key[order]
         dup = np.flatnonzero(key[1:] == key[:-1])
         if dup.size:
