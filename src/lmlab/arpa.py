@@ -82,8 +82,6 @@ _OTHER_SPACE = re.compile("[\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u20
 _WORD = re.compile("[^ \t\n\r\x0b\x0c]+")
 _ASCII_SPACE = re.compile("[ \t\n\r\x0b\x0c]")
 _COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
-_WS = np.zeros(256, dtype=bool)
-_WS[list(ASCII_WHITESPACE.encode())] = True
 _BLOCK_BYTES = 1 << 22  # bytes read and parsed at a time
 _HASH_MUL = np.uint64(0x100000001B3)
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
@@ -387,7 +385,9 @@ def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Voc
     word tokens, probs, backoffs), or None at the first doubt."""
     x = np.frombuffer(blk, dtype=np.uint8)
     edge = np.ones(x.size + 2, dtype=bool)
-    edge[1:-1] = _WS[x]
+    ws = edge[1:-1]
+    np.less(x - np.uint8(9), np.uint8(5), out=ws)  # \t \n \v \f \r (uint8 wraps below 9)
+    ws |= x == 32
     t = np.flatnonzero(edge[1:] != edge[:-1])  # token starts and ends, alternating
     starts, ends = t[0::2], t[1::2]
     del edge, t

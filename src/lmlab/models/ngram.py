@@ -198,15 +198,29 @@ class _HashIndex:
 
     def _home(self, q: np.ndarray) -> np.ndarray:
         """Bucket in [0, buckets): the top 32 bits of a multiplicative hash, scaled."""
-        return (((q.astype(np.uint64) * _GOLDEN) >> np.uint64(32)) * np.uint64(self.buckets) >> np.uint64(32)).astype(np.int64)
+        h = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64) * _GOLDEN  # keys are >= 0
+        h >>= np.uint64(32)
+        h *= np.uint64(self.buckets)
+        h >>= np.uint64(32)
+        return h.view(np.int64)
 
     def find(self, q: np.ndarray) -> np.ndarray:
-        out = np.full(q.size, -1, dtype=np.int64)
+        if self.keys.size == 0:
+            return np.full(q.size, -1, dtype=np.int64)
         h = self._home(q)
-        pos, end = self.start[h], self.start[h + 1]
-        idx = np.flatnonzero(pos < end)
+        pos = self.start[h]
+        end = self.start[h + 1]
+        # first probe for every query; an empty bucket's probe (pos == end) is clipped, then ignored
+        r = np.take(self.rows, pos, mode="clip")
+        hit = np.take(self.keys, r, mode="clip") == q
+        hit &= pos < end
+        out = np.where(hit, r, -1).astype(np.int64, copy=False)
+        pos += 1
+        more = pos < end
+        more &= ~hit
+        idx = np.flatnonzero(more)
         pos, end, q = pos[idx], end[idx], q[idx]
-        while idx.size:
+        while idx.size:  # buckets holding several keys
             r = self.rows[pos]
             hit = self.keys[r] == q
             out[idx[hit]] = r[hit]
@@ -496,10 +510,11 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
         raise ValueError("no sequences to count: give at least one sequence of token ids")
     arrs = []
     for i, s in enumerate(seqs):
-        if isinstance(s, torch.Tensor):
-            s = s.detach().cpu().numpy()
-        a = np.asarray(s)
-        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        if type(s) is not np.ndarray:
+            a = np.asarray(s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else s)
+        else:
+            a = s
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):  # kind: np.issubdtype(dtype, np.integer), cheaper
             raise ValueError(f"sequence {i} must be a 1-D sequence of integer token ids, got shape {a.shape} dtype {a.dtype}")
         arrs.append(a)
     lens = np.fromiter((a.size for a in arrs), dtype=np.int64, count=len(arrs))
