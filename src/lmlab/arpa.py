@@ -82,7 +82,7 @@ _OTHER_SPACE = re.compile("[\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u20
 _WORD = re.compile("[^ \t\n\r\x0b\x0c]+")
 _ASCII_SPACE = re.compile("[ \t\n\r\x0b\x0c]")
 _COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
-_BLOCK_BYTES = 1 << 22  # bytes read and parsed at a time
+_BLOCK_BYTES = 1 << 20  # bytes read and parsed at a time
 _HASH_MUL = np.uint64(0x100000001B3)
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
 
