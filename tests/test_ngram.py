@@ -556,7 +556,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lmlab import arpa as arpa_mod  # noqa: E402
-from lmlab.arpa import ASCII_WHITESPACE, KENLM_BINARY_MAGIC, iter_arpa, split_words  # noqa: E402
+from lmlab import tokenizers  # noqa: E402
+from lmlab.arpa import KENLM_BINARY_MAGIC  # noqa: E402
+from lmlab.tokenizers import ASCII_WHITESPACE, split_words  # noqa: E402
 from lmlab.models import ngram as ngram_mod  # noqa: E402
 
 
@@ -756,7 +758,7 @@ def test_split_words_is_ascii_whitespace_only():
     import sys
 
     other = {chr(i) for i in range(sys.maxunicode + 1) if chr(i).isspace()} - set(ASCII_WHITESPACE)
-    assert other == {c for c in map(chr, range(sys.maxunicode + 1)) if arpa_mod._OTHER_SPACE.match(c)}
+    assert other == {c for c in map(chr, range(sys.maxunicode + 1)) if tokenizers._OTHER_SPACE.match(c)}
     for c in other:
         assert split_words(f" a{c}b \t c\n") == [f"a{c}b", "c"]
     assert split_words("a\x0bb\x0cc\rd") == ["a", "b", "c", "d"] == "a\x0bb\x0cc\rd".encode().decode().split()

@@ -26,8 +26,8 @@ Conventions (KenLM's where they differ from SRILM's):
 
 * Words are separated by ASCII whitespace only (space, tab, newline,
   carriage return, vertical tab, form feed), as KenLM splits them: a word may
-  contain U+00A0 or any other non-ASCII space. :func:`split_words` is that
-  rule for text.
+  contain U+00A0 or any other non-ASCII space
+  (:func:`lmlab.tokenizers.split_words` is that rule for text).
 * A log10 value of -99 or less means probability 0 (SRILM's convention);
   :func:`read_arpa` turns it into ``-inf`` and :func:`write_arpa` writes
   ``-inf`` back as ``-99``.
@@ -60,6 +60,8 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from lmlab.tokenizers import ASCII_WHITESPACE
+
 __all__ = [
     "ArpaFormatError",
     "ArpaTables",
@@ -67,33 +69,18 @@ __all__ = [
     "iter_arpa",
     "read_arpa",
     "write_arpa",
-    "split_words",
-    "ASCII_WHITESPACE",
     "KENLM_BINARY_MAGIC",
     "LOG10_ZERO",
 ]
 
 LOG10_ZERO = -99.0  # what ARPA files write for log10(0)
-ASCII_WHITESPACE = " \t\n\r\x0b\x0c"  # what bytes.split() and KenLM split words on
 KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"  # start of every KenLM binary file (lm/binary_format.cc)
 
-# characters str.split() treats as whitespace but ASCII whitespace splitting does not
-_OTHER_SPACE = re.compile("[\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
-_WORD = re.compile("[^ \t\n\r\x0b\x0c]+")
-_ASCII_SPACE = re.compile("[ \t\n\r\x0b\x0c]")
+_ASCII_SPACE = re.compile(f"[{re.escape(ASCII_WHITESPACE)}]")
 _COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
 _BLOCK_BYTES = 1 << 20  # bytes read and parsed at a time
 _HASH_MUL = np.uint64(0x100000001B3)
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
-
-
-def split_words(text: str) -> list[str]:
-    """The words of ``text``: maximal runs of characters other than ASCII
-    whitespace (KenLM's rule; ``str.split()`` would also split on U+00A0 and
-    other Unicode spaces)."""
-    if _OTHER_SPACE.search(text) is None:
-        return text.split()
-    return _WORD.findall(text)
 
 
 class ArpaFormatError(ValueError):

@@ -99,7 +99,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from lmlab.arpa import split_words
+from lmlab.tokenizers import split_words
 from lmlab.models.base import LanguageModel, State, register
 
 __all__ = ["NGramConfig", "NGramModel", "DiscountWarning", "build_vocab", "METHODS"]
@@ -907,7 +907,7 @@ class NGramModel(LanguageModel):
     ) -> tuple["NGramModel", list[str]]:
         """Build from whitespace-tokenized lines (one sentence each, as lmplz
         reads them; words split on ASCII whitespace, see
-        :func:`lmlab.arpa.split_words`), read once and kept as ids only, so
+        :func:`lmlab.tokenizers.split_words`), read once and kept as ids only, so
         an open file can be given. The vocabulary is ``vocab`` or
         ``build_vocab(lines)`` (<unk>, <s>, </s>, then words by first
         occurrence); words outside a given vocabulary become <unk>. Returns
