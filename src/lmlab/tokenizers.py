@@ -343,10 +343,16 @@ _HAS_WHITESPACE = re.compile(r"[ \t\n\r\x0b\x0c]")
 WORD_SPECIALS: dict[str, tuple[str, ...]] = {"unk": ("<unk>",), "bos": ("<s>", "<bos>"), "eos": ("</s>", "<eos>")}
 
 
+#: Characters ``str.split()`` also splits on (Unicode and ASCII separator spaces) that are not ASCII whitespace.
+_OTHER_SPACE = re.compile("[\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+
+
 def split_words(text: str) -> list[str]:
     """The words of ``text``: maximal runs of characters other than ASCII whitespace
     (:data:`ASCII_WHITESPACE`, KenLM's rule). Unicode spaces such as U+00A0 are
     part of words, unlike ``str.split()``."""
+    if _OTHER_SPACE.search(text) is None:
+        return text.split()  # the same words, about 3 times faster than the regular expression
     return _WORD_RUN.findall(text)
 
 
