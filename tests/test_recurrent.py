@@ -162,7 +162,7 @@ def test_dropout_between_layers_only_in_training():
 
 
 def test_config_errors_name_the_bad_value():
-    with pytest.raises(ValueError, match="tie_weights needs n_embd == n_hidden"):
+    with pytest.raises(ValueError, match="tie_weights needs the output layer.s input width to equal n_embd=4"):
         LSTMConfig(vocab_size=5, n_embd=4, n_hidden=8, tie_weights=True)
     with pytest.raises(ValueError, match="gru_variant='reset_before'"):
         GRUConfig(vocab_size=5, gru_variant="reset_before")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lmlab.data import IGNORE
 from lmlab.models.base import LanguageModel, atomic_write_bytes, atomic_write_text, load_model, save_model, staged_directory
+from lmlab.models.heads import next_token_loss
 
 
 class Batches(Protocol):
@@ -86,9 +87,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T)."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T).
+
+    A model with an adaptive softmax output layer is trained through its adaptive
+    loss (the same value, computed on each target's cluster only)."""
+    return next_token_loss(model, x, y)[0]
 
 
 def masked_lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,14 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        """The model's adaptive softmax output layer (``lmlab.models.heads.AdaptiveSoftmaxHead``), or None.
+
+        A family that has one also has ``hidden_states(ids, state) -> (hidden (B, T, d), state)``,
+        the vectors that layer reads; training uses ``adaptive_head.loss`` on them."""
+        return None
+
     def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Like ``forward`` but only the logits after the last token: (B, V). Generation
         reads nothing else, so a family may skip its output layer at the other positions."""

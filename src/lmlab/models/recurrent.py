@@ -1,6 +1,7 @@
 """Recurrent language models: Elman RNN, GRU, LSTM (families "rnn", "gru", "lstm").
 
-    embedding -> dropout -> n_layer recurrent layers (dropout between them) -> dropout -> linear
+    embedding -> dropout -> n_layer recurrent layers (dropout between them) -> dropout
+              [-> linear projection to output_size] -> output layer (full or adaptive softmax)
 
 The standard forms run through ``torch.nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``
 (cuDNN on a GPU). Parameter names follow PyTorch's word_language_model
@@ -21,6 +22,22 @@ h' = (1 - z) * n + z * h. The classic form runs a small Python loop over time.
 
 State: ``h`` (B, n_layer, n_hidden) and, for the LSTM, ``c`` (B, n_layer, n_hidden);
 batch first, as every lmlab state.
+
+Word-level regularisation (Merity et al. 2018, AWD-LSTM; all off by default):
+
+- ``embed_dropout``: whole word types dropped from the embedding matrix per forward;
+- ``variational_dropout=True``: the dropouts on the embeddings (``input_dropout``),
+  between layers (``hidden_dropout``) and on the top layer's output (``dropout``) use
+  one mask per sequence shared over time (Gal & Ghahramani 2016) instead of a fresh
+  mask per step; ``input_dropout``/``hidden_dropout`` default to ``dropout``;
+- ``tie_weights``: the output layer reuses the embedding matrix (Press & Wolf 2017;
+  Inan et al. 2017). It needs the vector the output layer reads to have n_embd
+  features: the top layer's width ``n_hidden``, or ``output_size`` which adds a linear
+  projection n_hidden -> output_size (``projection.weight``, ``projection.bias``).
+
+``adaptive_cutoffs`` replaces the full softmax by an adaptive softmax
+(``lmlab.models.heads``): trained on each target's cluster only, scored exactly; the
+logits are then normalized log-probabilities.
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.base import LanguageModel, State, register
+from lmlab.models.dropout import embedding_dropout, locked_dropout
+from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 CELLS = ("rnn", "gru", "lstm")
 GRU_VARIANTS = ("reset_after", "classic")
@@ -50,7 +69,14 @@ class RecurrentConfig:
     dropout: float = 0.0               # on the embeddings, between layers, and on the top layer's output
     nonlinearity: str = "tanh"         # rnn only: "tanh" | "relu"
     gru_variant: str = "reset_after"   # gru only: "reset_after" (torch/cuDNN) | "classic"
-    tie_weights: bool = False          # decoder.weight = encoder.weight (needs n_embd == n_hidden)
+    tie_weights: bool = False          # decoder.weight = encoder.weight (needs n_embd == the width the decoder reads)
+    embed_dropout: float = 0.0         # whole embedding rows (word types) dropped per forward
+    input_dropout: float | None = None   # on the embeddings; None: dropout
+    hidden_dropout: float | None = None  # between layers; None: dropout
+    variational_dropout: bool = False  # one dropout mask per sequence, shared over time steps
+    output_size: int | None = None     # None: the decoder reads the top layer; else a projection n_hidden -> output_size
+    adaptive_cutoffs: list[int] | None = None  # adaptive softmax output layer (see lmlab.models.heads); None: full softmax
+    adaptive_div_value: float = 4.0            # each tail cluster's projection is this many times narrower
 
     def __post_init__(self) -> None:
         for name, accepted in (("cell", CELLS), ("gru_variant", GRU_VARIANTS), ("nonlinearity", NONLINEARITIES)):
@@ -59,16 +85,39 @@ class RecurrentConfig:
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layer"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.tie_weights and self.n_embd != self.n_hidden:
+        for name in ("dropout", "embed_dropout", "input_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value} must be in [0, 1)")
+        if self.output_size is not None and int(self.output_size) < 1:
+            raise ValueError(f"output_size={self.output_size} must be a positive integer (or null: no projection)")
+        if self.tie_weights and self.decoder_width != self.n_embd:
             raise ValueError(
-                f"tie_weights needs n_embd == n_hidden, got n_embd={self.n_embd}, n_hidden={self.n_hidden}"
+                f"tie_weights needs the output layer's input width to equal n_embd={self.n_embd}, but it reads the "
+                f"top layer's n_hidden={self.n_hidden} units; make the top layer n_embd wide or set "
+                f"output_size={self.n_embd} to add a projection"
             )
+        check_adaptive_cutoffs(self.adaptive_cutoffs, self.vocab_size, self.adaptive_div_value)
+        if self.adaptive_cutoffs is not None and self.tie_weights:
+            raise ValueError("adaptive_cutoffs cannot be combined with tie_weights=true (the adaptive output layer "
+                             "has no (vocab_size, n_embd) matrix to share); set tie_weights=false")
+        if self.variational_dropout and self.n_layer > 1 and self.cell == "gru" and self.gru_variant == "classic":
+            raise ValueError("variational_dropout between layers runs torch's recurrent kernels layer by layer; "
+                             "gru_variant='classic' with n_layer > 1 is not supported with it (use 'reset_after')")
         if self.cell != "gru" and self.gru_variant != "reset_after":
             raise ValueError(f"gru_variant={self.gru_variant!r} applies to cell='gru' only, not cell={self.cell!r}")
         if self.cell != "rnn" and self.nonlinearity != "tanh":
             raise ValueError(f"nonlinearity={self.nonlinearity!r} applies to cell='rnn' only, not cell={self.cell!r}")
+
+    @property
+    def decoder_width(self) -> int:
+        """Features of the vector the output layer reads: output_size, or the top layer's n_hidden."""
+        return self.output_size if self.output_size is not None else self.n_hidden
+
+    def dropout_rates(self) -> tuple[float, float, float]:
+        """(on the embeddings, between layers, on the top output)."""
+        pick = lambda value: self.dropout if value is None else value  # noqa: E731
+        return pick(self.input_dropout), pick(self.hidden_dropout), self.dropout
 
 
 @dataclass
@@ -145,7 +194,8 @@ class RecurrentLM(LanguageModel):
         self.config = c = config
         self.encoder = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        between = c.dropout if c.n_layer > 1 else 0.0
+        # With variational dropout the layers run one at a time (masks in between), else torch drops between them.
+        between = c.dropout_rates()[1] if c.n_layer > 1 and not c.variational_dropout else 0.0
         if c.cell == "gru" and c.gru_variant == "classic":
             self.rnn = ClassicGRU(c.n_embd, c.n_hidden, c.n_layer, dropout=between)
         elif c.cell == "gru":
@@ -156,24 +206,38 @@ class RecurrentLM(LanguageModel):
             self.rnn = nn.RNN(
                 c.n_embd, c.n_hidden, c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
             )
-        self.decoder = nn.Linear(c.n_hidden, c.vocab_size)
+        if c.output_size is not None:
+            self.projection = nn.Linear(c.n_hidden, c.output_size)
+        self.decoder = make_output_head(c.decoder_width, c.vocab_size, True, c.adaptive_cutoffs, c.adaptive_div_value)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        if c.adaptive_cutoffs is None:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
         if c.tie_weights:
             self.decoder.weight = self.encoder.weight
+
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        return self.decoder if self.config.adaptive_cutoffs is not None else None
 
     def initial_state(self, batch_size: int) -> State:
         """Zero hidden (and cell) vectors: what ``state=None`` means."""
         c = self.config
-        p = self.decoder.weight
+        p = self.encoder.weight
         tensors = {"h": p.new_zeros(batch_size, c.n_layer, c.n_hidden)}
         if c.cell == "lstm":
             tensors["c"] = p.new_zeros(batch_size, c.n_layer, c.n_hidden)
         return State(tensors, 0)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, n_hidden)."""
+        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, n_hidden).
+
+        With an adaptive output layer the logits are the exact log-probabilities."""
+        hidden, state = self.hidden_states(ids, state)
+        return self.decoder(hidden), state
+
+    def hidden_states(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """ids: (B, T) -> the vectors the output layer reads (B, T, decoder_width), and the state."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got shape {tuple(ids.shape)}")
         c = self.config
@@ -188,17 +252,51 @@ class RecurrentLM(LanguageModel):
             if shape != (B, c.n_layer, c.n_hidden):
                 raise ValueError(f"state {key!r} has shape {shape}; expected {(B, c.n_layer, c.n_hidden)} for ids of batch {B}")
         if T == 0:
-            return self.decoder.weight.new_zeros(B, 0, c.vocab_size), state
-        x = self.drop(self.encoder(ids))
+            return self.encoder.weight.new_zeros(B, 0, c.decoder_width), state
+        p_input, p_between, p_output = c.dropout_rates()
+        x = F.embedding(ids, embedding_dropout(self.encoder.weight, c.embed_dropout, self.training))
         hidden = [state.tensors[k].transpose(0, 1).contiguous().to(x.dtype) for k in keys]  # (L, B, H)
-        if c.cell == "lstm":
-            out, (h, cell) = self.rnn(x, (hidden[0], hidden[1]))
-            new = {"h": h.transpose(0, 1).contiguous(), "c": cell.transpose(0, 1).contiguous()}
+        if c.variational_dropout:
+            x = locked_dropout(x, p_input, self.training)
+            out, new_hidden = self._run_layers(x, hidden, p_between)
+            out = locked_dropout(out, p_output, self.training)
         else:
+            x = F.dropout(x, p_input, self.training)
+            if c.cell == "lstm":
+                out, (h, cell) = self.rnn(x, (hidden[0], hidden[1]))
+                new_hidden = [h, cell]
+            else:
+                out, h = self.rnn(x, hidden[0])
+                new_hidden = [h]
+            out = self.drop(out)
+        new = {k: v.transpose(0, 1).contiguous() for k, v in zip(keys, new_hidden)}
+        if c.output_size is not None:
+            out = self.projection(out)
+        return out, State(new, state.length + T)
+
+    def _run_layers(self, x: torch.Tensor, hidden: list[torch.Tensor], p_between: float):
+        """The layers one at a time with a locked dropout mask between them.
+        x (B, T, n_embd), hidden: [h (L, B, H)] or [h, c] -> (output (B, T, H), [h, (c)] (L, B, H))."""
+        c = self.config
+        if isinstance(self.rnn, ClassicGRU):  # one layer (see RecurrentConfig)
             out, h = self.rnn(x, hidden[0])
-            new = {"h": h.transpose(0, 1).contiguous()}
-        logits = self.decoder(self.drop(out))
-        return logits, State(new, state.length + T)
+            return out, [h]
+        kernel = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh if c.nonlinearity == "tanh" else torch.rnn_relu}[c.cell]
+        finals: list[list[torch.Tensor]] = [[] for _ in hidden]
+        for k in range(c.n_layer):
+            if k > 0:
+                x = locked_dropout(x, p_between, self.training)
+            weights = [getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            start = [t[k : k + 1] for t in hidden]
+            if c.cell == "lstm":
+                x, h, cell = kernel(x, start, weights, True, 1, 0.0, self.training, False, True)
+                ends = [h, cell]
+            else:
+                x, h = kernel(x, start[0], weights, True, 1, 0.0, self.training, False, True)
+                ends = [h]
+            for store, end in zip(finals, ends):
+                store.append(end)
+        return x, [torch.cat(store, dim=0) for store in finals]
 
 
 @register("rnn", RNNConfig)
