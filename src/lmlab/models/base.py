@@ -205,6 +205,9 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     from safetensors.torch import save
 
     directory = Path(directory)
+    if hasattr(model, "save_directory"):  # a model made of other models (the interpolate family)
+        model.save_directory(directory)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     config = {"family": model.family, **dataclasses.asdict(model.config)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -240,6 +243,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
 
     directory = Path(directory)
     family, values = read_config(directory)
+    _import_families()
+    model_cls = _REGISTRY.get(family, (None, None))[1]
+    if hasattr(model_cls, "load_directory"):  # a model made of other models (the interpolate family)
+        return model_cls.load_directory(directory, values, map_location)
     model = build_model(family, values)
     weights = directory / "model.safetensors"
     if not weights.is_file():

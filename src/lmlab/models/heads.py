@@ -66,6 +66,13 @@ class AdaptiveSoftmaxHead(nn.Module):
                  head_bias: bool = False) -> None:
         super().__init__()
         check_adaptive_cutoffs(cutoffs, vocab_size, div_value)
+        narrowest = int(in_features // div_value ** len(cutoffs))
+        if narrowest < 1:
+            raise ValueError(
+                f"adaptive_cutoffs={list(cutoffs)} with adaptive_div_value={div_value} gives the last cluster a "
+                f"projection of {in_features} // {div_value}**{len(cutoffs)} = 0 features; "
+                "use fewer cutoffs, a smaller div_value or a wider model"
+            )
         self.vocab_size = vocab_size
         self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(in_features, vocab_size, list(cutoffs),
                                                       div_value=div_value, head_bias=head_bias)
