@@ -184,12 +184,14 @@ def cmd_interpolate(args) -> int:
 
     from lmlab.checkpoints import load_checkpoint
     from lmlab.models.base import staged_directory
-    from lmlab.models.interpolate import (InterpolatedLM, check_same_tokenizer, component_target_logprobs,
-                                          fit_weights, mixture_logprobs)
+    from lmlab.models.interpolate import (InterpolatedLM, check_same_tokenizer, check_weights,
+                                          component_target_logprobs, fit_weights, mixture_logprobs)
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{str(out)!r} already exists; choose a new directory")
+    if args.weights is not None:
+        check_weights(args.weights, len(args.models))
     loaded = [load_checkpoint(spec, args.device) for spec in args.models]
     tokenizers = [tok for _, tok in loaded]
     check_same_tokenizer(tokenizers, args.models)
