@@ -3,7 +3,8 @@ LSTM run, and the Kneser-Ney + LSTM interpolation.
 
     python benchmarks/word_lm.py speed --out results/word_lm_speed.json
     python benchmarks/word_lm.py train --minutes 25 --out runs/wt2-lstm
-    python benchmarks/word_lm.py interpolate --lstm runs/wt2-lstm --out results/word_lm_interpolate.json
+    python benchmarks/word_lm.py kn --out results/word_lm_kn.json
+    python benchmarks/word_lm.py interpolate --lstm runs/wt2-lstm --kn results/word_lm_kn.npz --out results/word_lm_interpolate.json
 
 Data: the tokenized WikiText-2 files (``--data``, default ../shared/data/wikitext-2:
 train.txt, valid.txt, test.txt, ``<unk>`` as given). Every line, empty ones included,
@@ -19,10 +20,10 @@ threads. ``train``: the LSTM trained for ``--minutes`` of wall time or, with ``-
 this process's CPU time (evaluations are not counted), learning rate on a cosine over
 the budget; perplexity of the first ``--curve-tokens`` validation tokens every
 ``--eval-every`` minutes (the curve), full validation and test perplexity at the end; the model is saved as
-an lmlab checkpoint. ``interpolate``: KN3 and KN5 (lmlab's n-gram family: per sentence
-as KenLM scores them, and over the stream as the LSTM sees it), then the ``interpolate``
-family over (stream KN5, LSTM) with its weights fitted by EM on the validation split;
-test perplexities of each.
+an lmlab checkpoint. ``kn``: KN3 and KN5 (lmlab's n-gram family) per sentence, as KenLM
+scores them, and a KN5 over the stream as the LSTM sees it (its target log-probs saved
+beside --out). ``interpolate``: the ``interpolate`` family's mixture of (stream KN5,
+LSTM), weights fitted by EM on the validation split; perplexities of each.
 """
 
 from __future__ import annotations
@@ -169,55 +170,72 @@ def cmd_train(args) -> dict:
                      "val_ppl_prefix": round(stream_perplexity(model, curve_ids, 10), 2), "load_average": load_average()}
             curve.append(point)
             print(json.dumps(point), flush=True)
-    val_ppl = stream_perplexity(model, streams["valid"], 10)
-    curve.append({"minutes": round(trained / 60, 2), "wall_minutes": round((time.perf_counter() - wall0) / 60, 2),
-                  "tokens": tokens, "epochs": round(tokens / len(streams["train"]), 3),
-                  "val_ppl_prefix": round(stream_perplexity(model, curve_ids, 10), 2), "val_ppl": round(val_ppl, 2),
-                  "load_average": load_average()})
-    print(json.dumps(curve[-1]), flush=True)
-    test_ppl = stream_perplexity(model, streams["test"], 1)
     save_model(model, out / "model")
     tok.save(out / "model" / "tokenizer.json")
     result = {"config": vars(args), "parameters": model.num_parameters(), "threads": torch.get_num_threads(),
               "clock": args.clock, "stop": stop, "train_minutes": trained / 60, "tokens_per_second": tokens / trained,
-              "curve": curve, "val_ppl": val_ppl, "test_ppl": test_ppl}
+              "curve": curve}
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
-    print(f"test perplexity {test_ppl:.2f} after {trained / 60:.1f} {args.clock} minutes of training", flush=True)
     return result
 
 
-def cmd_interpolate(args) -> dict:
-    from lmlab.models.interpolate import InterpolatedLM, component_target_logprobs, fit_weights
-    from lmlab.models.ngram import NGramModel
+def ngram_stream(tok, streams, order: int):
+    model = build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
+                                  "eos_id": tok.eos_id, "unk_id": tok.unk_id})
+    return model.fit(streams["train"].numpy(), add_bos_eos=False)
 
-    lstm = load_model(Path(args.lstm) / "model").eval()
-    tok = load_tokenizer(Path(args.lstm) / "model" / "tokenizer.json")
-    _, streams = load_splits(Path(args.data), tok)
-    result: dict = {"load_average_start": load_average()}
 
-    def lines(split):  # per-sentence ids without the <eos> (the n-gram adds <s> ... </s>)
+def cmd_kn(args) -> dict:
+    """KN3/KN5 per sentence (KenLM's way) and the stream KN5's target log-probs for the interpolation."""
+    from lmlab.models.interpolate import component_target_logprobs
+
+    tok, streams = load_splits(Path(args.data))
+    result: dict = {"vocab_size": tok.vocab_size, "load_average_start": load_average()}
+
+    def lines(split):  # per-line ids without the <eos> (the n-gram adds <s> ... </s>)
         s = streams[split].numpy()
-        cuts = np.flatnonzero(s == tok.eos_id)
-        return np.split(s, cuts + 1)[:-1]
+        return [x[:-1] for x in np.split(s, np.flatnonzero(s == tok.eos_id) + 1)[:-1]]
 
     for order in (3, 5):
         t = time.perf_counter()
         kn = build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
                                    "eos_id": tok.eos_id, "unk_id": tok.unk_id})
-        kn.fit([x[:-1] for x in lines("train")], add_bos_eos=True)
-        result[f"kn{order}_sentences_test_ppl"] = kn.perplexity([x[:-1] for x in lines("test")], add_bos_eos=True)
+        kn.fit(lines("train"), add_bos_eos=True)
+        test = lines("test")
+        result[f"kn{order}_sentences_test_ppl"] = kn.perplexity(test, add_bos_eos=True)
+        result[f"kn{order}_nonempty_sentences_test_ppl"] = kn.perplexity([x for x in test if len(x)], add_bos_eos=True)
         result[f"kn{order}_sentences_seconds"] = time.perf_counter() - t
         print(json.dumps({k: v for k, v in result.items() if k.startswith(f"kn{order}")}), flush=True)
-    kn5 = build_model("ngram", {"vocab_size": tok.vocab_size, "order": 5, "bos_id": tok.bos_id,
-                                "eos_id": tok.eos_id, "unk_id": tok.unk_id})
-    kn5.fit(streams["train"].numpy(), add_bos_eos=False)
-    components = [kn5, lstm]
-    logps = {split: component_target_logprobs(components, streams[split]) for split in ("valid", "test")}
+    kn5 = ngram_stream(tok, streams, 5)
+    logps = {split: component_target_logprobs([kn5], streams[split])[:, 0] for split in ("valid", "test")}
+    result["kn5_stream_valid_ppl"] = math.exp(-float(logps["valid"].mean()))
+    result["kn5_stream_test_ppl"] = math.exp(-float(logps["test"].mean()))
+    result["load_average_end"] = load_average()
+    np.savez(Path(args.out).with_suffix(".npz"), **logps)
+    return result
+
+
+def cmd_interpolate(args) -> dict:
+    """The interpolate family over (stream KN5, LSTM), weights by EM on validation; the KN5 target
+    log-probs come from ``kn``'s .npz (the same tokenizer: the training split's vocabulary)."""
+    from lmlab.models.interpolate import component_target_logprobs, fit_weights, mixture_logprobs
+
+    lstm = load_model(Path(args.lstm) / "model").eval()
+    tok = load_tokenizer(Path(args.lstm) / "model" / "tokenizer.json")
+    _, streams = load_splits(Path(args.data), tok)
+    kn = np.load(Path(args.kn))
+    result: dict = {"load_average_start": load_average()}
+    logps = {}
+    for split in ("valid", "test"):
+        lstm_lp = component_target_logprobs([lstm], streams[split])[:, 0]
+        logps[split] = np.stack([kn[split], lstm_lp], axis=1)
     weights, history = fit_weights(logps["valid"])
     for name, k in (("kn5_stream", 0), ("lstm", 1)):
+        result[f"{name}_valid_ppl"] = math.exp(-float(logps["valid"][:, k].mean()))
         result[f"{name}_test_ppl"] = math.exp(-float(logps["test"][:, k].mean()))
-    mixture = InterpolatedLM(components, weights.tolist())
-    result["interpolated_test_ppl"] = math.exp(-float(mixture.mix_target_logprobs(logps["test"]).mean()))
+    # The mixture of these per-token log-probs is what InterpolatedLM computes (tests/test_interpolate.py).
+    for split in ("valid", "test"):
+        result[f"interpolated_{split}_ppl"] = math.exp(-float(mixture_logprobs(logps[split], weights).mean()))
     result["weights"] = weights.tolist()
     result["em_valid_nll"] = history
     result["load_average_end"] = load_average()
@@ -226,7 +244,7 @@ def cmd_interpolate(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["speed", "train", "interpolate"])
+    ap.add_argument("command", choices=["speed", "train", "kn", "interpolate"])
     ap.add_argument("--data", default=str(WIKITEXT2))
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
@@ -254,9 +272,10 @@ def main() -> None:
     ap.add_argument("--curve-tokens", type=int, default=50_000,
                     help="train: curve points use the first N validation tokens; the end uses all of it")
     ap.add_argument("--lstm", help="interpolate: the directory `train` wrote")
+    ap.add_argument("--kn", help="interpolate: the .npz `kn` wrote beside its --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"speed": cmd_speed, "train": cmd_train, "interpolate": cmd_interpolate}[args.command](args)
+    result = {"speed": cmd_speed, "train": cmd_train, "kn": cmd_kn, "interpolate": cmd_interpolate}[args.command](args)
     if args.command != "train":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
