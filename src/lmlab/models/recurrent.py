@@ -20,8 +20,15 @@ GRU variants (``gru_variant``), gates r, z, n stacked in that order in each
 and in both r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise,
 h' = (1 - z) * n + z * h. The classic form runs a small Python loop over time.
 
-State: ``h`` (B, n_layer, n_hidden) and, for the LSTM, ``c`` (B, n_layer, n_hidden);
-batch first, as every lmlab state.
+Widths: ``n_hidden`` is one width for every layer (an int) or one per layer (a list
+of n_layer ints, e.g. [128, 64]: layer k maps width k-1 to width k). Equal widths run
+through the torch modules above; different ones through ``LayeredRecurrent``, which
+keeps their parameter names and shapes per layer and runs each layer with the same
+kernel.
+
+State: ``h`` (B, n_layer, max width) and, for the LSTM, ``c`` likewise; batch first,
+as every lmlab state. Layer k's vector is ``h[:, k, :width_k]``; with different
+widths the rest of the row is zeros.
 
 Word-level regularisation (Merity et al. 2018, AWD-LSTM; all off by default):
 
@@ -29,11 +36,12 @@ Word-level regularisation (Merity et al. 2018, AWD-LSTM; all off by default):
 - ``variational_dropout=True``: the dropouts on the embeddings (``input_dropout``),
   between layers (``hidden_dropout``) and on the top layer's output (``dropout``) use
   one mask per sequence shared over time (Gal & Ghahramani 2016) instead of a fresh
-  mask per step; ``input_dropout``/``hidden_dropout`` default to ``dropout``;
+  mask per step; ``input_dropout``/``hidden_dropout`` default to ``dropout``. The layers
+  then run through ``LayeredRecurrent`` (the same parameters, masks between layers);
 - ``tie_weights``: the output layer reuses the embedding matrix (Press & Wolf 2017;
   Inan et al. 2017). It needs the vector the output layer reads to have n_embd
-  features: the top layer's width ``n_hidden``, or ``output_size`` which adds a linear
-  projection n_hidden -> output_size (``projection.weight``, ``projection.bias``).
+  features: the top layer's width, or ``output_size`` which adds a linear projection
+  from the top layer to output_size (``projection.weight``, ``projection.bias``).
 
 ``adaptive_cutoffs`` replaces the full softmax by an adaptive softmax
 (``lmlab.models.heads``): trained on each target's cluster only, scored exactly; the
@@ -64,7 +72,7 @@ class RecurrentConfig:
     block_size: int = 64               # training window (truncated backprop length)
     cell: str = "lstm"                 # "rnn" | "gru" | "lstm"; must match the family
     n_embd: int = 64                   # embedding dimension
-    n_hidden: int = 128                # hidden units per layer
+    n_hidden: int | list[int] = 128    # hidden units: one width for every layer, or a list of n_layer widths
     n_layer: int = 1
     dropout: float = 0.0               # on the embeddings, between layers, and on the top layer's output
     nonlinearity: str = "tanh"         # rnn only: "tanh" | "relu"
@@ -74,7 +82,7 @@ class RecurrentConfig:
     input_dropout: float | None = None   # on the embeddings; None: dropout
     hidden_dropout: float | None = None  # between layers; None: dropout
     variational_dropout: bool = False  # one dropout mask per sequence, shared over time steps
-    output_size: int | None = None     # None: the decoder reads the top layer; else a projection n_hidden -> output_size
+    output_size: int | None = None     # None: the decoder reads the top layer; else a projection to output_size
     adaptive_cutoffs: list[int] | None = None  # adaptive softmax output layer (see lmlab.models.heads); None: full softmax
     adaptive_div_value: float = 4.0            # each tail cluster's projection is this many times narrower
 
@@ -82,9 +90,17 @@ class RecurrentConfig:
         for name, accepted in (("cell", CELLS), ("gru_variant", GRU_VARIANTS), ("nonlinearity", NONLINEARITIES)):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; accepted: {accepted}")
-        for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layer"):
+        for name in ("vocab_size", "block_size", "n_embd", "n_layer"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if isinstance(self.n_hidden, (list, tuple)):
+            self.n_hidden = list(self.n_hidden)
+            if len(self.n_hidden) != self.n_layer:
+                raise ValueError(f"n_hidden={self.n_hidden} gives {len(self.n_hidden)} layer widths but "
+                                 f"n_layer={self.n_layer}; give one width per layer, or one int for all")
+        widths = self.n_hidden if isinstance(self.n_hidden, list) else [self.n_hidden]
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+            raise ValueError(f"n_hidden={self.n_hidden!r} must be a positive integer or a list of them")
         for name in ("dropout", "embed_dropout", "input_dropout", "hidden_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -94,25 +110,29 @@ class RecurrentConfig:
         if self.tie_weights and self.decoder_width != self.n_embd:
             raise ValueError(
                 f"tie_weights needs the output layer's input width to equal n_embd={self.n_embd}, but it reads the "
-                f"top layer's n_hidden={self.n_hidden} units; make the top layer n_embd wide or set "
-                f"output_size={self.n_embd} to add a projection"
+                f"top layer's {self.hidden_sizes[-1]} units (n_hidden={self.n_hidden}); make the top layer n_embd "
+                f"wide or set output_size={self.n_embd} to add a projection"
             )
         check_adaptive_cutoffs(self.adaptive_cutoffs, self.vocab_size, self.adaptive_div_value)
         if self.adaptive_cutoffs is not None and self.tie_weights:
             raise ValueError("adaptive_cutoffs cannot be combined with tie_weights=true (the adaptive output layer "
                              "has no (vocab_size, n_embd) matrix to share); set tie_weights=false")
-        if self.variational_dropout and self.n_layer > 1 and self.cell == "gru" and self.gru_variant == "classic":
-            raise ValueError("variational_dropout between layers runs torch's recurrent kernels layer by layer; "
-                             "gru_variant='classic' with n_layer > 1 is not supported with it (use 'reset_after')")
         if self.cell != "gru" and self.gru_variant != "reset_after":
             raise ValueError(f"gru_variant={self.gru_variant!r} applies to cell='gru' only, not cell={self.cell!r}")
         if self.cell != "rnn" and self.nonlinearity != "tanh":
             raise ValueError(f"nonlinearity={self.nonlinearity!r} applies to cell='rnn' only, not cell={self.cell!r}")
 
     @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """The width of each layer, bottom to top."""
+        if isinstance(self.n_hidden, list):
+            return tuple(self.n_hidden)
+        return (self.n_hidden,) * self.n_layer
+
+    @property
     def decoder_width(self) -> int:
-        """Features of the vector the output layer reads: output_size, or the top layer's n_hidden."""
-        return self.output_size if self.output_size is not None else self.n_hidden
+        """Features of the vector the output layer reads: output_size, or the top layer's width."""
+        return self.output_size if self.output_size is not None else self.hidden_sizes[-1]
 
     def dropout_rates(self) -> tuple[float, float, float]:
         """(on the embeddings, between layers, on the top output)."""
@@ -135,52 +155,105 @@ class LSTMConfig(RecurrentConfig):
     cell: str = "lstm"
 
 
-class ClassicGRU(nn.Module):
-    """Multi-layer GRU with the reset gate applied before the hidden matmul (batch first).
+GATE_COUNT = {"rnn": 1, "gru": 3, "lstm": 4}
 
-    Same parameters, shapes and names as ``torch.nn.GRU`` (``weight_ih_l{k}`` (3H, in),
-    ``weight_hh_l{k}`` (3H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (3H,), gates r, z, n).
+
+class LayeredRecurrent(nn.Module):
+    """Stacked RNN / GRU / LSTM layers, each of its own width (batch first).
+
+    Layer k maps ``widths[k - 1]`` (``input_size`` for k = 0) to ``widths[k]`` = H_k; its
+    parameters have ``torch.nn.RNN``/``GRU``/``LSTM``'s names and per-layer shapes:
+    ``weight_ih_l{k}`` (G H_k, in_k), ``weight_hh_l{k}`` (G H_k, H_k), ``bias_ih_l{k}``,
+    ``bias_hh_l{k}`` (G H_k,), gates stacked as torch does (GRU r, z, n; LSTM i, f, g, o).
+    Each layer runs through the kernel those modules use (``torch.lstm``, ``torch.gru``,
+    ``torch.rnn_tanh``/``rnn_relu``), or, for the classic GRU (``reset_after=False``), a
+    Python loop over time. Dropout acts between layers in training, as in torch, or with
+    ``locked=True`` with one mask per sequence for all time steps (variational dropout).
+
+    Hidden states go in and out like ``nn.LSTM``'s, (L, B, max width) (a tuple (h, c) for
+    the LSTM); layer k reads and writes ``[k, :, :H_k]``, the rest is zeros.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, cell: str, input_size: int, widths, *, nonlinearity: str = "tanh",
+                 reset_after: bool = True, dropout: float = 0.0, locked: bool = False) -> None:
         super().__init__()
-        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
-        H = hidden_size
-        for k in range(num_layers):
-            width = input_size if k == 0 else H
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * H, width)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * H, H)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * H)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * H)))
+        self.locked = locked
+        self.cell, self.input_size, self.widths = cell, input_size, [int(w) for w in widths]
+        self.num_layers, self.nonlinearity, self.reset_after, self.dropout = len(self.widths), nonlinearity, reset_after, dropout
+        G = GATE_COUNT[cell]
+        for k, H in enumerate(self.widths):
+            width = input_size if k == 0 else self.widths[k - 1]
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(G * H, width)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(G * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(G * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(G * H)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        """U(-1/sqrt(H_k), 1/sqrt(H_k)) per layer, torch's init."""
+        for k, H in enumerate(self.widths):
+            for p in self.layer_parameters(k):
+                nn.init.uniform_(p, -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, input_size), h0: (num_layers, B, H) -> output (B, T, H), h_n (num_layers, B, H)."""
-        H = self.hidden_size
-        finals = []
-        for k in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
-            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
-            gi = F.linear(x, w_ih, b_ih)  # (B, T, 3H): all input projections at once
-            h = h0[k]
-            outputs = []
-            for t in range(x.shape[1]):
-                gh = F.linear(h, w_hh[: 2 * H], b_hh[: 2 * H])
-                r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
-                z = torch.sigmoid(gi[:, t, H : 2 * H] + gh[:, H:])
-                n = torch.tanh(gi[:, t, 2 * H :] + F.linear(r * h, w_hh[2 * H :], b_hh[2 * H :]))
-                h = (1 - z) * n + z * h
-                outputs.append(h)
-            finals.append(h)
-            x = torch.stack(outputs, dim=1)
+    def layer_parameters(self, k: int) -> list[nn.Parameter]:
+        """[weight_ih, weight_hh, bias_ih, bias_hh] of layer k."""
+        return [getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _layer(self, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+        """Layer k over x (B, T, in_k) from h, c (1, B, H_k) -> output (B, T, H_k), h_n, c_n."""
+        params = self.layer_parameters(k)
+        if self.cell == "lstm":
+            return torch.lstm(x, [h, c], params, True, 1, 0.0, self.training, False, True)
+        if self.cell == "gru" and not self.reset_after:
+            return (*_classic_gru_layer(x, h[0], *params), None)
+        run = torch.gru if self.cell == "gru" else torch.rnn_relu if self.nonlinearity == "relu" else torch.rnn_tanh
+        return (*run(x, h, params, True, 1, 0.0, self.training, False, True), None)
+
+    def forward(self, x: torch.Tensor, hx):
+        """x: (B, T, input_size), hx: (L, B, max width), or (h, c) for the LSTM ->
+        output (B, T, H_top) and the final states in the form of hx."""
+        lstm = self.cell == "lstm"
+        h0, c0 = hx if lstm else (hx, None)
+        width = h0.shape[-1]
+        hs, cs = [], []
+        for k, H in enumerate(self.widths):
+            x, h, c = self._layer(k, x, h0[k : k + 1, :, :H], c0[k : k + 1, :, :H] if lstm else None)
+            hs.append(F.pad(h.reshape(-1, H), (0, width - H)))
+            if lstm:
+                cs.append(F.pad(c.reshape(-1, H), (0, width - H)))
             if k < self.num_layers - 1 and self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
-        return x, torch.stack(finals, dim=0)
+                drop = locked_dropout if self.locked else F.dropout
+                x = drop(x, self.dropout, self.training)
+        h = torch.stack(hs, dim=0)
+        return (x, (h, torch.stack(cs, dim=0))) if lstm else (x, h)
+
+
+def _classic_gru_layer(x, h, w_ih, w_hh, b_ih, b_hh):
+    """One classic GRU layer: x (B, T, in), h (B, H) -> output (B, T, H), h_n (1, B, H)."""
+    H = h.shape[-1]
+    gi = F.linear(x, w_ih, b_ih)  # (B, T, 3H): all input projections at once
+    outputs = []
+    for t in range(x.shape[1]):
+        gh = F.linear(h, w_hh[: 2 * H], b_hh[: 2 * H])
+        r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
+        z = torch.sigmoid(gi[:, t, H : 2 * H] + gh[:, H:])
+        n = torch.tanh(gi[:, t, 2 * H :] + F.linear(r * h, w_hh[2 * H :], b_hh[2 * H :]))
+        h = (1 - z) * n + z * h
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h[None]
+
+
+class ClassicGRU(LayeredRecurrent):
+    """Multi-layer GRU with the reset gate applied before the hidden matmul (batch first).
+
+    Same parameters, shapes and names as ``torch.nn.GRU`` (``weight_ih_l{k}`` (3H, in),
+    ``weight_hh_l{k}`` (3H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (3H,), gates r, z, n);
+    ``hidden_size`` is one width or a list of one per layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size, num_layers: int = 1, dropout: float = 0.0) -> None:
+        widths = list(hidden_size) if isinstance(hidden_size, (list, tuple)) else [hidden_size] * num_layers
+        super().__init__("gru", input_size, widths, reset_after=False, dropout=dropout)
 
 
 class RecurrentLM(LanguageModel):
@@ -193,21 +266,25 @@ class RecurrentLM(LanguageModel):
             raise ValueError(f"the {family!r} family needs cell={family!r}, got cell={config.cell!r}")
         self.config = c = config
         self.encoder = nn.Embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        # With variational dropout the layers run one at a time (masks in between), else torch drops between them.
-        between = c.dropout_rates()[1] if c.n_layer > 1 and not c.variational_dropout else 0.0
-        if c.cell == "gru" and c.gru_variant == "classic":
-            self.rnn = ClassicGRU(c.n_embd, c.n_hidden, c.n_layer, dropout=between)
+        between = c.dropout_rates()[1] if c.n_layer > 1 else 0.0
+        widths = c.hidden_sizes
+        if c.variational_dropout:
+            self.rnn = LayeredRecurrent(c.cell, c.n_embd, widths, nonlinearity=c.nonlinearity,
+                                        reset_after=c.gru_variant != "classic", dropout=between, locked=True)
+        elif c.cell == "gru" and c.gru_variant == "classic":
+            self.rnn = ClassicGRU(c.n_embd, list(widths), dropout=between)
+        elif len(set(widths)) > 1:
+            self.rnn = LayeredRecurrent(c.cell, c.n_embd, widths, nonlinearity=c.nonlinearity, dropout=between)
         elif c.cell == "gru":
-            self.rnn = nn.GRU(c.n_embd, c.n_hidden, c.n_layer, dropout=between, batch_first=True)
+            self.rnn = nn.GRU(c.n_embd, widths[0], c.n_layer, dropout=between, batch_first=True)
         elif c.cell == "lstm":
-            self.rnn = nn.LSTM(c.n_embd, c.n_hidden, c.n_layer, dropout=between, batch_first=True)
+            self.rnn = nn.LSTM(c.n_embd, widths[0], c.n_layer, dropout=between, batch_first=True)
         else:
             self.rnn = nn.RNN(
-                c.n_embd, c.n_hidden, c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
+                c.n_embd, widths[0], c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
             )
         if c.output_size is not None:
-            self.projection = nn.Linear(c.n_hidden, c.output_size)
+            self.projection = nn.Linear(widths[-1], c.output_size)
         self.decoder = make_output_head(c.decoder_width, c.vocab_size, True, c.adaptive_cutoffs, c.adaptive_div_value)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         if c.adaptive_cutoffs is None:
@@ -224,13 +301,14 @@ class RecurrentLM(LanguageModel):
         """Zero hidden (and cell) vectors: what ``state=None`` means."""
         c = self.config
         p = self.encoder.weight
-        tensors = {"h": p.new_zeros(batch_size, c.n_layer, c.n_hidden)}
+        shape = (batch_size, c.n_layer, max(c.hidden_sizes))
+        tensors = {"h": p.new_zeros(shape)}
         if c.cell == "lstm":
-            tensors["c"] = p.new_zeros(batch_size, c.n_layer, c.n_hidden)
+            tensors["c"] = p.new_zeros(shape)
         return State(tensors, 0)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, n_hidden).
+        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, max width).
 
         With an adaptive output layer the logits are the exact log-probabilities."""
         hidden, state = self.hidden_states(ids, state)
@@ -249,54 +327,26 @@ class RecurrentLM(LanguageModel):
             if key not in state.tensors:
                 raise ValueError(f"a {c.cell} state holds {keys}; got a state with {sorted(state.tensors)}")
             shape = tuple(state.tensors[key].shape)
-            if shape != (B, c.n_layer, c.n_hidden):
-                raise ValueError(f"state {key!r} has shape {shape}; expected {(B, c.n_layer, c.n_hidden)} for ids of batch {B}")
+            want = (B, c.n_layer, max(c.hidden_sizes))
+            if shape != want:
+                raise ValueError(f"state {key!r} has shape {shape}; expected {want} for ids of batch {B}")
         if T == 0:
             return self.encoder.weight.new_zeros(B, 0, c.decoder_width), state
-        p_input, p_between, p_output = c.dropout_rates()
+        p_input, _, p_output = c.dropout_rates()
+        drop = locked_dropout if c.variational_dropout else F.dropout
         x = F.embedding(ids, embedding_dropout(self.encoder.weight, c.embed_dropout, self.training))
+        x = drop(x, p_input, self.training)
         hidden = [state.tensors[k].transpose(0, 1).contiguous().to(x.dtype) for k in keys]  # (L, B, H)
-        if c.variational_dropout:
-            x = locked_dropout(x, p_input, self.training)
-            out, new_hidden = self._run_layers(x, hidden, p_between)
-            out = locked_dropout(out, p_output, self.training)
+        if c.cell == "lstm":
+            out, (h, cell) = self.rnn(x, (hidden[0], hidden[1]))
+            new = {"h": h.transpose(0, 1).contiguous(), "c": cell.transpose(0, 1).contiguous()}
         else:
-            x = F.dropout(x, p_input, self.training)
-            if c.cell == "lstm":
-                out, (h, cell) = self.rnn(x, (hidden[0], hidden[1]))
-                new_hidden = [h, cell]
-            else:
-                out, h = self.rnn(x, hidden[0])
-                new_hidden = [h]
-            out = self.drop(out)
-        new = {k: v.transpose(0, 1).contiguous() for k, v in zip(keys, new_hidden)}
+            out, h = self.rnn(x, hidden[0])
+            new = {"h": h.transpose(0, 1).contiguous()}
+        out = drop(out, p_output, self.training)
         if c.output_size is not None:
             out = self.projection(out)
         return out, State(new, state.length + T)
-
-    def _run_layers(self, x: torch.Tensor, hidden: list[torch.Tensor], p_between: float):
-        """The layers one at a time with a locked dropout mask between them.
-        x (B, T, n_embd), hidden: [h (L, B, H)] or [h, c] -> (output (B, T, H), [h, (c)] (L, B, H))."""
-        c = self.config
-        if isinstance(self.rnn, ClassicGRU):  # one layer (see RecurrentConfig)
-            out, h = self.rnn(x, hidden[0])
-            return out, [h]
-        kernel = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh if c.nonlinearity == "tanh" else torch.rnn_relu}[c.cell]
-        finals: list[list[torch.Tensor]] = [[] for _ in hidden]
-        for k in range(c.n_layer):
-            if k > 0:
-                x = locked_dropout(x, p_between, self.training)
-            weights = [getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            start = [t[k : k + 1] for t in hidden]
-            if c.cell == "lstm":
-                x, h, cell = kernel(x, start, weights, True, 1, 0.0, self.training, False, True)
-                ends = [h, cell]
-            else:
-                x, h = kernel(x, start[0], weights, True, 1, 0.0, self.training, False, True)
-                ends = [h]
-            for store, end in zip(finals, ends):
-                store.append(end)
-        return x, [torch.cat(store, dim=0) for store in finals]
 
 
 @register("rnn", RNNConfig)
