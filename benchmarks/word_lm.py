@@ -179,10 +179,10 @@ def cmd_train(args) -> dict:
     return result
 
 
-def ngram_stream(tok, streams, order: int):
-    model = build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
-                                  "eos_id": tok.eos_id, "unk_id": tok.unk_id})
-    return model.fit(streams["train"].numpy(), add_bos_eos=False)
+def kneser_ney(tok, order: int):
+    """An unfitted interpolated modified Kneser-Ney model over the tokenizer's ids."""
+    return build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
+                                 "eos_id": tok.eos_id, "unk_id": tok.unk_id})
 
 
 def cmd_kn(args) -> dict:
@@ -198,15 +198,13 @@ def cmd_kn(args) -> dict:
 
     for order in (3, 5):
         t = time.perf_counter()
-        kn = build_model("ngram", {"vocab_size": tok.vocab_size, "order": order, "bos_id": tok.bos_id,
-                                   "eos_id": tok.eos_id, "unk_id": tok.unk_id})
-        kn.fit(lines("train"), add_bos_eos=True)
+        kn = kneser_ney(tok, order).fit(lines("train"), add_bos_eos=True)
         test = lines("test")
         result[f"kn{order}_sentences_test_ppl"] = kn.perplexity(test, add_bos_eos=True)
         result[f"kn{order}_nonempty_sentences_test_ppl"] = kn.perplexity([x for x in test if len(x)], add_bos_eos=True)
         result[f"kn{order}_sentences_seconds"] = time.perf_counter() - t
         print(json.dumps({k: v for k, v in result.items() if k.startswith(f"kn{order}")}), flush=True)
-    kn5 = ngram_stream(tok, streams, 5)
+    kn5 = kneser_ney(tok, 5).fit(streams["train"].numpy(), add_bos_eos=False)  # n-grams span lines, as the LSTM reads
     logps = {split: component_target_logprobs([kn5], streams[split])[:, 0] for split in ("valid", "test")}
     result["kn5_stream_valid_ppl"] = math.exp(-float(logps["valid"].mean()))
     result["kn5_stream_test_ppl"] = math.exp(-float(logps["test"].mean()))

@@ -169,3 +169,21 @@ def test_cli_refuses_models_with_different_tokenizers(tok, tmp_path, capsys):
     assert main(["interpolate", "--models", a, b, "--valid", str(valid), "--out", str(tmp_path / "mix")]) == 2
     assert "differs from that of" in capsys.readouterr().err
     assert not (tmp_path / "mix").exists()
+
+
+def test_cli_sequences_and_given_weights(tok, tmp_path, capsys):
+    """--sequences: each line is <bos> line <eos>; the printed figure is the saved mixture's score_sequences."""
+    kn, lstm = components(tok)
+    a, b = _checkpoint(kn, tok, tmp_path / "kn"), _checkpoint(lstm, tok, tmp_path / "lstm")
+    valid = tmp_path / "valid.txt"
+    valid.write_text("abcab\ncabba acb\nbb\n")
+    args = ["interpolate", "--models", a, b, "--valid", str(valid), "--sequences", "--weights", "0.6", "0.4"]
+    assert main([*args, "--out", str(tmp_path / "mix")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == [0.6, 0.4] and report["em_iterations"] == 0
+    model, tok2 = load_checkpoint(str(tmp_path / "mix"))
+    score = score_sequences(model, tok2, valid.read_text().splitlines())
+    assert report["valid_tokens"] == score.tokens
+    assert report["valid_nll_per_token"]["interpolated"] == pytest.approx(score.nll_per_token, rel=1e-5)
+    assert main([*args[:-2], "0.6", "0.6", "--out", str(tmp_path / "bad")]) == 2
+    assert "sum to 1" in capsys.readouterr().err
