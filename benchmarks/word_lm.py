@@ -11,8 +11,8 @@ train.txt, valid.txt, test.txt, ``<unk>`` as given). Every line, empty ones incl
 is its words (split on whitespace) followed by ``<eos>``, read as one stream: the
 convention of PyTorch's word_language_model and of AWD-LSTM (Merity et al. 2018), whose
 perplexities are per word with ``<eos>`` counted. The vocabulary is the training split's
-words, most frequent first (what an adaptive softmax needs), plus lmlab's specials;
-``<eos>`` is the tokenizer's end id and ``<unk>`` its unknown id.
+words, most frequent first (what an adaptive softmax needs), after ``<unk>``, ``<s>``,
+``</s>`` (lmlab's word tokenizer); each line's end is ``</s>`` (WikiText's ``<eos>``).
 
 ``speed``: training tokens per second of the same LSTM with a full softmax and with an
 adaptive softmax (``adaptive_cutoffs``), truncated BPTT windows, Adam, on ``--threads``
@@ -38,6 +38,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -46,16 +47,25 @@ import torch  # noqa: E402
 from lmlab.models import build_model, load_model, save_model  # noqa: E402
 from lmlab.models.base import State, atomic_write_text  # noqa: E402
 from lmlab.models.heads import next_token_loss  # noqa: E402
-from lmlab.tokenizers import WordTokenizer, load_tokenizer  # noqa: E402
+from lmlab.tokenizers import WordTokenizer, load_tokenizer, split_words  # noqa: E402
 
 WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def frequency_ordered_words(text: str) -> WordTokenizer:
+    """lmlab's word tokenizer over the words of ``text``, most frequent first (what an adaptive
+    softmax's cutoffs need; ``WordTokenizer.train`` numbers words by first occurrence)."""
+    counts = Counter(split_words(text))
+    specials = ["<unk>", "<s>", "</s>"]
+    words = sorted((w for w in counts if w not in specials), key=lambda w: -counts[w])  # ties: first seen
+    return WordTokenizer([*specials, *words])
 
 
 def load_splits(data: Path, tok: WordTokenizer | None = None):
     """(tokenizer, {split: 1-D int64 stream}) with each line's words followed by <eos>."""
     texts = {s: (data / f"{s}.txt").read_text(encoding="utf-8") for s in ("train", "valid", "test")}
     if tok is None:
-        tok = WordTokenizer.train(texts["train"], pattern=r"\S+")
+        tok = frequency_ordered_words(texts["train"])
     streams = {}
     for split, text in texts.items():
         ids: list[int] = []

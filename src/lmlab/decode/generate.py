@@ -16,6 +16,7 @@ import torch
 
 from lmlab.decode.processors import apply_processors
 from lmlab.models.base import LanguageModel, State, require_causal
+from lmlab.tokenizers import continuation_text
 
 # A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
 # (see lmlab.decode.processors); LogitsProcessor instances also get num_generated (B,).
@@ -210,7 +211,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     if tokenizer is not None:
         for r in results:
             ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
-            text = tokenizer.decode(ids)
+            text = continuation_text(tokenizer, r.prompt_ids, ids)
             if r.finish_reason == "stop":
                 cut = min(text.index(s) for s in stop_strings if s in text)
                 text = text[:cut]
