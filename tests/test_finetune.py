@@ -151,8 +151,20 @@ def test_unknown_target_lists_the_layers_that_exist(tok):
 
 
 def test_unsupported_model_for_classification(tok):
-    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints and Hugging Face"):
-        build_classifier(build_model("gru", dict(vocab_size=tok.vocab_size)), ["a", "b"], "probe")
+    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints.*and Hugging Face"):
+        build_classifier(build_model("mlp", dict(vocab_size=tok.vocab_size)), ["a", "b"], "probe")
+
+
+def test_recurrent_nets_classify_from_their_top_layer(tok):
+    """A recurrent net's features are the vectors its output layer reads (n_hidden wide, not n_embd)."""
+    torch.manual_seed(0)
+    gru = build_model("gru", dict(vocab_size=tok.vocab_size, n_embd=8, n_hidden=12)).eval()
+    clf = build_classifier(gru, ["a", "b"], "probe")
+    assert clf.head.in_features == 12
+    ids = torch.tensor([tok.encode("the cat")])
+    with torch.no_grad():
+        feats = clf.features(ids, torch.ones_like(ids, dtype=torch.bool))
+        torch.testing.assert_close(feats[0], gru.hidden_states(ids)[0][0, -1])
 
 
 # ---------------------------------------------------------------- LoRA: train, merge, save, load

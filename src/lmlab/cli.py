@@ -1,4 +1,4 @@
-"""The ``lmlab`` command: prepare, train, score, generate, plot, demo."""
+"""The ``lmlab`` command: prepare, train, score, interpolate, generate, plot, demo."""
 
 from __future__ import annotations
 
@@ -336,6 +336,52 @@ def cmd_score(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ interpolate
+
+
+def cmd_interpolate(args) -> int:
+    """Mix trained models (same tokenizer); fit the weights by EM on --valid; save the mixture."""
+    import math
+
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.models.base import staged_directory
+    from lmlab.models.interpolate import (InterpolatedLM, check_same_tokenizer, check_weights,
+                                          component_target_logprobs, fit_weights, mixture_logprobs)
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{str(out)!r} already exists; choose a new directory")
+    if args.weights is not None:
+        check_weights(args.weights, len(args.models))
+    loaded = [load_checkpoint(spec, args.device) for spec in args.models]
+    tokenizers = [tok for _, tok in loaded]
+    check_same_tokenizer(tokenizers, args.models)
+    tokenizer = tokenizers[0]
+    components = [model for model, _ in loaded]
+    if args.sequences:
+        lines = [tokenizer.encode(t) for t in data_mod.read_lines(args.valid)]
+        logps = np.concatenate([component_target_logprobs(components, [tokenizer.bos_id, *s, tokenizer.eos_id])
+                                for s in lines])
+    else:
+        logps = component_target_logprobs(components, tokenizer.encode(data_mod.read_corpus(args.valid)))
+    if args.weights is not None:
+        weights, history = np.asarray(args.weights, dtype=np.float64), []
+    else:
+        weights, history = fit_weights(logps)
+    model = InterpolatedLM.from_models(components, weights.tolist())
+    with staged_directory(out) as tmp:
+        model.save_directory(tmp)
+        tokenizer.save(tmp / "tokenizer.json")
+    nll = [float(-logps[:, k].mean()) for k in range(len(components))]
+    mixed = float(-mixture_logprobs(logps, weights).mean())
+    report = {"out": str(out), "models": args.models, "weights": weights.tolist(), "valid_tokens": int(logps.shape[0]),
+              "valid_nll_per_token": {"components": nll, "interpolated": mixed},
+              "valid_perplexity": {"components": [math.exp(v) for v in nll], "interpolated": math.exp(mixed)},
+              "em_iterations": max(len(history) - 1, 0)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------ plot
 
 
@@ -452,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every figure as JSON, named by its unit")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("interpolate", help="mix trained models that share a tokenizer; weights fitted by EM on held-out text")
+    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="two or more checkpoints or run directories")
+    p.add_argument("--valid", required=True, help="held-out UTF-8 text the weights are fitted on")
+    p.add_argument("--sequences", action="store_true", help="each line of --valid is a complete sequence (with <eos>)")
+    p.add_argument("--weights", type=float, nargs="+", help="use these weights instead of fitting them")
+    p.add_argument("--out", required=True, help="directory for the interpolated model (must not exist)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("generate", help="continue prompts with any decoding setup; compare setups; predict/complete tasks")
     add_generate_arguments(p)

@@ -818,7 +818,7 @@ def _check_classifiable(model: Any) -> None:
         return
     raise ValueError(
         f"classification reads a model's final hidden states, which {_describe(model)} does not expose; "
-        "supported: lmlab 'transformer' checkpoints and Hugging Face causal LMs ('hf:<dir>')"
+        "supported: lmlab 'transformer' checkpoints, lmlab 'rnn', 'gru', 'lstm' checkpoints and Hugging Face causal LMs ('hf:<dir>')"
     )
 
 
@@ -827,9 +827,7 @@ def _hidden_size(model: Any) -> int:
     if _is_hf_module(base):
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         return int(cfg.hidden_size)
-    if hasattr(base.config, "n_embd"):
-        return int(base.config.n_embd)
-    with torch.no_grad():  # any other family with hidden_states: ask it
+    with torch.no_grad():  # an lmlab family with hidden_states (n_embd is not a recurrent net's width): ask it
         return int(base.hidden_states(torch.zeros((1, 1), dtype=torch.long, device=base.device))[0].shape[-1])
 
 

@@ -681,6 +681,8 @@ def lmlab_to_gpt2(model: Transformer, *, bos_id: int | None = None, eos_id: int 
         problems.append("lm_head_bias=True (GPT-2's lm_head has no bias)")
     if not c.causal:
         problems.append("causal=False (GPT-2 is a causal decoder)")
+    if c.adaptive_cutoffs is not None:
+        problems.append(f"adaptive_cutoffs={c.adaptive_cutoffs} (GPT-2 has a full softmax output layer)")
     _unsupported("lmlab", problems, "Convert a Llama-style model with lmlab_to_llama")
     hf_cfg = tf.GPT2Config(
         vocab_size=c.vocab_size,
@@ -816,6 +818,8 @@ def lmlab_to_llama(model: Transformer, *, bos_id: int | None = None, eos_id: int
         problems.append("lm_head_bias=True (Llama's lm_head has no bias)")
     if not c.causal:
         problems.append("causal=False (Llama is a causal decoder)")
+    if c.adaptive_cutoffs is not None:
+        problems.append(f"adaptive_cutoffs={c.adaptive_cutoffs} (Llama has a full softmax output layer)")
     _unsupported("lmlab", problems, "Convert a GPT-2-style model with lmlab_to_gpt2")
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     hf_cfg = tf.LlamaConfig(

@@ -49,6 +49,7 @@ from lmlab.rundir import (
     recover_run,
     truncate_metrics,
 )
+from lmlab.models.heads import next_token_loss
 
 CHANGEABLE_ON_RESUME = ("max_iters", "time_budget", "device", "compile", "progress")
 """TrainConfig fields a resumed run may change; every other field must equal the run's own."""
@@ -111,9 +112,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T)."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T).
+
+    A model with an adaptive softmax output layer is trained through its adaptive
+    loss (the same value, computed on each target's cluster only)."""
+    return next_token_loss(model, x, y)[0]
 
 
 def masked_lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,14 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        """The model's adaptive softmax output layer (``lmlab.models.heads.AdaptiveSoftmaxHead``), or None.
+
+        A family that has one also has ``hidden_states(ids, state) -> (hidden (B, T, d), state)``,
+        the vectors that layer reads; training uses ``adaptive_head.loss`` on them."""
+        return None
+
     def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Like ``forward`` but only the logits after the last token: (B, V). Generation
         reads nothing else, so a family may skip its output layer at the other positions."""
@@ -296,6 +304,9 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     from safetensors.torch import save
 
     directory = Path(directory)
+    if hasattr(model, "save_directory"):  # a model made of other models (the interpolate family)
+        model.save_directory(directory)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     hf_module = getattr(model, "hf", None)
     if getattr(model, "family", None) == "hf" and hf_module is not None:
@@ -366,6 +377,10 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
 
     directory = Path(directory)
     family, values = read_config(directory)
+    _import_families()
+    model_cls = _REGISTRY.get(family, (None, None))[1]
+    if hasattr(model_cls, "load_directory"):  # a model made of other models (the interpolate family)
+        return model_cls.load_directory(directory, values, map_location)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         refuse_pickled_weights(directory)

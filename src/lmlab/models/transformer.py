@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.base import LanguageModel, State, register
+from lmlab.models.dropout import embedding_dropout
+from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 
 @dataclass
@@ -46,6 +48,8 @@ class TransformerConfig:
     lm_head_bias: bool = False
     tie_weights: bool = True
     causal: bool = True            # False: every position attends to every position (an encoder)
+    adaptive_cutoffs: list[int] | None = None  # adaptive softmax output layer (see lmlab.models.heads); None: full softmax
+    adaptive_div_value: float = 4.0            # each tail cluster's projection is this many times narrower
 
     def __post_init__(self) -> None:
         choices = {
@@ -70,6 +74,10 @@ class TransformerConfig:
             raise ValueError(f"dropout={self.dropout}, embed_dropout={self.embed_dropout}: each must be in [0, 1)")
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        check_adaptive_cutoffs(self.adaptive_cutoffs, self.vocab_size, self.adaptive_div_value)
+        if self.adaptive_cutoffs is not None and self.tie_weights:
+            raise ValueError("adaptive_cutoffs cannot be combined with tie_weights=true (the adaptive output layer "
+                             "has no (vocab_size, n_embd) matrix to share); set tie_weights=false")
 
 
 def sinusoidal_table(num_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
@@ -278,7 +286,8 @@ class Transformer(LanguageModel):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = make_output_head(config.n_embd, config.vocab_size, config.lm_head_bias,
+                                        config.adaptive_cutoffs, config.adaptive_div_value)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.o.weight", "mlp.proj.weight")):
@@ -297,14 +306,14 @@ class Transformer(LanguageModel):
     def max_context(self) -> int:
         return self.config.block_size
 
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        return self.lm_head if self.config.adaptive_cutoffs is not None else None
+
     def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """(B, T) ids at positions start.. -> (B, T, C) input vectors."""
         c = self.config
-        weight = self.wte.weight
-        if self.training and c.embed_dropout > 0:
-            keep = torch.empty(weight.shape[0], 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - c.embed_dropout)
-            weight = weight * keep / (1 - c.embed_dropout)
-        x = F.embedding(ids, weight)
+        x = F.embedding(ids, embedding_dropout(self.wte.weight, c.embed_dropout, self.training))
         T = ids.shape[1]
         if c.positions == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=ids.device))
@@ -316,6 +325,9 @@ class Transformer(LanguageModel):
         self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
     ) -> tuple[torch.Tensor, State]:
         """ids: (B, T) int64 -> logits (B, T, V) float and the state after the last token.
+
+        With an adaptive output layer (``adaptive_cutoffs``) the logits are the exact
+        log-probabilities (they are already normalized).
 
         With ``return_attention=True`` the state also holds ``attention{i}``
         (B, H, T, start + T) weights per layer (slower: no fused kernel).
