@@ -198,7 +198,7 @@ class RecurrentLM(LanguageModel):
             out, h = self.rnn(x, hidden[0])
             new = {"h": h.transpose(0, 1).contiguous()}
         logits = self.decoder(self.drop(out))
-        return logits, State(new, state.length + T)
+        return logits, State(new, state.length + T, offsets=state.offsets)
 
 
 @register("rnn", RNNConfig)
