@@ -115,8 +115,12 @@ def stream_nll(
     window: int | None = None,
     stride: int | None = None,
     batch_size: int = 16,
+    token_logprobs: list[float] | None = None,
 ) -> Score:
     """NLL of tokens 1..N-1 of a stream, each scored once.
+
+    ``token_logprobs``, when given a list, receives log P(token t | its context) of
+    tokens 1..N-1 in order.
 
     ``window`` is the most tokens a forward pass sees (default: the model's
     context, or 1024 for unbounded models). ``stride`` = ``window`` gives
@@ -162,14 +166,38 @@ def stream_nll(
         lp = target_logprobs(model, x.to(device), y.to(device))
         total -= float(lp.double().sum())
         count += int((y != IGNORE).sum())
+        if token_logprobs is not None:
+            scored = (y != IGNORE).to(lp.device)
+            for row in range(len(group)):
+                token_logprobs.extend(lp[row][scored[row]].tolist())
     assert count == n - 1, (count, n)
     return Score(nll=total, tokens=count)
 
 
-def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None) -> Score:
-    """Stream score of a long text; bits per character count the characters after the first token."""
+def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
+               token_logprobs: list[float] | None = None) -> Score:
+    """Stream score of a long text; bits per character count the characters after the first token.
+    ``token_logprobs`` as in ``stream_nll``."""
     ids = tokenizer.encode(text)
-    score = stream_nll(model, ids, window, stride)
+    score = stream_nll(model, ids, window, stride, token_logprobs=token_logprobs)
     first = len(tokenizer.decode(ids[:1]))
     score.characters = max(len(text) - first, 0)
     return score
+
+
+@torch.no_grad()
+def position_logprobs(model: LanguageModel, ids: Sequence[int], top: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """For tokens 1..N-1 of ``ids`` (one window, N <= the model's context): log P(ids[t] | ids[:t])
+    and the ``top`` most probable tokens at that position as (id, log-prob), most probable first."""
+    require_causal(model, "scoring")
+    ids = torch.as_tensor(list(ids), dtype=torch.long).flatten()
+    _check_context(model, ids.numel())
+    if ids.numel() < 2:
+        return [], []
+    logits, _ = model(ids[None, :-1].to(model.device))
+    logp = torch.log_softmax(logits[0].float(), dim=-1)  # (N - 1, V)
+    picked = logp.gather(1, ids[1:, None].to(logp.device)).squeeze(1).tolist()
+    if not top:
+        return picked, [[] for _ in picked]
+    values, index = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
