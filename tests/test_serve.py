@@ -299,3 +299,57 @@ def test_field_names_are_the_openai_package_types(base_url):
     plain = httpx.post(base_url + "/v1/completions", json={"prompt": "RO", "max_tokens": 3, "seed": 0,
                                                            "logprobs": 2}).json()
     Completion.model_validate(plain)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, its tokenizer with a chat template."""
+    transformers = pytest.importorskip("transformers")
+    from lmlab.tokenizers import BPETokenizer
+
+    text = ("<user>hello there\n<assistant>hello to you\n" * 4 + "the quick brown fox jumps over the lazy dog. ") * 6
+    bpe = BPETokenizer.train(text, vocab_size=300)
+    directory = tmp_path_factory.mktemp("chat")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=96, initializer_range=0.3, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(str(directory))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.backend, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def test_chat_completions_equal_lmlab_generation_on_the_template(chat_model_dir):
+    from lmlab.decode.setups import DecodingSetup, run_setup
+    from lmlab.hf import chat_ids
+
+    model, tokenizer = load_checkpoint(f"hf:{chat_model_dir}")
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = chat_ids(tokenizer, messages)
+    app = create_app(model, tokenizer, "chat", max_batch=4)
+    assert app.state.server.scheduler.policy == "one request at a time"  # a Hugging Face cache does not merge
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for options, setup in [(dict(temperature=0, seed=0), "greedy"), (dict(seed=5, top_p=0.9), "top-p 0.9")]:
+            expected = run_setup(model, tokenizer, [prompt], DecodingSetup.parse(setup), 12, seed=options["seed"])[0][0]
+            response = client.chat.completions.create(model="chat", messages=messages, max_tokens=12, **options)
+            assert response.choices[0].message.role == "assistant"
+            assert response.choices[0].message.content == expected.text
+            assert response.usage.prompt_tokens == len(prompt)
+            deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="chat", messages=messages, max_tokens=12, stream=True, **options)]
+            assert "".join(deltas) == expected.text
+        logprobs = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, seed=1,
+                                                  logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in logprobs)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="chat", messages=[{"role": "user"}], max_tokens=4)
+        assert info.value.body["param"] == "messages"
