@@ -729,15 +729,19 @@ class _Request:
                 server.scheduler.submit(job)
             pending = len(jobs)
             while pending:
-                item = await queue.get()
-                if item[0] == "done":
-                    pending -= 1
-                    continue
-                _, i, e = item
-                row = rows[(i, e.row)]
-                delta = row.add(e.token_id)
-                index = i * self.n + e.row
-                yield self.chunk([self.stream_choice(index, delta, e, offsets, (i, e.row))])
+                # Tokens that arrived while the last chunk was sent go out together, one chunk per row.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                grouped: dict[tuple[int, int], list[TokenEvent]] = {}
+                for item in items:
+                    if item[0] == "done":
+                        pending -= 1
+                    else:
+                        grouped.setdefault((item[1], item[2].row), []).append(item[2])
+                for key, events in grouped.items():
+                    delta = "".join(rows[key].add(e.token_id) for e in events)
+                    yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events, offsets, key)])
             completion_tokens = 0
             for i, job in enumerate(jobs):
                 if job.error:
@@ -758,19 +762,23 @@ class _Request:
                 if not job.done.is_set():
                     job.cancel()
 
-    def stream_choice(self, index: int, delta: str, e: TokenEvent, offsets: dict, key) -> dict:
+    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], offsets: dict, key) -> dict:
+        """A chunk's choice for one row: the text of ``events`` (one or more new tokens)."""
         lp = None
         if self.logprobs is not None:
             if self.chat:
-                lp = {"content": [self.chat_logprob(e.token_id, e.logprob, e.alternatives)]}
+                lp = {"content": [self.chat_logprob(e.token_id, e.logprob, e.alternatives) for e in events]}
             else:
-                lp = self.legacy_logprobs([e.token_id], [e.logprob],
-                                          [self.top_dict((t, l) for t, l, _ in e.alternatives)], offsets[key])
-                offsets[key] += len(lp["tokens"][0])
+                lp = self.legacy_logprobs([e.token_id for e in events], [e.logprob for e in events],
+                                          [self.top_dict((t, l) for t, l, _ in e.alternatives) for e in events],
+                                          offsets[key])
+                offsets[key] += sum(len(t) for t in lp["tokens"])
                 # lmlab's extras for the playground: the processed log-prob and the alternatives before/after.
-                lp["processed_logprobs"] = [_finite(e.processed_logprob)]
+                lp["processed_logprobs"] = [None if e.processed_logprob is None else _finite(e.processed_logprob)
+                                            for e in events]
                 lp["alternatives"] = [[{"id": t, "token": self.server.token_text(t), "logprob": l,
-                                        "processed_logprob": _finite(p)} for t, l, p in e.alternatives]]
+                                        "processed_logprob": _finite(p)} for t, l, p in e.alternatives]
+                                      for e in events]
         if self.chat:
             return {"index": index, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None}
         return {"index": index, "text": delta, "logprobs": lp, "finish_reason": None}

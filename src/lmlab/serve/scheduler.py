@@ -39,13 +39,14 @@ __all__ = ["Job", "TokenEvent", "Scheduler"]
 
 @dataclass
 class TokenEvent:
-    """A token chosen for ``row`` of a job. ``logprob``: under the model (before processors).
-    ``alternatives``: the most probable tokens as (id, model logprob, processed logprob)."""
+    """A token chosen for ``row`` of a job. ``logprob``: under the model (before processors);
+    ``processed_logprob``: after them (only when the job asks for ``alternatives``; -inf when
+    they cut it). ``alternatives``: the most probable tokens as (id, model logprob, processed logprob)."""
 
     row: int
     token_id: int
     logprob: float
-    processed_logprob: float
+    processed_logprob: float | None
     alternatives: list[tuple[int, float, float]] = field(default_factory=list)
 
 
@@ -272,13 +273,12 @@ class Scheduler:
         a.ids = torch.cat([a.ids, chosen[:, None]], dim=1)
         a.generated += 1
         logp = torch.log_softmax(logits, dim=-1)
-        processed = torch.log_softmax(scores, dim=-1)
         picked = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
-        picked_processed = processed.gather(1, chosen[:, None]).squeeze(1).tolist()
-        top = None
+        picked_processed, top = [None] * job.n, None
         if job.alternatives:
-            k = min(job.alternatives, logp.shape[-1])
-            values, index = logp.topk(k, dim=-1)
+            processed = torch.log_softmax(scores, dim=-1)
+            picked_processed = processed.gather(1, chosen[:, None]).squeeze(1).tolist()
+            values, index = logp.topk(min(job.alternatives, logp.shape[-1]), dim=-1)
             top = (index.tolist(), values.tolist(), processed.gather(1, index).tolist())
         tokens = chosen.tolist()
         for r in range(job.n):

@@ -143,8 +143,9 @@ async function generateAll() {
     try {
       await streamCompletion({...common, ...setupBody(s)}, (choice) => {
         const lp = choice.logprobs;
-        if (lp && lp.tokens.length) {
-          out.appendChild(tokenSpan(lp.tokens[0], lp.token_logprobs[0], lp.processed_logprobs[0], lp.alternatives[0]));
+        if (lp) {  // a chunk may carry several tokens when they arrive faster than they are sent
+          lp.tokens.forEach((token, k) => out.appendChild(
+            tokenSpan(token, lp.token_logprobs[k], lp.processed_logprobs[k], lp.alternatives[k])));
         }
         if (choice.finish_reason) col.querySelector(".finish").textContent = "finish: " + choice.finish_reason;
       });
