@@ -1,6 +1,7 @@
 """States of rows at different positions stacked into one batch (``merge_states``):
 every family gives each row the logits it would get alone."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ FAMILIES = [
     ("bigram", dict(vocab_size=V)),
     ("gru", dict(vocab_size=V, n_embd=8, n_hidden=8)),
     ("lstm", dict(vocab_size=V, n_embd=8, n_hidden=8)),
+    ("ngram", dict(vocab_size=V, order=3, method="addk", k=0.5)),
 ]
 
 
@@ -26,6 +28,8 @@ def _model(family, config):
     model = build_model(family, config).eval()
     if family == "bigram":
         torch.nn.init.normal_(model.E)
+    if family == "ngram":
+        model.fit(np.random.default_rng(0).integers(0, V, 400), add_bos_eos=False)
     return model
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import math
 import time
@@ -310,7 +311,7 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
     async def _auth(request: Request, call_next):
         if api_key is not None and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 what = "no API key given" if not given else "the API key is wrong"
                 return APIError(f"{what}; send the header 'Authorization: Bearer <key>'", status=401,
                                 code="invalid_api_key").response()
@@ -440,10 +441,9 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
                         "logit_bias"))
         server.check_model(body)
         top_n = _int(body, "top_n", 20, 1, int(model.vocab_size))
-        (prompt,) = server.encode_prompts(body.get("prompt", ""), _bool(body, "add_bos")) if isinstance(
-            body.get("prompt"), str) else (None,)
-        if prompt is None:
-            raise APIError("prompt must be a string", "prompt")
+        if not isinstance(body.get("prompt"), str):
+            raise APIError(f"prompt must be a string, got {body.get('prompt')!r}"[:200], "prompt")
+        (prompt,) = server.encode_prompts(body["prompt"], _bool(body, "add_bos"))
         server.check_lengths([prompt], 1, 1)
         setup = _setup({**body, "n": 1}, int(model.vocab_size))
         processors = server.processors(setup)
