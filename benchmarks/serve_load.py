@@ -1,6 +1,7 @@
 """``lmlab serve`` under load, on loopback only: throughput, latency, and a bounded soak test.
 
     python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
+    python benchmarks/serve_load.py loop --out runs/serve_loop.json
     python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
     python benchmarks/serve_load.py throughput --model hf:/path/to/smollm2 --max-tokens 32 --out ...
 
@@ -11,6 +12,9 @@ throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transfo
     server with --max-batch 1 (one request at a time). Aggregate tokens/s, time to first token
     and inter-token latency (p50, p99) per setting, and ``lmlab generate``'s own tokens/s for
     one request in this process (what a single client loses to the server).
+loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
+    N jobs submitted together against the same jobs one at a time, to show what the HTTP
+    layer costs.
 soak: --requests requests from --clients concurrent clients, a mix of streaming and
     non-streaming, some cancelled after a few tokens, some invalid (answered 400). Checks that
     every request is answered exactly once (or refused with a clear error), that no response
@@ -291,9 +295,47 @@ def soak(args, model_spec: str) -> dict:
     return summary
 
 
+def loop(args, model_spec: str) -> dict:
+    """Aggregate tokens/s of the Scheduler alone: N jobs at once against one at a time."""
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.decode.setups import DecodingSetup
+    from lmlab.serve.scheduler import Job, Scheduler
+
+    model, tokenizer = load_checkpoint(model_spec)
+    processors = DecodingSetup(logit_bias={tokenizer.eos_id: -100.0}).processors(eos_id=tokenizer.eos_id)
+    scheduler = Scheduler(model, tokenizer, max_batch=32)
+
+    def jobs(count: int) -> list[Job]:
+        return [Job(prompt_ids=tokenizer.encode(PROMPTS[i % len(PROMPTS)]), max_new_tokens=args.max_tokens,
+                    processors=processors, seed=i, eos_id=tokenizer.eos_id) for i in range(count)]
+
+    def timed(batch: list[Job], together: bool) -> float:
+        t0 = time.perf_counter()
+        for job in batch:
+            scheduler.submit(job)
+            if not together:
+                job.done.wait()
+        for job in batch:
+            job.done.wait()
+        return sum(len(job.results[0].token_ids) for job in batch) / (time.perf_counter() - t0)
+
+    rows = []
+    try:
+        timed(jobs(4), True)  # warm-up
+        for count in args.clients:
+            row = {"jobs": count, "together_tokens_per_s": timed(jobs(count), True),
+                   "one_at_a_time_tokens_per_s": timed(jobs(count), False)}
+            rows.append(row)
+            print(f"| {count} | {row['together_tokens_per_s']:.0f} | {row['one_at_a_time_tokens_per_s']:.0f} | "
+                  f"{row['together_tokens_per_s'] / row['one_at_a_time_tokens_per_s']:.1f}x |", flush=True)
+    finally:
+        scheduler.close()
+    return {"rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["throughput", "soak"])
+    parser.add_argument("mode", choices=["throughput", "loop", "soak"])
     parser.add_argument("--model", help="a checkpoint or hf:DIR (default: a demo-size random transformer)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: client counts")
@@ -315,6 +357,10 @@ def main() -> None:
             print("|---|---|---|---|---|---|---|")
             result = {**meta, **throughput(args, model_spec)}
             print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s")
+        elif args.mode == "loop":
+            print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
+            print("|---|---|---|---|")
+            result = {**meta, **loop(args, model_spec)}
         else:
             result = {**meta, **soak(args, model_spec)}
             print(json.dumps(result, indent=2))
