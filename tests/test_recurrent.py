@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmlab.models import State, build_model, load_model, save_model
-from lmlab.models.recurrent import ClassicGRU, GRUConfig, LSTMConfig, RecurrentConfig, RNNConfig
+from lmlab.models.recurrent import ClassicGRU, GRUConfig, LayeredRecurrent, LSTMConfig, RecurrentConfig, RNNConfig
 from lmlab.sources import MarkovChain
 
 V = 9
@@ -22,6 +22,13 @@ CONFIGS = {
     "gru-classic": ("gru", {**BASE, "gru_variant": "classic"}),
     "lstm": ("lstm", BASE),
     "lstm-tied": ("lstm", {**BASE, "n_embd": 10, "tie_weights": True, "n_layer": 1}),
+    # a different width per layer
+    "rnn-widths": ("rnn", {**BASE, "n_hidden": [10, 7]}),
+    "rnn-relu-widths": ("rnn", {**BASE, "nonlinearity": "relu", "n_hidden": [5, 8]}),
+    "gru-widths": ("gru", {**BASE, "n_hidden": [10, 7]}),
+    "gru-classic-widths": ("gru", {**BASE, "gru_variant": "classic", "n_hidden": [7, 10]}),
+    "lstm-widths": ("lstm", {**BASE, "n_layer": 3, "n_hidden": [10, 4, 7]}),
+    "lstm-widths-tied": ("lstm", {**BASE, "n_hidden": [9, 6], "tie_weights": True}),
 }
 
 
@@ -46,7 +53,7 @@ def test_shapes_and_state(name):
     ids = torch.randint(0, V, (3, 7))
     logits, state = model(ids)
     assert logits.shape == (3, 7, V) and state.length == 7
-    L, H = model.config.n_layer, model.config.n_hidden
+    L, H = model.config.n_layer, max(model.config.hidden_sizes)
     expected = {"h", "c"} if model.config.cell == "lstm" else {"h"}
     assert set(state.tensors) == expected
     assert all(t.shape == (3, L, H) for t in state.tensors.values())
@@ -115,6 +122,58 @@ def test_torch_weights_load_by_name(cell, module):
     torch.testing.assert_close(state.tensors["h"], h.transpose(0, 1))
 
 
+@pytest.mark.parametrize("cell, nonlinearity", [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")])
+def test_layers_of_different_widths_equal_a_chain_of_torch_modules(cell, nonlinearity):
+    """LayeredRecurrent (widths 6 -> 9 -> 4) is torch's one-layer modules chained, float64, state
+    padded to the widest layer; with one width it is torch's multi-layer module itself."""
+    module = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell]
+    kw = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+    torch.manual_seed(0)
+    stack = LayeredRecurrent(cell, 6, [9, 4], nonlinearity=nonlinearity).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 9, dtype=torch.float64)
+    h0[1, :, 4:] = 0
+    c0 = torch.randn_like(h0) * (h0 != 0)
+    out, final = stack(x, (h0, c0) if cell == "lstm" else h0)
+    y, ref = x, []
+    for k, (n_in, H) in enumerate([(6, 9), (9, 4)]):
+        one = module(n_in, H, batch_first=True, dtype=torch.float64, **kw)
+        one.load_state_dict(dict(zip(["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"],
+                                     stack.layer_parameters(k))))
+        hx = (h0[k : k + 1, :, :H], c0[k : k + 1, :, :H]) if cell == "lstm" else h0[k : k + 1, :, :H]
+        y, hk = one(y, hx)
+        ref.append(hk)
+    torch.testing.assert_close(out, y)
+    for j, got in enumerate(final if cell == "lstm" else (final,)):
+        want = [r[j] if cell == "lstm" else r for r in ref]
+        torch.testing.assert_close(got[0], want[0][0])
+        torch.testing.assert_close(got[1, :, :4], want[1][0])
+        assert torch.all(got[1, :, 4:] == 0)
+
+    same = LayeredRecurrent(cell, 6, [5, 5], nonlinearity=nonlinearity).double()
+    whole = module(6, 5, num_layers=2, batch_first=True, dtype=torch.float64, **kw)
+    whole.load_state_dict(same.state_dict())
+    h5 = torch.randn(2, 3, 5, dtype=torch.float64)
+    hx = (h5, h5.flip(0)) if cell == "lstm" else h5
+    torch.testing.assert_close(same(x, hx)[0], whole(x, hx)[0])
+
+
+def test_per_layer_widths_config():
+    model = make("lstm-widths")
+    assert model.config.hidden_sizes == (10, 4, 7) and isinstance(model.rnn, LayeredRecurrent)
+    assert model.rnn.weight_ih_l1.shape == (16, 10) and model.rnn.weight_hh_l2.shape == (28, 7)
+    assert model.decoder.weight.shape == (V, 7)
+    assert RecurrentConfig(vocab_size=5, n_layer=2, n_hidden=(8, 4)).n_hidden == [8, 4]  # JSON-ready
+    uniform = build_model("lstm", {**BASE, "n_hidden": [10, 10]})
+    assert isinstance(uniform.rnn, torch.nn.LSTM)        # equal widths: torch's multi-layer module
+    with pytest.raises(ValueError, match=r"n_hidden=\[8, 4\] gives 2 layer widths but n_layer=1"):
+        LSTMConfig(vocab_size=5, n_hidden=[8, 4])
+    with pytest.raises(ValueError, match=r"n_hidden=\[8, 0\] must be a positive integer or a list"):
+        LSTMConfig(vocab_size=5, n_layer=2, n_hidden=[8, 0])
+    with pytest.raises(ValueError, match=r"tie_weights needs n_embd == n_hidden \(the top layer's width\)"):
+        LSTMConfig(vocab_size=5, n_embd=8, n_layer=2, n_hidden=[8, 4], tie_weights=True)
+
+
 def _classic_gru_numpy(x, h0, w_ih, w_hh, b_ih, b_hh):
     """Cho et al. 2014 with torch's gate layout (r, z, n), one layer, float64."""
     sig = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
@@ -152,7 +211,7 @@ def test_gru_variants_share_parameter_names():
 
 
 def test_dropout_between_layers_only_in_training():
-    for name in ("lstm", "gru-classic"):
+    for name in ("lstm", "gru-classic", "gru-widths", "lstm-widths"):
         model = make(name, dropout=0.3)
         ids = torch.randint(0, V, (2, 6))
         model.train()

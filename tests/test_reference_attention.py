@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmlab.reference import MultiHeadAttention, SelfAttention, attention
-from lmlab.reference.ops import causal_mask, gelu, layer_norm, log_softmax, rms_norm, softmax
+from lmlab.models.transformer import attention_weights
+from lmlab.reference import MultiHeadAttention, SelfAttention, attention, attention_backward
+from lmlab.reference.ops import causal_mask, gelu, layer_norm, log_softmax, masked_softmax, rms_norm, softmax
 
 RTOL, ATOL = 1e-6, 1e-12
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,6 +284,115 @@ def test_attention_function_cache_and_grouped_query():
     close(full, ref)
     # the last 2 queries against all 5 keys (a KV cache) give the last 2 rows
     close(attention(q[:, :, 3:], k, v, causal=True), full[:, :, 3:])
+
+
+# ---------------------------------------------------------------- the attention backward, fully masked rows
+
+def torch_sdpa(q, k, v, blocked, scale):
+    """torch's scaled_dot_product_attention, k/v heads repeated for grouped-query attention.
+    ``blocked``: numpy bool (True = blocked) or additive float mask, or None."""
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    mask = None if blocked is None else torch.tensor(~blocked if blocked.dtype == bool else blocked)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@st.composite
+def sdpa_cases(draw):
+    """(q, k, v, dout, kwargs for attention, the same mask as one array for torch, scale)."""
+    B, H_kv, rep = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    T_q, T_k, d, d_v = (draw(st.integers(1, 4)) for _ in range(4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    H = H_kv * rep
+    q, k = rng.standard_normal((B, H, T_q, d)), rng.standard_normal((B, H_kv, T_k, d))
+    v, dout = rng.standard_normal((B, H_kv, T_k, d_v)), rng.standard_normal((B, H, T_q, d_v))
+    kind = draw(st.sampled_from(["none", "causal", "bool", "additive", "causal+bool"]))
+    kw, blocked = {}, None
+    if "causal" in kind:
+        kw["causal"] = True
+        blocked = np.broadcast_to(causal_mask(T_q, T_k), (B, H, T_q, T_k))
+    if "bool" in kind:
+        kw["mask"] = rng.random((B, H, T_q, T_k)) < 0.4             # some rows end up fully blocked
+        blocked = kw["mask"] if blocked is None else blocked | kw["mask"]
+    if kind == "additive":
+        add = rng.standard_normal((T_q, T_k))
+        add[rng.random((T_q, T_k)) < 0.3] = -np.inf
+        kw["mask"] = blocked = add
+    scale = draw(st.sampled_from([None, 0.3]))
+    if scale is not None:
+        kw["scale"] = scale
+    return q, k, v, dout, kw, None if blocked is None else np.ascontiguousarray(blocked), scale
+
+
+@FAST
+@given(case=sdpa_cases())
+def test_attention_backward_matches_torch_autograd(case):
+    """dq, dk, dv against autograd through torch's SDPA (float64): causal, bool and additive masks,
+    T = 1, d_k != d_v, grouped-query heads; fully blocked rows give 0 and no gradient, as in torch."""
+    q, k, v, dout, kw, blocked, scale = case
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    ty = torch_sdpa(tq, tk, tv, blocked, scale)
+    (ty * torch.tensor(dout)).sum().backward()
+    y = attention(q, k, v, **kw)
+    dq, dk, dv = attention_backward(q, k, v, dout, **kw)
+    assert np.isfinite(y).all() and dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    close(y, ty, what="y")
+    close(dq, tq.grad, what="dq")
+    close(dk, tk.grad, what="dk")
+    close(dv, tv.grad, what="dv")
+
+
+def test_attention_backward_finite_differences_and_errors():
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((2, 3, 2)), rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 4, 5))
+    dout = rng.standard_normal((2, 3, 5))
+    mask = np.array([[0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=bool)     # query 1 sees nothing
+    grads = attention_backward(q, k, v, dout, mask=mask)
+    for a, g in zip((q, k, v), grads):
+        close(g, numeric_grad(lambda: float(np.sum(attention(q, k, v, mask=mask) * dout)), a),
+              rtol=1e-5, atol=1e-6)
+    assert np.all(grads[0][:, 1] == 0)
+    with pytest.raises(ValueError, match=r"dout has shape \(2, 3, 4\); expected \(2, 3, 5\)"):
+        attention_backward(q, k, v, dout[..., :4])
+
+
+def test_fully_masked_rows_give_zero_not_nan():
+    """A query with nothing to attend to: output 0, zero gradient -- in the numpy function, the
+    numpy multi-head layer and lmlab's torch path alike, as torch's SDPA and nn.MultiheadAttention do."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
+    blocked = np.zeros((3, 5), dtype=bool)
+    blocked[1] = True
+    additive = np.where(blocked, -np.inf, 0.0)
+    for mask in (blocked, additive):
+        y = attention(q, k, v, mask=mask)
+        assert np.isfinite(y).all() and np.all(y[:, 1] == 0)
+        close(y, torch_sdpa(*(torch.tensor(a) for a in (q, k, v)), blocked, None))
+    assert np.all(masked_softmax(np.full((2, 3), -np.inf)) == 0)
+    close(masked_softmax(additive), softmax(np.where(blocked, -1e300, 0.0)) * ~blocked[:, :1])
+
+    # lmlab's torch attention weights (the return_attention path) follow the same convention
+    scores = torch.tensor(rng.standard_normal((2, 3, 5)), requires_grad=True)
+    tv = torch.tensor(v, requires_grad=True)
+    w = attention_weights(scores.masked_fill(torch.tensor(blocked), float("-inf")))
+    close(masked_softmax(np.where(blocked, -np.inf, scores.detach().numpy())), w)
+    (w @ tv).sum().backward()
+    assert torch.isfinite(scores.grad).all() and torch.all(scores.grad[:, 1] == 0)
+
+    # the multi-head layer: the blocked query's output is the output bias alone; gradients finite
+    m = torch_mha(6, 2, True, 3)
+    ours = ours_from_torch(m, causal=False)
+    X, G = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 3, 6))
+    mask = np.zeros((3, 3), dtype=bool)
+    mask[2] = True
+    tX = torch.tensor(X, requires_grad=True)
+    tY, _ = m(tX, tX, tX, attn_mask=torch.tensor(mask), need_weights=False)
+    (tY * torch.tensor(G)).sum().backward()
+    Y = ours(X, attn_mask=mask)
+    close(Y[:, 2], np.broadcast_to(ours.b_o, (2, 6)))
+    close(Y, tY)
+    close(ours.backward(G), tX.grad)
+    close(ours.d_in_proj_weight, m.in_proj_weight.grad)
 
 
 def test_ops_match_torch():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import h5py
@@ -70,9 +71,10 @@ def test_matches_torch_modules(kind, nonlinearity, dtype):
         np.testing.assert_allclose(state["c"], t_state[1].detach().numpy().transpose(1, 0, 2), **TOL[dtype])
 
 
+@pytest.mark.parametrize("hidden", [H, (H, 4)])
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
-def test_step_by_step_equals_whole_sequence(kind):
-    model = RecurrentLM.random(kind, V, H, L, embed_dim=E, seed=1)
+def test_step_by_step_equals_whole_sequence(kind, hidden):
+    model = RecurrentLM.random(kind, V, hidden, L, embed_dim=E, seed=1)
     ids = ids_batch(B=2, T=7, seed=2)
     whole, final = model(ids)
 
@@ -154,8 +156,8 @@ def torch_classic_gru(x, layers, fc_w, fc_b):
 
 # ---------------------------------------------------------------- Keras .h5
 
-def keras_layers(kind, *, reset_after=True, seed=0, embed=True):
-    """(name, class_name, config, {array name: array}) per layer, Keras 2 shapes."""
+def keras_layers(kind, *, reset_after=True, seed=0, embed=True, widths=(H,) * L):
+    """(name, class_name, config, {array name: array}) per layer, Keras 2 shapes; ``widths``: units per layer."""
     rng = np.random.default_rng(seed)
     G = {"rnn": 1, "gru": 3, "lstm": 4}[kind]
     cls = {"rnn": "SimpleRNN", "gru": "GRU", "lstm": "LSTM"}[kind]
@@ -164,7 +166,7 @@ def keras_layers(kind, *, reset_after=True, seed=0, embed=True):
         layers.append(("embedding", "Embedding", {"input_dim": V, "output_dim": E},
                        {"embeddings": rng.standard_normal((V, E))}))
     n_in = E if embed else V
-    for k in range(L):
+    for k, H in enumerate(widths):
         name = cls.lower() if k == 0 else f"{cls.lower()}_{k}"
         bias_shape = (2, G * H) if kind == "gru" and reset_after else (G * H,)
         cfg = {"units": H, "activation": "tanh", "return_sequences": True}
@@ -205,11 +207,31 @@ def write_keras_h5(path, layers, *, with_config=True, cell_level=False, dtype=np
                 g.create_dataset(w, data=a.astype(dtype))
 
 
+class TorchChain(nn.Module):
+    """Embedding -> one-layer nn.RNN/GRU/LSTM modules of any widths, chained -> Linear (batch first)."""
+
+    def __init__(self, kind, embed, widths, vocab, dtype=torch.float64):
+        super().__init__()
+        cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind]
+        self.embedding = nn.Embedding(*embed, dtype=dtype)
+        sizes = [embed[1], *widths]
+        self.layers = nn.ModuleList(cls(a, b, batch_first=True, dtype=dtype) for a, b in zip(sizes, sizes[1:]))
+        self.fc = nn.Linear(widths[-1], vocab, dtype=dtype)
+
+    def forward(self, ids):
+        x, finals = self.embedding(ids), []
+        for layer in self.layers:
+            x, state = layer(x)
+            finals.append(state)
+        return self.fc(x), finals
+
+
 def torch_from_keras(kind, layers):
-    """A TorchLM holding the Keras weights, gates reordered to torch's (GRU z,r,h -> r,z,n)."""
-    tm = TorchLM(kind, dtype=torch.float64)
+    """A TorchChain holding the Keras weights, gates reordered to torch's (GRU z,r,h -> r,z,n)."""
     arrays = [a for _, _, _, a in layers]
     emb, rec, dense = arrays[0], arrays[1:-1], arrays[-1]
+    widths = [a["recurrent_kernel"].shape[0] for a in rec]
+    tm = TorchChain(kind, emb["embeddings"].shape, widths, dense["kernel"].shape[1])
 
     def reorder(a):  # along the last axis, blocks of H
         if kind != "gru":
@@ -219,11 +241,11 @@ def torch_from_keras(kind, layers):
 
     sd = {"embedding.weight": emb["embeddings"], "fc.weight": dense["kernel"].T, "fc.bias": dense["bias"]}
     for k, a in enumerate(rec):
-        sd[f"rnn.weight_ih_l{k}"] = reorder(a["kernel"]).T
-        sd[f"rnn.weight_hh_l{k}"] = reorder(a["recurrent_kernel"]).T
+        sd[f"layers.{k}.weight_ih_l0"] = reorder(a["kernel"]).T
+        sd[f"layers.{k}.weight_hh_l0"] = reorder(a["recurrent_kernel"]).T
         b = reorder(a["bias"])
-        sd[f"rnn.bias_ih_l{k}"] = b[0] if b.ndim == 2 else b
-        sd[f"rnn.bias_hh_l{k}"] = b[1] if b.ndim == 2 else np.zeros_like(b)
+        sd[f"layers.{k}.bias_ih_l0"] = b[0] if b.ndim == 2 else b
+        sd[f"layers.{k}.bias_hh_l0"] = b[1] if b.ndim == 2 else np.zeros_like(b)
     tm.load_state_dict({k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()})
     return tm
 
@@ -241,6 +263,27 @@ def test_keras_h5_matches_torch(tmp_path, kind, with_config, cell_level):
     np.testing.assert_allclose(model(ids)[0], ref.detach().numpy(), **TOL[np.float64])
 
 
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_keras_h5_with_a_width_per_layer(tmp_path, kind):
+    """A Keras model of 128 then 64 units loads (it was refused: 'l1.W' has shape (64, 128); expected
+    (128, 128)) and gives torch's outputs; the state holds each layer's vector, zero-padded."""
+    layers = keras_layers(kind, widths=(128, 64), seed=1)
+    for _, _, _, arrays in layers[1:-1]:          # keep the 128-wide recurrences out of saturation
+        for name in ("kernel", "recurrent_kernel"):
+            arrays[name] = arrays[name] / 8
+    write_keras_h5(tmp_path / "m.h5", layers, dtype=np.float64)
+    model = load_keras_h5(tmp_path / "m.h5")
+    assert model.hidden_sizes == (128, 64) and model.hidden_size == 128 and model.weights["l1.U" + (
+        "" if kind == "rnn" else "_" + ("r" if kind == "gru" else "i"))].shape == (64, 64)
+    ids = ids_batch()
+    ref, finals = torch_from_keras(kind, layers)(torch.tensor(ids))
+    logits, state = model(ids)
+    np.testing.assert_allclose(logits, ref.detach().numpy(), **TOL[np.float64])
+    top = finals[1][0] if kind == "lstm" else finals[1]
+    np.testing.assert_allclose(state["h"][:, 1, :64], top[0].detach().numpy(), **TOL[np.float64])
+    assert state["h"].shape == (3, 2, 128) and np.all(state["h"][:, 1, 64:] == 0)
+
+
 def test_keras_float32_file_matches_torch_float32(tmp_path):
     layers = keras_layers("gru")
     write_keras_h5(tmp_path / "m.h5", layers)                      # float32 datasets, as Keras saves
@@ -252,9 +295,10 @@ def test_keras_float32_file_matches_torch_float32(tmp_path):
     np.testing.assert_allclose(model(ids)[0], tm(torch.tensor(ids))[0].detach().numpy(), **TOL[np.float32])
 
 
+@pytest.mark.parametrize("widths", [(H, H), (9, 4)])
 @pytest.mark.parametrize("with_config", [True, False])
-def test_keras_classic_gru_matches_handwritten_torch(tmp_path, with_config):
-    layers = keras_layers("gru", reset_after=False, seed=4)
+def test_keras_classic_gru_matches_handwritten_torch(tmp_path, with_config, widths):
+    layers = keras_layers("gru", reset_after=False, seed=4, widths=widths)
     write_keras_h5(tmp_path / "m.h5", layers, with_config=with_config, dtype=np.float64)
     weights, info = read_keras_h5(tmp_path / "m.h5")
     assert info["kind"] == "gru" and info["reset_after"] is False
@@ -355,6 +399,60 @@ def test_torch_state_dict_errors_name_array_shape_and_expected():
         from_torch_state_dict(sd, "gru", rnn_prefix="gru.")
     with pytest.raises(ValueError, match=r"bidirectional"):
         from_torch_state_dict(dict(sd, **{"rnn.weight_ih_l0_reverse": np.zeros(1)}), "gru")
+
+
+# ---------------------------------------------------------------- a width per layer: lmlab's torch models
+
+WIDTHS = {
+    "rnn": ("rnn", dict(n_hidden=[12, 7])),
+    "rnn-relu": ("rnn", dict(n_hidden=[7, 12], nonlinearity="relu")),
+    "gru": ("gru", dict(n_hidden=[12, 7])),
+    "gru-classic": ("gru", dict(n_hidden=[7, 12], gru_variant="classic")),
+    "lstm-3": ("lstm", dict(n_hidden=[12, 5, 9], n_layer=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WIDTHS))
+def test_per_layer_widths_torch_equals_numpy(name, tmp_path):
+    """lmlab's torch model with a width per layer == the numpy engine: 1e-5 in float32 through a saved
+    checkpoint, 1e-10 in float64 from the state dict; logits, states and a continuation."""
+    from lmlab.models import build_model, save_model
+    from lmlab.reference import load_lmlab_checkpoint
+    from lmlab.reference.checkpoint import recurrent_from_lmlab
+
+    family, extra = WIDTHS[name]
+    config = {"vocab_size": V, "n_embd": E, "n_layer": 2, **extra}
+    torch.manual_seed(0)
+    model = build_model(family, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ids, more = ids_batch(B=3, T=7, seed=5), ids_batch(B=3, T=3, seed=6)
+    save_model(model, tmp_path)
+    runs = [(load_lmlab_checkpoint(tmp_path), model, np.float32)]
+    double = copy.deepcopy(model).double()
+    sd = {k: v.detach().numpy() for k, v in double.state_dict().items()}
+    runs.append((recurrent_from_lmlab(family, {**config, "cell": family}, sd), double, np.float64))
+    for engine, torch_model, dtype in runs:
+        assert engine.dtype == dtype and engine.hidden_sizes == tuple(torch_model.config.hidden_sizes)
+        with torch.no_grad():
+            want, state = torch_model(torch.tensor(ids))
+            want2, _ = torch_model(torch.tensor(more), state)
+        logits, h = engine(ids)
+        np.testing.assert_allclose(logits, want.numpy(), **TOL[dtype])
+        for key, value in state.tensors.items():
+            np.testing.assert_allclose(h[key], value.numpy(), **TOL[dtype])
+        np.testing.assert_allclose(engine(more, h)[0], want2.numpy(), **TOL[dtype])
+
+
+def test_per_layer_width_errors():
+    w = RecurrentLM.random("gru", V, (H, 4), L, embed_dim=E, seed=0).weights
+    with pytest.raises(ValueError, match=r"array 'l1.W_z' has shape \(4, 6\); expected \(4, 7\)"):
+        RecurrentLM(dict(w, **{"l1.W_z": np.zeros((4, 6))}), "gru")
+    with pytest.raises(ValueError, match=r"array 'out.W' has shape \(11, 7\); expected \(11, 4\)"):
+        RecurrentLM(dict(w, **{"out.W": np.zeros((V, H))}), "gru")
+    with pytest.raises(ValueError, match=r"hidden sizes \[7, 4\] give 2 layer widths for n_layers=3"):
+        RecurrentLM.random("gru", V, (H, 4), 3)
 
 
 # ---------------------------------------------------------------- scoring and sampling

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from lmlab.models import build_model, save_model
-from lmlab.models.transformer import TransformerConfig, sinusoidal_table as torch_sinusoidal_table
+from lmlab.models.transformer import TransformerConfig, apply_rotary as torch_apply_rotary
+from lmlab.models.transformer import sinusoidal_table as torch_sinusoidal_table
 from lmlab.reference import (
     KVCache,
     RecurrentLM,
@@ -171,7 +172,7 @@ def test_recurrent_checkpoints(name, tmp_path):
 
 
 class NpzLayer(nn.Module):
-    def __init__(self, C, H, H_kv, F, norms, bias, activation):
+    def __init__(self, C, H, H_kv, F, norms, bias, activation, mask_buffers=False, P=16):
         super().__init__()
         D = C // H
         self.H, self.H_kv, self.D = H, H_kv, D
@@ -180,50 +181,79 @@ class NpzLayer(nn.Module):
         self.attention.wk = nn.Linear(C, H_kv * D, bias=bias)
         self.attention.wv = nn.Linear(C, H_kv * D, bias=bias)
         self.attention.wo = nn.Linear(C, C, bias=bias)
+        if mask_buffers:     # nanoGPT's / GPT-2's: ones on and below the diagonal, and a fill value
+            self.attention.register_buffer("bias", torch.tril(torch.ones(P, P)).view(1, 1, P, P))
+            self.attention.register_buffer("masked_bias", torch.tensor(-1e4))
         self.feed_forward = nn.Sequential(nn.Linear(C, F, bias=bias), activation(), nn.Linear(F, C, bias=bias))
         if norms:
             self.norm1, self.norm2 = nn.LayerNorm(C), nn.LayerNorm(C)
 
-    def attend(self, x):
+    def attend(self, x, rotary=None):
         B, T, C = x.shape
         a = self.attention
         q = a.wq(x).view(B, T, self.H, self.D).transpose(1, 2)
         k = a.wk(x).view(B, T, self.H_kv, self.D).transpose(1, 2).repeat_interleave(self.H // self.H_kv, 1)
         v = a.wv(x).view(B, T, self.H_kv, self.D).transpose(1, 2).repeat_interleave(self.H // self.H_kv, 1)
+        if rotary is not None:
+            q, k = (torch_apply_rotary(t, *rotary) for t in (q, k))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.D)
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        if hasattr(a, "masked_bias"):
+            scores = torch.where(a.bias[:, :, :T, :T] == 0, a.masked_bias, scores)
+        else:
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         return a.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
 
 
 class NpzLM(nn.Module):
-    """A small hand-written decoder with the names ``load_npz`` reads."""
+    """A small hand-written decoder with the names ``load_npz`` reads.
+
+    ``buffers=True`` saves what such modules often save beside their weights: a sinusoidal
+    table ``position_embedding.pe`` (P, 1, C), rotary ``position_embedding.inv_freq`` and
+    per-layer causal masks ``attention.bias`` with ``attention.masked_bias``."""
 
     def __init__(self, *, C=32, H=4, H_kv=4, F=48, L=2, learned=True, layout="interleaved", norms=True,
-                 final_norm=False, pre=True, bias=True, activation=nn.ReLU, P=16):
+                 final_norm=False, pre=True, bias=True, activation=nn.ReLU, P=16, rotary=False, theta=10000.0,
+                 buffers=False):
         super().__init__()
         self.word_embedding = nn.Embedding(V, C)
         if learned:
             self.position_embedding = nn.Embedding(P, C)
+        elif rotary:
+            D = C // H
+            self.position_embedding = nn.Module()
+            self.position_embedding.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, D, 2).float() / D),
+                                                    persistent=buffers)
+        elif buffers:
+            self.position_embedding = nn.Module()
+            self.position_embedding.register_buffer("pe", torch_sinusoidal_table(P, C, layout)[:, None, :])
         else:
             self.register_buffer("table", torch_sinusoidal_table(P, C, layout), persistent=False)
-        self.layers = nn.ModuleList(NpzLayer(C, H, H_kv, F, norms, bias, activation) for _ in range(L))
+        self.layers = nn.ModuleList(NpzLayer(C, H, H_kv, F, norms, bias, activation, buffers, P) for _ in range(L))
         if final_norm:
             self.norm = nn.LayerNorm(C)
         self.fc_out = nn.Linear(C, V, bias=bias)
-        self.learned, self.norms, self.pre, self.final_norm = learned, norms, pre, final_norm
+        self.learned, self.norms, self.pre, self.final_norm, self.rotary = learned, norms, pre, final_norm, rotary
 
     def forward(self, ids):
         T = ids.shape[1]
         x = self.word_embedding(ids)
-        x = x + (self.position_embedding.weight[:T] if self.learned else self.table[:T])
+        rotary = None
+        if self.learned:
+            x = x + self.position_embedding.weight[:T]
+        elif self.rotary:
+            angles = torch.arange(T).float()[:, None] * self.position_embedding.inv_freq[None, :]
+            angles = torch.cat([angles, angles], dim=-1)
+            rotary = angles.cos(), angles.sin()
+        else:
+            x = x + (self.position_embedding.pe[:T, 0] if hasattr(self, "position_embedding") else self.table[:T])
         for layer in self.layers:
             n1 = layer.norm1 if self.norms else nn.Identity()
             n2 = layer.norm2 if self.norms else nn.Identity()
             if self.pre:
-                x = x + layer.attend(n1(x))
+                x = x + layer.attend(n1(x), rotary)
                 x = x + layer.feed_forward(n2(x))
             else:
-                x = n1(x + layer.attend(x))
+                x = n1(x + layer.attend(x, rotary))
                 x = n2(x + layer.feed_forward(x))
         if self.final_norm:
             x = self.norm(x)
@@ -242,6 +272,11 @@ NPZ = {
                                                   activation=nn.GELU), dict(sinusoidal_layout="concat",
                                                                             activation="gelu")),
     "sinusoidal-interleaved-pre-final-gqa": (dict(learned=False, final_norm=True, H_kv=2), dict()),
+    # derived buffers saved beside the weights, checked and accepted
+    "rotary-inv_freq-masks": (dict(learned=False, rotary=True, buffers=True, H_kv=2), dict()),
+    "rotary-theta500-inv_freq": (dict(learned=False, rotary=True, theta=500.0, buffers=True), dict(rope_theta=500.0)),
+    "sinusoidal-pe-concat-masks": (dict(learned=False, layout="concat", buffers=True), dict(sinusoidal_layout="concat")),
+    "learned-masks": (dict(buffers=True, pre=False), dict(norm_position="post")),
 }
 
 
@@ -292,6 +327,41 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "pickled.npz", word_embedding=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         load_npz(tmp_path / "pickled.npz", n_heads=4)
+
+
+def test_npz_derived_buffers_are_checked(tmp_path):
+    """Known derived buffers load only when they equal what the engine computes; an error names the array."""
+    torch.manual_seed(0)
+    rot = save_npz(NpzLM(learned=False, rotary=True, buffers=True), tmp_path / "rot.npz")
+    assert "position_embedding.inv_freq" in rot and "layers.1.attention.bias" in rot
+    assert load_npz(tmp_path / "rot.npz", n_heads=4).positions == "rotary"       # inferred from inv_freq
+    with pytest.raises(ValueError, match=r"'position_embedding.inv_freq'.*rope_theta=500.*pass rope_theta=10000"):
+        from_pytorch_state_dict(rot, n_heads=4, rope_theta=500.0)
+    with pytest.raises(ValueError, match=r"'position_embedding.inv_freq'.*is not theta\^\(-2j/D\) for head_dim D=4"):
+        from_pytorch_state_dict(rot, n_heads=8)
+    bad = dict(rot, **{"position_embedding.inv_freq": rot["position_embedding.inv_freq"] * 1.01})
+    with pytest.raises(ValueError, match=r"array 'position_embedding.inv_freq' in the state dict"):
+        from_pytorch_state_dict(bad, n_heads=4)
+    with pytest.raises(ValueError, match=r"holds 'position_embedding.inv_freq'.*positions='sinusoidal'"):
+        from_pytorch_state_dict(rot, n_heads=4, positions="sinusoidal")
+
+    sin = save_npz(NpzLM(learned=False, buffers=True), tmp_path / "sin.npz")
+    assert sin["position_embedding.pe"].shape == (16, 1, 32)
+    with pytest.raises(ValueError, match=r"'position_embedding.pe'.*is not the 'concat'.*pass sinusoidal_layout='interleaved'"):
+        load_npz(tmp_path / "sin.npz", n_heads=4, sinusoidal_layout="concat")
+    with pytest.raises(ValueError, match=r"'position_embedding.pe'.*has shape \(16, 2, 32\)"):
+        from_pytorch_state_dict(dict(sin, **{"position_embedding.pe": np.zeros((16, 2, 32), np.float32)}), n_heads=4)
+
+    not_causal = np.ones((1, 1, 16, 16), np.float32)
+    with pytest.raises(ValueError, match=r"array 'layers.1.attention.bias' in the state dict is not a causal mask"):
+        from_pytorch_state_dict(dict(sin, **{"layers.1.attention.bias": not_causal}), n_heads=4)
+    blocked = np.triu(np.ones((16, 16), bool), 1)                 # True = blocked, and additive, are causal too
+    for mask in (blocked, np.where(blocked, -np.inf, 0.0)):
+        from_pytorch_state_dict(dict(sin, **{"layers.0.attention.mask": mask}), n_heads=4)
+    with pytest.raises(ValueError, match=r"'layers.0.attention.masked_bias'.*must be -inf or <= -1e4"):
+        from_pytorch_state_dict(dict(sin, **{"layers.0.attention.masked_bias": np.float32(-10.0)}), n_heads=4)
+    with pytest.raises(ValueError, match=r"unexpected arrays \['layers.0.attention.scale'\]"):
+        from_pytorch_state_dict(dict(sin, **{"layers.0.attention.scale": np.float32(1.0)}), n_heads=4)
 
 
 # ---------------------------------------------------------------- scoring, sampling, the cache

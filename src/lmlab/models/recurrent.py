@@ -19,8 +19,15 @@ GRU variants (``gru_variant``), gates r, z, n stacked in that order in each
 and in both r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise,
 h' = (1 - z) * n + z * h. The classic form runs a small Python loop over time.
 
-State: ``h`` (B, n_layer, n_hidden) and, for the LSTM, ``c`` (B, n_layer, n_hidden);
-batch first, as every lmlab state.
+Widths: ``n_hidden`` is one width for every layer (an int) or one per layer (a list
+of n_layer ints, e.g. [128, 64]: layer k maps width k-1 to width k). Equal widths run
+through the torch modules above; different ones through ``LayeredRecurrent``, which
+keeps their parameter names and shapes per layer and runs each layer with the same
+kernel.
+
+State: ``h`` (B, n_layer, max width) and, for the LSTM, ``c`` likewise; batch first,
+as every lmlab state. Layer k's vector is ``h[:, k, :width_k]``; with different
+widths the rest of the row is zeros.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class RecurrentConfig:
     block_size: int = 64               # training window (truncated backprop length)
     cell: str = "lstm"                 # "rnn" | "gru" | "lstm"; must match the family
     n_embd: int = 64                   # embedding dimension
-    n_hidden: int = 128                # hidden units per layer
+    n_hidden: int | list[int] = 128    # hidden units: one width for every layer, or a list of n_layer widths
     n_layer: int = 1
     dropout: float = 0.0               # on the embeddings, between layers, and on the top layer's output
     nonlinearity: str = "tanh"         # rnn only: "tanh" | "relu"
@@ -56,19 +63,33 @@ class RecurrentConfig:
         for name, accepted in (("cell", CELLS), ("gru_variant", GRU_VARIANTS), ("nonlinearity", NONLINEARITIES)):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; accepted: {accepted}")
-        for name in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layer"):
+        for name in ("vocab_size", "block_size", "n_embd", "n_layer"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if isinstance(self.n_hidden, (list, tuple)):
+            self.n_hidden = list(self.n_hidden)
+            if len(self.n_hidden) != self.n_layer:
+                raise ValueError(f"n_hidden={self.n_hidden} gives {len(self.n_hidden)} layer widths but "
+                                 f"n_layer={self.n_layer}; give one width per layer, or one int for all")
+        widths = self.n_hidden if isinstance(self.n_hidden, list) else [self.n_hidden]
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+            raise ValueError(f"n_hidden={self.n_hidden!r} must be a positive integer or a list of them")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.tie_weights and self.n_embd != self.n_hidden:
-            raise ValueError(
-                f"tie_weights needs n_embd == n_hidden, got n_embd={self.n_embd}, n_hidden={self.n_hidden}"
-            )
+        if self.tie_weights and self.n_embd != self.hidden_sizes[-1]:
+            raise ValueError(f"tie_weights needs n_embd == n_hidden (the top layer's width), got "
+                             f"n_embd={self.n_embd}, n_hidden={self.n_hidden}")
         if self.cell != "gru" and self.gru_variant != "reset_after":
             raise ValueError(f"gru_variant={self.gru_variant!r} applies to cell='gru' only, not cell={self.cell!r}")
         if self.cell != "rnn" and self.nonlinearity != "tanh":
             raise ValueError(f"nonlinearity={self.nonlinearity!r} applies to cell='rnn' only, not cell={self.cell!r}")
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """The width of each layer, bottom to top."""
+        if isinstance(self.n_hidden, list):
+            return tuple(self.n_hidden)
+        return (self.n_hidden,) * self.n_layer
 
 
 @dataclass
@@ -86,52 +107,102 @@ class LSTMConfig(RecurrentConfig):
     cell: str = "lstm"
 
 
-class ClassicGRU(nn.Module):
-    """Multi-layer GRU with the reset gate applied before the hidden matmul (batch first).
+GATE_COUNT = {"rnn": 1, "gru": 3, "lstm": 4}
 
-    Same parameters, shapes and names as ``torch.nn.GRU`` (``weight_ih_l{k}`` (3H, in),
-    ``weight_hh_l{k}`` (3H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (3H,), gates r, z, n).
+
+class LayeredRecurrent(nn.Module):
+    """Stacked RNN / GRU / LSTM layers, each of its own width (batch first).
+
+    Layer k maps ``widths[k - 1]`` (``input_size`` for k = 0) to ``widths[k]`` = H_k; its
+    parameters have ``torch.nn.RNN``/``GRU``/``LSTM``'s names and per-layer shapes:
+    ``weight_ih_l{k}`` (G H_k, in_k), ``weight_hh_l{k}`` (G H_k, H_k), ``bias_ih_l{k}``,
+    ``bias_hh_l{k}`` (G H_k,), gates stacked as torch does (GRU r, z, n; LSTM i, f, g, o).
+    Each layer runs through the kernel those modules use (``torch.lstm``, ``torch.gru``,
+    ``torch.rnn_tanh``/``rnn_relu``), or, for the classic GRU (``reset_after=False``), a
+    Python loop over time. Dropout acts between layers in training, as in torch.
+
+    Hidden states go in and out like ``nn.LSTM``'s, (L, B, max width) (a tuple (h, c) for
+    the LSTM); layer k reads and writes ``[k, :, :H_k]``, the rest is zeros.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, cell: str, input_size: int, widths, *, nonlinearity: str = "tanh",
+                 reset_after: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
-        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
-        H = hidden_size
-        for k in range(num_layers):
-            width = input_size if k == 0 else H
-            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(3 * H, width)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(3 * H, H)))
-            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(3 * H)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(3 * H)))
+        self.cell, self.input_size, self.widths = cell, input_size, [int(w) for w in widths]
+        self.num_layers, self.nonlinearity, self.reset_after, self.dropout = len(self.widths), nonlinearity, reset_after, dropout
+        G = GATE_COUNT[cell]
+        for k, H in enumerate(self.widths):
+            width = input_size if k == 0 else self.widths[k - 1]
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(G * H, width)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(G * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(G * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(G * H)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        """U(-1/sqrt(H_k), 1/sqrt(H_k)) per layer, torch's init."""
+        for k, H in enumerate(self.widths):
+            for p in self.layer_parameters(k):
+                nn.init.uniform_(p, -1.0 / math.sqrt(H), 1.0 / math.sqrt(H))
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, input_size), h0: (num_layers, B, H) -> output (B, T, H), h_n (num_layers, B, H)."""
-        H = self.hidden_size
-        finals = []
-        for k in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
-            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
-            gi = F.linear(x, w_ih, b_ih)  # (B, T, 3H): all input projections at once
-            h = h0[k]
-            outputs = []
-            for t in range(x.shape[1]):
-                gh = F.linear(h, w_hh[: 2 * H], b_hh[: 2 * H])
-                r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
-                z = torch.sigmoid(gi[:, t, H : 2 * H] + gh[:, H:])
-                n = torch.tanh(gi[:, t, 2 * H :] + F.linear(r * h, w_hh[2 * H :], b_hh[2 * H :]))
-                h = (1 - z) * n + z * h
-                outputs.append(h)
-            finals.append(h)
-            x = torch.stack(outputs, dim=1)
+    def layer_parameters(self, k: int) -> list[nn.Parameter]:
+        """[weight_ih, weight_hh, bias_ih, bias_hh] of layer k."""
+        return [getattr(self, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _layer(self, k: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+        """Layer k over x (B, T, in_k) from h, c (1, B, H_k) -> output (B, T, H_k), h_n, c_n."""
+        params = self.layer_parameters(k)
+        if self.cell == "lstm":
+            return torch.lstm(x, [h, c], params, True, 1, 0.0, self.training, False, True)
+        if self.cell == "gru" and not self.reset_after:
+            return (*_classic_gru_layer(x, h[0], *params), None)
+        run = torch.gru if self.cell == "gru" else torch.rnn_relu if self.nonlinearity == "relu" else torch.rnn_tanh
+        return (*run(x, h, params, True, 1, 0.0, self.training, False, True), None)
+
+    def forward(self, x: torch.Tensor, hx):
+        """x: (B, T, input_size), hx: (L, B, max width), or (h, c) for the LSTM ->
+        output (B, T, H_top) and the final states in the form of hx."""
+        lstm = self.cell == "lstm"
+        h0, c0 = hx if lstm else (hx, None)
+        width = h0.shape[-1]
+        hs, cs = [], []
+        for k, H in enumerate(self.widths):
+            x, h, c = self._layer(k, x, h0[k : k + 1, :, :H], c0[k : k + 1, :, :H] if lstm else None)
+            hs.append(F.pad(h.reshape(-1, H), (0, width - H)))
+            if lstm:
+                cs.append(F.pad(c.reshape(-1, H), (0, width - H)))
             if k < self.num_layers - 1 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-        return x, torch.stack(finals, dim=0)
+        h = torch.stack(hs, dim=0)
+        return (x, (h, torch.stack(cs, dim=0))) if lstm else (x, h)
+
+
+def _classic_gru_layer(x, h, w_ih, w_hh, b_ih, b_hh):
+    """One classic GRU layer: x (B, T, in), h (B, H) -> output (B, T, H), h_n (1, B, H)."""
+    H = h.shape[-1]
+    gi = F.linear(x, w_ih, b_ih)  # (B, T, 3H): all input projections at once
+    outputs = []
+    for t in range(x.shape[1]):
+        gh = F.linear(h, w_hh[: 2 * H], b_hh[: 2 * H])
+        r = torch.sigmoid(gi[:, t, :H] + gh[:, :H])
+        z = torch.sigmoid(gi[:, t, H : 2 * H] + gh[:, H:])
+        n = torch.tanh(gi[:, t, 2 * H :] + F.linear(r * h, w_hh[2 * H :], b_hh[2 * H :]))
+        h = (1 - z) * n + z * h
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), h[None]
+
+
+class ClassicGRU(LayeredRecurrent):
+    """Multi-layer GRU with the reset gate applied before the hidden matmul (batch first).
+
+    Same parameters, shapes and names as ``torch.nn.GRU`` (``weight_ih_l{k}`` (3H, in),
+    ``weight_hh_l{k}`` (3H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (3H,), gates r, z, n);
+    ``hidden_size`` is one width or a list of one per layer.
+    """
+
+    def __init__(self, input_size: int, hidden_size, num_layers: int = 1, dropout: float = 0.0) -> None:
+        widths = list(hidden_size) if isinstance(hidden_size, (list, tuple)) else [hidden_size] * num_layers
+        super().__init__("gru", input_size, widths, reset_after=False, dropout=dropout)
 
 
 class RecurrentLM(LanguageModel):
@@ -146,17 +217,20 @@ class RecurrentLM(LanguageModel):
         self.encoder = nn.Embedding(c.vocab_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         between = c.dropout if c.n_layer > 1 else 0.0
+        widths = c.hidden_sizes
         if c.cell == "gru" and c.gru_variant == "classic":
-            self.rnn = ClassicGRU(c.n_embd, c.n_hidden, c.n_layer, dropout=between)
+            self.rnn = ClassicGRU(c.n_embd, list(widths), dropout=between)
+        elif len(set(widths)) > 1:
+            self.rnn = LayeredRecurrent(c.cell, c.n_embd, widths, nonlinearity=c.nonlinearity, dropout=between)
         elif c.cell == "gru":
-            self.rnn = nn.GRU(c.n_embd, c.n_hidden, c.n_layer, dropout=between, batch_first=True)
+            self.rnn = nn.GRU(c.n_embd, widths[0], c.n_layer, dropout=between, batch_first=True)
         elif c.cell == "lstm":
-            self.rnn = nn.LSTM(c.n_embd, c.n_hidden, c.n_layer, dropout=between, batch_first=True)
+            self.rnn = nn.LSTM(c.n_embd, widths[0], c.n_layer, dropout=between, batch_first=True)
         else:
             self.rnn = nn.RNN(
-                c.n_embd, c.n_hidden, c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
+                c.n_embd, widths[0], c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
             )
-        self.decoder = nn.Linear(c.n_hidden, c.vocab_size)
+        self.decoder = nn.Linear(widths[-1], c.vocab_size)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
@@ -167,13 +241,14 @@ class RecurrentLM(LanguageModel):
         """Zero hidden (and cell) vectors: what ``state=None`` means."""
         c = self.config
         p = self.decoder.weight
-        tensors = {"h": p.new_zeros(batch_size, c.n_layer, c.n_hidden)}
+        shape = (batch_size, c.n_layer, max(c.hidden_sizes))
+        tensors = {"h": p.new_zeros(shape)}
         if c.cell == "lstm":
-            tensors["c"] = p.new_zeros(batch_size, c.n_layer, c.n_hidden)
+            tensors["c"] = p.new_zeros(shape)
         return State(tensors, 0)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, n_hidden)."""
+        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, max width)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got shape {tuple(ids.shape)}")
         c = self.config
@@ -185,8 +260,9 @@ class RecurrentLM(LanguageModel):
             if key not in state.tensors:
                 raise ValueError(f"a {c.cell} state holds {keys}; got a state with {sorted(state.tensors)}")
             shape = tuple(state.tensors[key].shape)
-            if shape != (B, c.n_layer, c.n_hidden):
-                raise ValueError(f"state {key!r} has shape {shape}; expected {(B, c.n_layer, c.n_hidden)} for ids of batch {B}")
+            want = (B, c.n_layer, max(c.hidden_sizes))
+            if shape != want:
+                raise ValueError(f"state {key!r} has shape {shape}; expected {want} for ids of batch {B}")
         if T == 0:
             return self.decoder.weight.new_zeros(B, 0, c.vocab_size), state
         x = self.drop(self.encoder(ids))

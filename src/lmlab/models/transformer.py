@@ -3,7 +3,9 @@
 One configurable block covers the GPT family (learned or sinusoidal positions,
 LayerNorm, ReLU/GELU MLP, biases) and the Llama family (rotary positions,
 RMSNorm, SwiGLU, grouped-query attention, no biases). Attention runs through
-``torch.nn.functional.scaled_dot_product_attention``.
+``torch.nn.functional.scaled_dot_product_attention``; when the weights are asked
+for, through ``attention_weights``, which follows the same convention for a query
+with every key masked: weights 0, output 0, no gradient (never NaN).
 
 State: ``k{i}``/``v{i}`` of shape (B, H_kv, capacity, D_head) per layer; the
 first ``state.length`` slots are filled. Capacity grows by doubling up to
@@ -174,7 +176,7 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             elif self.causal:
                 scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))
-            weights = scores.softmax(-1)
+            weights = attention_weights(scores)
             y = weights @ v_all
         elif mask is not None:
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout)
@@ -186,6 +188,16 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=_causal_mask(T, start, x.device), dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o(y), cache, weights
+
+
+def attention_weights(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the keys (last dim) of scores (..., T_q, T_k) with -inf where blocked.
+
+    A row with every key blocked gets all-zero weights (its output is 0 and it passes no
+    gradient), as ``scaled_dot_product_attention`` treats it, where a plain softmax gives NaN.
+    """
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    return scores.masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
 
 
 def _causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor:

@@ -4,7 +4,8 @@ Short enough to read next to the math, and used to check the PyTorch code:
 
 - ``ops``: softmax, log_softmax, softmax_backward, layer_norm, rms_norm, gelu, sigmoid, ...
 - ``attention``: ``SelfAttention`` and ``MultiHeadAttention`` with forward and backward,
-  and the ``attention`` function (scaled dot-product, causal, grouped-query);
+  and the scaled dot-product core for given Q, K, V and mask (causal, grouped-query):
+  ``attention`` (forward) and ``attention_backward`` (dQ, dK, dV);
 - ``recurrent``: ``RecurrentLM`` (RNN / GRU / LSTM + dense output) from numpy weights,
   ``from_torch_state_dict``;
 - ``keras``: ``load_keras_h5`` for Keras 2 ``.h5`` files (needs h5py; imported on use);
@@ -18,7 +19,7 @@ Short enough to read next to the math, and used to check the PyTorch code:
 Only numpy (and h5py for Keras files) -- never torch.
 """
 
-from lmlab.reference.attention import MultiHeadAttention, SelfAttention, attention
+from lmlab.reference.attention import MultiHeadAttention, SelfAttention, attention, attention_backward
 from lmlab.reference.ops import gelu, layer_norm, log_softmax, rms_norm, softmax, softmax_backward
 from lmlab.reference.recurrent import GATES, RecurrentLM, from_torch_state_dict, random_weights
 from lmlab.reference.sequence import perplexity, sample, sequence_nll, token_nlls
@@ -41,6 +42,7 @@ __all__ = [
     "SelfAttention",
     "TransformerLM",
     "attention",
+    "attention_backward",
     "from_pytorch_state_dict",
     "from_torch_state_dict",
     "gelu",

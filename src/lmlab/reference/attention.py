@@ -22,6 +22,12 @@ Backward, from G = dL/dY (B, T, D_v):
 
 Multi-head (``MultiHeadAttention``) is the same computation on H heads side by
 side, with PyTorch's (out, in) weight layout, biases and an output projection.
+``attention`` and ``attention_backward`` are the scaled dot-product core alone, for
+given Q, K, V and a mask.
+
+A query whose every key is masked (a row of only -inf scores) has nothing to attend
+to: its weights are all 0, so its output is 0 and no gradient flows through it --
+what ``torch.nn.functional.scaled_dot_product_attention`` returns, never NaN.
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ from typing import Mapping
 
 import numpy as np
 
-from lmlab.reference.ops import causal_mask, softmax, softmax_backward
+from lmlab.reference.ops import causal_mask, masked_softmax, softmax_backward
 from lmlab.reference.ops import expect_shape as _expect, to_numpy as _to_numpy
 
-__all__ = ["attention", "SelfAttention", "MultiHeadAttention"]
+__all__ = ["attention", "attention_backward", "SelfAttention", "MultiHeadAttention"]
 
 
 def _additive_mask(mask, t_q: int, t_k: int, causal: bool, dtype) -> np.ndarray | float:
@@ -54,6 +60,35 @@ def _additive_mask(mask, t_q: int, t_k: int, causal: bool, dtype) -> np.ndarray 
     return add
 
 
+def _repeat_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """k, v with each of their H_kv heads repeated H / H_kv times (grouped-query attention), and that count."""
+    if q.ndim < 3 or k.shape[-3] == q.shape[-3]:
+        return k, v, 1
+    if q.shape[-3] % k.shape[-3]:
+        raise ValueError(f"query heads {q.shape[-3]} must be a multiple of key/value heads {k.shape[-3]}")
+    rep = q.shape[-3] // k.shape[-3]
+    return np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3), rep
+
+
+def _sdpa_weights(q, k, causal: bool, mask, scale: float) -> np.ndarray:
+    """softmax(q k^T * scale + mask) over the keys: (..., T_q, T_k); fully masked rows are 0."""
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    return masked_softmax(scores + _additive_mask(mask, q.shape[-2], k.shape[-2], causal, scores.dtype))
+
+
+def _sdpa_grads(A: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, dY: np.ndarray, scale: float):
+    """Backward of Y = A v with A = softmax(q k^T * scale + mask), from dY = dL/dY.
+
+    Returns dL/dA, dL/d(q k^T), dq, dk, dv -- the module docstring's formulas.
+    """
+    dA = dY @ np.swapaxes(v, -1, -2)                          # (..., T_q, T_k)
+    dv = np.swapaxes(A, -1, -2) @ dY                          # (..., T_k, d_v)
+    dA_w = softmax_backward(A, dA) * scale
+    dq = dA_w @ k                                             # (..., T_q, d)
+    dk = np.swapaxes(dA_w, -1, -2) @ q                        # (..., T_k, d)
+    return dA, dA_w, dq, dk, dv
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
               mask: np.ndarray | None = None, scale: float | None = None) -> np.ndarray:
     """softmax(q k^T * scale + mask) v, the core of every attention layer.
@@ -61,18 +96,40 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     q: (..., H, T_q, d); k: (..., H_kv, T_k, d); v: (..., H_kv, T_k, d_v) -> (..., H, T_q, d_v).
     H_kv may divide H (grouped-query attention: each k/v head serves H / H_kv query heads).
     ``scale`` defaults to 1/sqrt(d). ``causal`` with T_k > T_q treats the queries as the
-    last T_q positions (decoding with a cache). ``mask``: bool (True = blocked) or additive.
+    last T_q positions (decoding with a cache). ``mask``: bool (True = blocked) or additive,
+    broadcastable to (..., H, T_q, T_k). A query with every key blocked gets the output 0.
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    if q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
-        if q.shape[-3] % k.shape[-3]:
-            raise ValueError(f"query heads {q.shape[-3]} must be a multiple of key/value heads {k.shape[-3]}")
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
+    k, v, _ = _repeat_kv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ np.swapaxes(k, -1, -2)) * scale
-    scores = scores + _additive_mask(mask, q.shape[-2], k.shape[-2], causal, scores.dtype)
-    return softmax(scores) @ v
+    return _sdpa_weights(q, k, causal, mask, scale) @ v
+
+
+def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, *, causal: bool = False,
+                       mask: np.ndarray | None = None, scale: float | None = None):
+    """dL/dq, dL/dk, dL/dv of ``attention(q, k, v, causal=, mask=, scale=)`` given dout = dL/d output.
+
+    Shapes as in ``attention``: dout (..., H, T_q, d_v) -> dq like q, dk like k, dv like v
+    (with grouped-query attention a k/v head's gradient sums over the query heads it serves).
+    The weights are recomputed from q, k and the mask:
+
+        A = softmax(q k^T * scale + mask);   dA = dout v^T;   dS = A * (dA - rowsum(dA * A)) * scale
+        dq = dS k;   dk = dS^T q;   dv = A^T dout
+
+    A query with every key blocked contributes no gradient (its weights are 0).
+    """
+    q, k, v, dout = np.asarray(q), np.asarray(k), np.asarray(v), np.asarray(dout)
+    k_all, v_all, rep = _repeat_kv(q, k, v)
+    want = q.shape[:-1] + v.shape[-1:]
+    if dout.shape != want:
+        raise ValueError(f"dout has shape {dout.shape}; expected {want} (the shape of attention's output)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    A = _sdpa_weights(q, k_all, causal, mask, scale)
+    _, _, dq, dk, dv = _sdpa_grads(A, q, k_all, v_all, dout, scale)
+    if rep > 1:                                               # sum over the query heads of each k/v head
+        dk = dk.reshape(dk.shape[:-3] + (-1, rep) + dk.shape[-2:]).sum(axis=-3)
+        dv = dv.reshape(dv.shape[:-3] + (-1, rep) + dv.shape[-2:]).sum(axis=-3)
+    return dq, dk, dv
 
 
 class SelfAttention:
@@ -113,7 +170,7 @@ class SelfAttention:
         self.Q, self.K, self.V = X @ self.W_q, X @ self.W_k, X @ self.W_v
         self.A_w = self.Q @ np.swapaxes(self.K, 1, 2)
         scores = self.A_w / math.sqrt(D_k) + _additive_mask(None, T, T, self.causal, self.A_w.dtype)
-        self.A_sig = softmax(scores)
+        self.A_sig = masked_softmax(scores)
         return self.A_sig @ self.V
 
     __call__ = forward
@@ -122,11 +179,9 @@ class SelfAttention:
         """dY = dL/dY: (B, T, D_v) -> dL/dX: (B, T, D). Call after ``forward``."""
         dY = _expect("dY", dY, self.V.shape)
         D_k = self.W_q.shape[1]
-        self.dA_sig = dY @ np.swapaxes(self.V, 1, 2)                       # (B, T, T)
-        self.dV = np.swapaxes(self.A_sig, 1, 2) @ dY                       # (B, T, D_v)
-        self.dA_w = softmax_backward(self.A_sig, self.dA_sig) / math.sqrt(D_k)
-        self.dQ = self.dA_w @ self.K                                       # (B, T, D_k)
-        self.dK = np.swapaxes(self.dA_w, 1, 2) @ self.Q                    # (B, T, D_k)
+        # dA_sig (B, T, T), dA_w (B, T, T), dQ (B, T, D_k), dK (B, T, D_k), dV (B, T, D_v)
+        self.dA_sig, self.dA_w, self.dQ, self.dK, self.dV = _sdpa_grads(
+            self.A_sig, self.Q, self.K, self.V, dY, 1.0 / math.sqrt(D_k))
         self.dW_q = np.einsum("btd,btk->dk", self.X, self.dQ)              # sum over the batch
         self.dW_k = np.einsum("btd,btk->dk", self.X, self.dK)
         self.dW_v = np.einsum("btd,btk->dk", self.X, self.dV)
@@ -277,7 +332,7 @@ class MultiHeadAttention:
         self.V = self._split(X @ self.W_v.T + self.b_v)                    # (B, H, T, d_v)
         self.A_w = self.Q @ np.swapaxes(self.K, -1, -2)                    # (B, H, T, T)
         scores = self.A_w / math.sqrt(d_k) + _additive_mask(attn_mask, T, T, self.causal, self.A_w.dtype)
-        self.A_sig = softmax(scores)
+        self.A_sig = masked_softmax(scores)
         self.O = self._merge(self.A_sig @ self.V)                          # (B, T, H d_v)
         return self.O @ self.W_o.T + self.b_o
 
@@ -290,11 +345,8 @@ class MultiHeadAttention:
         self.dW_o = np.einsum("bto,bti->oi", dY, self.O)
         self.db_o = dY.sum(axis=(0, 1))
         self.dO = self._split(dY @ self.W_o)                               # (B, H, T, d_v)
-        self.dA_sig = self.dO @ np.swapaxes(self.V, -1, -2)                # (B, H, T, T)
-        self.dV = np.swapaxes(self.A_sig, -1, -2) @ self.dO
-        self.dA_w = softmax_backward(self.A_sig, self.dA_sig) / math.sqrt(d_k)
-        self.dQ = self.dA_w @ self.K
-        self.dK = np.swapaxes(self.dA_w, -1, -2) @ self.Q
+        self.dA_sig, self.dA_w, self.dQ, self.dK, self.dV = _sdpa_grads(  # per head, (B, H, T, .)
+            self.A_sig, self.Q, self.K, self.V, self.dO, 1.0 / math.sqrt(d_k))
         dQ, dK, dV = self._merge(self.dQ), self._merge(self.dK), self._merge(self.dV)   # (B, T, H d)
         self.dW_q = np.einsum("bto,bti->oi", dQ, self.X)
         self.dW_k = np.einsum("bto,bti->oi", dK, self.X)

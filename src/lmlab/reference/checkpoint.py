@@ -20,8 +20,12 @@
       fc_out.weight                            (V, C)       required; fc_out.bias (V,) optional
 
   n_layers comes from the keys, C from the embedding, F from feed_forward.0, H_kv from wk;
-  ``n_heads`` must be given. Missing or mis-shaped arrays raise a ValueError naming the
-  array, its shape and the expected shape. Files are read with ``allow_pickle=False``.
+  ``n_heads`` must be given. Buffers derived from the hyper-parameters may sit beside the
+  weights (``position_embedding.inv_freq``: rotary positions; ``position_embedding.pe``: a
+  sinusoidal table; ``layers.{i}.attention.{mask,causal_mask,bias,masked_bias}``: causal
+  masks); each must equal what the engine computes (``check_derived_buffers``). Missing or
+  mis-shaped arrays raise a ValueError naming the array, its shape and the expected shape;
+  unknown arrays are refused. Files are read with ``allow_pickle=False``.
 
 numpy only -- never torch (the safetensors format is read with numpy and json).
 """
@@ -34,8 +38,8 @@ from typing import Mapping
 
 import numpy as np
 
-from lmlab.reference.ops import expect_shape, format_shape, to_numpy
-from lmlab.reference.recurrent import RecurrentLM, from_torch_state_dict
+from lmlab.reference.ops import causal_mask, expect_shape, format_shape, to_numpy
+from lmlab.reference.recurrent import RecurrentLM, from_torch_state_dict, layer_widths
 from lmlab.reference.transformer import (
     ACTIVATIONS,
     NORM_POSITIONS,
@@ -43,10 +47,13 @@ from lmlab.reference.transformer import (
     SINUSOIDAL_LAYOUTS,
     TransformerLM,
     layer_index,
+    rotary_inv_freq,
+    sinusoidal_table,
 )
 
 __all__ = [
     "FAMILIES",
+    "check_derived_buffers",
     "from_pytorch_state_dict",
     "load_lmlab_checkpoint",
     "load_npz",
@@ -213,10 +220,15 @@ def recurrent_from_lmlab(family: str, config: Mapping, tensors: Mapping[str, np.
         raise ValueError(f"unexpected arrays {extra} in {where} for an lmlab {family}")
     model = from_torch_state_dict(tensors, family, rnn_prefix="rnn.", embedding_prefix="encoder.",
                                   output_prefix="decoder.", nonlinearity=c["nonlinearity"], dtype=dtype)
-    for what, got, want in (("n_layer", model.n_layers, c["n_layer"]), ("n_hidden", model.hidden_size, c["n_hidden"]),
-                            ("n_embd", model.input_size, c["n_embd"]), ("vocab_size", model.vocab_size, c["vocab_size"])):
+    widths = model.hidden_sizes
+    shown = widths[0] if len(set(widths)) == 1 else list(widths)
+    for what, got, want, text in (
+            ("n_layer", model.n_layers, c["n_layer"], model.n_layers),
+            ("n_hidden", widths, layer_widths(c["n_hidden"], c["n_layer"]), shown),   # one width or one per layer
+            ("n_embd", model.input_size, c["n_embd"], model.input_size),
+            ("vocab_size", model.vocab_size, c["vocab_size"], model.vocab_size)):
         if got != want:
-            raise ValueError(f"the weights in {where} have {what}={got}, the config says {what}={want}")
+            raise ValueError(f"the weights in {where} have {what}={text}, the config says {what}={c[what]}")
     if family == "gru" and c["gru_variant"] == "classic":
         model = RecurrentLM(model.weights, "gru", reset_after=False, dtype=dtype)
     return model
@@ -260,10 +272,13 @@ def from_pytorch_state_dict(sd: Mapping[str, np.ndarray], n_heads: int | None = 
 
     Inferred: n_layers (from ``layers.{i}.`` keys), C (``word_embedding.weight``), F
     (``feed_forward.0.weight``), H_kv (``attention.wk.weight``), positions (learned when
-    ``position_embedding.weight`` is present, else sinusoidal), norm ("layernorm" when
+    ``position_embedding.weight`` is present, rotary when ``position_embedding.inv_freq`` is,
+    else sinusoidal), norm ("layernorm" when
     ``layers.0.norm1.weight`` is present, else "none"; pass norm="rmsnorm" for RMSNorm).
     Given: ``n_heads`` (required), ``sinusoidal_layout``, ``norm_position`` ("pre"/"post"),
-    ``activation`` ("relu", "gelu", "gelu_tanh"), ``embed_scale``, ``block_size``.
+    ``activation`` ("relu", "gelu", "gelu_tanh"), ``embed_scale``, ``block_size``, ``rope_theta``.
+    Derived buffers (rotary frequencies, a sinusoidal table, causal masks) are accepted after
+    ``check_derived_buffers``; any other array is an error.
     """
     if n_heads is None:
         raise ValueError("n_heads is required: the number of attention heads cannot be inferred from the array "
@@ -291,7 +306,7 @@ def from_pytorch_state_dict(sd: Mapping[str, np.ndarray], n_heads: int | None = 
     kv = sd["layers.0.attention.wk.weight"].shape[0]
     learned = "position_embedding.weight" in sd
     if positions is None:
-        positions = "learned" if learned else "sinusoidal"
+        positions = "learned" if learned else "rotary" if ROTARY_BUFFER in sd else "sinusoidal"
     if positions == "learned" and not learned:
         raise ValueError(f"positions='learned' needs array 'position_embedding.weight' (P, {C}) in {where}")
     if positions != "learned" and learned:
@@ -305,6 +320,9 @@ def from_pytorch_state_dict(sd: Mapping[str, np.ndarray], n_heads: int | None = 
         raise ValueError(f"norm={norm!r}, norm_position={norm_position!r}; accepted: {NORMS}, {NORM_POSITIONS}")
     if activation not in ACTIVATIONS or activation == "swiglu":
         raise ValueError(f"activation={activation!r}; accepted for feed_forward.{{0,2}} weights: relu, gelu, gelu_tanh")
+    for name in check_derived_buffers(sd, where, n_layers=L, d_model=C, head_dim=C // int(n_heads),
+                                      positions=positions, sinusoidal_layout=sinusoidal_layout, rope_theta=rope_theta):
+        del sd[name]
 
     plan: _Plan = [("word_embedding.weight", "embed", (V, C), True)]
     if learned:
@@ -333,6 +351,103 @@ def from_pytorch_state_dict(sd: Mapping[str, np.ndarray], n_heads: int | None = 
     return TransformerLM(w, n_heads=int(n_heads), positions=positions, sinusoidal_layout=sinusoidal_layout,
                          rope_theta=rope_theta, norm=norm, norm_position=norm_position, norm_eps=norm_eps,
                          activation=activation, embed_scale=embed_scale, block_size=block_size, dtype=dtype)
+
+
+ROTARY_BUFFER = "position_embedding.inv_freq"
+SINUSOIDAL_BUFFER = "position_embedding.pe"
+MASK_BUFFERS = ("mask", "causal_mask", "bias")      # under layers.{i}.attention.; "bias": nanoGPT's, GPT-2's
+FILL_BUFFER = "masked_bias"                         # GPT-2's fill value for blocked scores
+
+
+def _close(a: np.ndarray, want: np.ndarray, atol: float = 0.0) -> bool:
+    """a equals ``want`` up to the rounding of a's floating dtype (float32 buffers hold float32 math)."""
+    eps = np.finfo(a.dtype).eps if np.issubdtype(a.dtype, np.floating) else np.finfo(np.float64).eps
+    return a.shape == want.shape and np.allclose(a, want, rtol=max(100 * eps, 1e-12), atol=atol)
+
+
+def check_derived_buffers(sd: Mapping[str, np.ndarray], where: str, *, n_layers: int, d_model: int, head_dim: int,
+                          positions: str, sinusoidal_layout: str, rope_theta: float) -> list[str]:
+    """The names of the derived buffers in ``sd``, each checked against what the engine computes.
+
+    PyTorch modules often save, beside their weights, buffers computed from the
+    hyper-parameters; they carry no information, but one that differs from the engine's
+    means the file's model computes something else, so it is an error naming the array:
+
+    - ``position_embedding.inv_freq`` (D/2,): the rotary inverse frequencies theta^(-2j/D);
+    - ``position_embedding.pe`` (P, C), (1, P, C) or (P, 1, C): a sinusoidal table;
+    - ``layers.{i}.attention.{mask,causal_mask,bias}`` (P, P) or (1, 1, P, P): a causal mask,
+      lower-triangular ones (1/True = may attend), True above the diagonal (blocked), or
+      additive (0, -inf above the diagonal);
+    - ``layers.{i}.attention.masked_bias`` (scalar): the score given to blocked keys, accepted
+      when it is -inf or so low (<= -1e4) that their weight is exactly 0 in floating point.
+    """
+    found = []
+    if ROTARY_BUFFER in sd:
+        a = np.asarray(sd[ROTARY_BUFFER])
+        if positions != "rotary":
+            raise ValueError(f"{where} holds {ROTARY_BUFFER!r} (rotary inverse frequencies) but positions="
+                             f"{positions!r}; drop the argument or pass positions='rotary'")
+        want = rotary_inv_freq(head_dim, rope_theta)
+        if not _close(a, want):
+            hint = ""
+            if a.shape == want.shape and a.size > 1 and a[1] > 0:
+                theta = float(a[1]) ** (-head_dim / 2)
+                if _close(a, rotary_inv_freq(head_dim, theta)):
+                    hint = f"; they are those of rope_theta={theta:.6g}: pass rope_theta={theta:.6g}"
+            raise ValueError(f"array {ROTARY_BUFFER!r} in {where} (shape {a.shape}) is not theta^(-2j/D) for "
+                             f"head_dim D={head_dim}, rope_theta={rope_theta:g} (expected shape {want.shape}){hint}")
+        found.append(ROTARY_BUFFER)
+    if SINUSOIDAL_BUFFER in sd:
+        a = np.asarray(sd[SINUSOIDAL_BUFFER])
+        if positions != "sinusoidal":
+            raise ValueError(f"{where} holds {SINUSOIDAL_BUFFER!r} (a sinusoidal table) but positions={positions!r}; "
+                             "drop the argument or pass positions='sinusoidal'")
+        table = _as_table(a, d_model)
+        if table is None:
+            raise ValueError(f"array {SINUSOIDAL_BUFFER!r} in {where} has shape {a.shape}; expected (P, {d_model}), "
+                             f"(1, P, {d_model}) or (P, 1, {d_model})")
+        atol = 8 * table.shape[0] * float(np.finfo(table.dtype).eps) if np.issubdtype(table.dtype, np.floating) else 0.0
+        if not _close(table, sinusoidal_table(table.shape[0], d_model, sinusoidal_layout), atol):
+            other = [lay for lay in SINUSOIDAL_LAYOUTS if lay != sinusoidal_layout
+                     and _close(table, sinusoidal_table(table.shape[0], d_model, lay), atol)]
+            hint = f"; it is the {other[0]!r} layout: pass sinusoidal_layout={other[0]!r}" if other else ""
+            raise ValueError(f"array {SINUSOIDAL_BUFFER!r} in {where} is not the {sinusoidal_layout!r} sinusoidal "
+                             f"table of width {d_model}{hint}")
+        found.append(SINUSOIDAL_BUFFER)
+    for i in range(n_layers):
+        for name in (f"layers.{i}.attention.{n}" for n in MASK_BUFFERS):
+            if name in sd:
+                _check_causal_mask(np.asarray(sd[name]), name, where)
+                found.append(name)
+        name = f"layers.{i}.attention.{FILL_BUFFER}"
+        if name in sd:
+            a = np.asarray(sd[name])
+            if a.size != 1 or not np.issubdtype(a.dtype, np.floating) or not float(a.reshape(())) <= -1e4:
+                raise ValueError(f"array {name!r} in {where} is {a.reshape(-1)[:3].tolist()}; as the score of "
+                                 "blocked keys it must be -inf or <= -1e4 (weight exactly 0)")
+            found.append(name)
+    return found
+
+
+def _as_table(a: np.ndarray, d_model: int) -> np.ndarray | None:
+    """(P, C) from a table stored (P, C), (1, P, C) or (P, 1, C); None for any other shape."""
+    if a.ndim == 2 and a.shape[1] == d_model:
+        return a
+    if a.ndim == 3 and a.shape[2] == d_model and 1 in a.shape[:2]:
+        return a.reshape(-1, d_model)
+    return None
+
+
+def _check_causal_mask(a: np.ndarray, name: str, where: str) -> None:
+    """A (P, P) or (1, 1, P, P) causal mask in one of three conventions, else a ValueError naming it."""
+    m = a.reshape(a.shape[-2:]) if a.ndim >= 2 and all(n == 1 for n in a.shape[:-2]) else None
+    if m is None or m.shape[0] != m.shape[1]:
+        raise ValueError(f"array {name!r} in {where} has shape {a.shape}; a causal mask is (P, P) or (1, 1, P, P)")
+    blocked = causal_mask(m.shape[0])
+    if not (np.array_equal(m, ~blocked) or (m.dtype == bool and np.array_equal(m, blocked))
+            or (np.issubdtype(m.dtype, np.floating) and np.array_equal(m, np.where(blocked, -np.inf, 0.0)))):
+        raise ValueError(f"array {name!r} in {where} is not a causal mask (ones on and below the diagonal, "
+                         "True above it, or 0 / -inf above it); the engine attends causally only")
 
 
 def load_npz(path: str | os.PathLike, n_heads: int | None = None, **kwargs) -> TransformerLM:

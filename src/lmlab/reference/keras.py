@@ -12,7 +12,8 @@ them one level deeper, e.g. ``gru/gru_cell/kernel:0``; files from ``save_weights
 have the layer groups at the root). Gate order: GRU z, r, h; LSTM i, f, c, o.
 Dense: ``kernel:0`` (H, V), ``bias:0`` (V,); Embedding: ``embeddings:0`` (V, E).
 
-The file's ``model_config`` attribute, when present, gives each layer's class,
+Each recurrent layer has its own number of units (e.g. 128 then 64): its kernel is
+(previous width, G H). The file's ``model_config`` attribute, when present, gives each layer's class,
 activations and ``reset_after``; without it the layer types are inferred from the
 array shapes (G = 1, 3, 4 gates) and the activations default to tanh / sigmoid.
 """

@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = [
     "softmax",
+    "masked_softmax",
     "log_softmax",
     "softmax_backward",
     "logsumexp",
@@ -47,6 +48,20 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x)
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def masked_softmax(x: np.ndarray) -> np.ndarray:
+    """Attention weights: softmax over the last axis, where a row of only -inf (nothing to
+    attend to) gives all zeros instead of NaN. (..., N) -> (..., N).
+
+    The zero row is torch's ``scaled_dot_product_attention`` convention: the output of such a
+    query is 0 and no gradient flows through it (``softmax_backward`` of a zero row is zero).
+    """
+    x = np.asarray(x)
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - np.where(np.isneginf(m), 0, m).astype(x.dtype, copy=False))
+    total = np.sum(e, axis=-1, keepdims=True)
+    return e / np.where(total == 0, 1, total).astype(x.dtype, copy=False)
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -19,24 +19,26 @@ with sigma = recurrent_activation (sigmoid) and phi = activation (tanh):
 and the output layer: logits = out.W h'_top + out.b.
 
 Weight layout: a flat dict of numpy arrays, one matrix per gate ("_r" etc.; the
-vanilla RNN has no suffix), matrices (out, in) as in the formulas above:
+vanilla RNN has no suffix), matrices (out, in) as in the formulas above. Each layer
+k has its own width H_k (the widths may differ, e.g. 128 then 64):
 
     embed            (V_in, E)   optional; without it, ids are fed as one-hot vectors (E = V_in)
-    l{k}.W_{gate}    (H, E) for k = 0, (H, H) above
-    l{k}.U_{gate}    (H, H)
-    l{k}.bx_{gate}   (H,)        bias of the input term
-    l{k}.bh_{gate}   (H,)        bias of the recurrent term
-    out.W            (V, H)
+    l{k}.W_{gate}    (H_k, E) for k = 0, (H_k, H_{k-1}) above
+    l{k}.U_{gate}    (H_k, H_k)
+    l{k}.bx_{gate}   (H_k,)      bias of the input term
+    l{k}.bh_{gate}   (H_k,)      bias of the recurrent term
+    out.W            (V, H_top)
     out.b            (V,)
 
-State: {"h": (B, L, H)} (and "c" for the LSTM) -- batch first, like every lmlab
-state; without a batch axis (one sequence), (L, H).
+State: {"h": (B, L, max H_k)} (and "c" for the LSTM) -- batch first, like every lmlab
+state; without a batch axis (one sequence), (L, max H_k). Layer k's vector is
+``h[:, k, :H_k]``; with different widths the rest of the row is zeros.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -57,19 +59,32 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def expected_shapes(kind: str, n_layers: int, hidden: int, input_size: int, vocab: int,
+def layer_widths(hidden: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Per-layer widths from one width for every layer or a sequence of ``n_layers`` widths."""
+    if isinstance(hidden, (int, np.integer)):
+        return (int(hidden),) * n_layers
+    widths = tuple(int(h) for h in hidden)
+    if len(widths) != n_layers:
+        raise ValueError(f"hidden sizes {list(widths)} give {len(widths)} layer widths for n_layers={n_layers}; "
+                         f"give one width per layer, or one int for all")
+    return widths
+
+
+def expected_shapes(kind: str, n_layers: int, hidden: int | Sequence[int], input_size: int, vocab: int,
                     embed_vocab: int | None) -> dict[str, tuple[int, ...]]:
-    """Every array name of the layout and its shape."""
+    """Every array name of the layout and its shape; ``hidden``: one width, or one per layer."""
+    widths = layer_widths(hidden, n_layers)
     shapes: dict[str, tuple[int, ...]] = {}
     if embed_vocab is not None:
         shapes["embed"] = (embed_vocab, input_size)
-    for k in range(n_layers):
-        n_in = input_size if k == 0 else hidden
+    n_in = input_size
+    for k, H in enumerate(widths):
         for g in GATES[_check_kind(kind)]:
             s = _sfx(g)
-            shapes.update({f"l{k}.W{s}": (hidden, n_in), f"l{k}.U{s}": (hidden, hidden),
-                           f"l{k}.bx{s}": (hidden,), f"l{k}.bh{s}": (hidden,)})
-    shapes.update({"out.W": (vocab, hidden), "out.b": (vocab,)})
+            shapes.update({f"l{k}.W{s}": (H, n_in), f"l{k}.U{s}": (H, H),
+                           f"l{k}.bx{s}": (H,), f"l{k}.bh{s}": (H,)})
+        n_in = H
+    shapes.update({"out.W": (vocab, n_in), "out.b": (vocab,)})
     return shapes
 
 
@@ -99,13 +114,19 @@ class RecurrentLM:
                 raise ValueError(f"missing array {name!r} (expected shape {want}); present: {sorted(w)}")
             if name in w and w[name].ndim != 2:
                 raise ValueError(f"array {name!r} has shape {w[name].shape}; expected {want}")
-        self.hidden_size = H = w[f"l0.U{s0}"].shape[0]
         self.n_layers = L = next(k for k in range(len(w) + 1) if f"l{k}.W{s0}" not in w)
+        for k in range(1, L):
+            name = f"l{k}.U{s0}"
+            if name not in w:
+                raise ValueError(f"missing array {name!r} (expected shape (H_{k}, H_{k})); present: {sorted(w)}")
+            expect_shape(f"array {name!r}", w[name], (None, None))
+        self.hidden_sizes = tuple(w[f"l{k}.U{s0}"].shape[0] for k in range(L))   # one width per layer
+        self.hidden_size = max(self.hidden_sizes)                                  # the state's last axis
         self.embed_vocab = w["embed"].shape[0] if "embed" in w else None
         self.input_size = w["embed"].shape[1] if "embed" in w else w[f"l0.W{s0}"].shape[1]
         self.vocab_size = w["out.W"].shape[0]
 
-        shapes = expected_shapes(kind, L, H, self.input_size, self.vocab_size, self.embed_vocab)
+        shapes = expected_shapes(kind, L, self.hidden_sizes, self.input_size, self.vocab_size, self.embed_vocab)
         for name, shape in shapes.items():
             if name not in w:
                 raise ValueError(f"missing array {name!r}; expected shape {format_shape(shape)}")
@@ -117,17 +138,17 @@ class RecurrentLM:
         self.weights = {name: a.astype(self.dtype, copy=False) for name, a in w.items()}
 
     @classmethod
-    def random(cls, kind: str, vocab_size: int, hidden_size: int, n_layers: int = 1, *,
+    def random(cls, kind: str, vocab_size: int, hidden_size: int | Sequence[int], n_layers: int = 1, *,
                embed_dim: int | None = None, seed: int | None = None, dtype=np.float64,
                **kwargs) -> "RecurrentLM":
-        """A model with random weights (see ``random_weights``)."""
+        """A model with random weights (see ``random_weights``); ``hidden_size``: one width or one per layer."""
         w = random_weights(kind, vocab_size, hidden_size, n_layers, embed_dim=embed_dim, seed=seed, dtype=dtype)
         return cls(w, kind, **kwargs)
 
     # ------------------------------------------------------------ state
 
     def init_state(self, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Zeros: (B, L, H) per entry, or (L, H) when ``batch_size`` is None."""
+        """Zeros: (B, L, max H_k) per entry, or (L, max H_k) when ``batch_size`` is None."""
         shape = (self.n_layers, self.hidden_size) if batch_size is None else (batch_size, self.n_layers, self.hidden_size)
         names = ("h", "c") if self.kind == "lstm" else ("h",)
         return {n: np.zeros(shape, dtype=self.dtype) for n in names}
@@ -181,16 +202,14 @@ class RecurrentLM:
         return x.astype(self.dtype, copy=False)
 
     def _step_batch(self, x: np.ndarray, state: dict[str, np.ndarray]):
-        """x: (B, E), state (B, L, H) -> logits (B, V), new state."""
-        hs, cs = [], []
-        for k in range(self.n_layers):
-            c = state["c"][:, k] if self.kind == "lstm" else None
-            x, c = self._cell(k, x, state["h"][:, k], c)
-            hs.append(x)
-            cs.append(c)
-        new = {"h": np.stack(hs, axis=1)}
-        if self.kind == "lstm":
-            new["c"] = np.stack(cs, axis=1)
+        """x: (B, E), state (B, L, max H_k) -> logits (B, V), new state."""
+        new = {name: np.zeros_like(a) for name, a in state.items()}
+        for k, H in enumerate(self.hidden_sizes):
+            c = state["c"][:, k, :H] if self.kind == "lstm" else None
+            x, c = self._cell(k, x, state["h"][:, k, :H], c)
+            new["h"][:, k, :H] = x
+            if self.kind == "lstm":
+                new["c"][:, k, :H] = c
         return x @ self.weights["out.W"].T + self.weights["out.b"], new
 
     # ------------------------------------------------------------ public calls
@@ -245,23 +264,31 @@ class RecurrentLM:
 
     def __repr__(self) -> str:
         extra = f", reset_after={self.reset_after}" if self.kind == "gru" else ""
-        return (f"RecurrentLM(kind={self.kind!r}, layers={self.n_layers}, hidden={self.hidden_size}, "
+        hidden = self.hidden_sizes[0] if len(set(self.hidden_sizes)) == 1 else list(self.hidden_sizes)
+        return (f"RecurrentLM(kind={self.kind!r}, layers={self.n_layers}, hidden={hidden}, "
                 f"input={self.input_size}, vocab={self.vocab_size}{extra}, dtype={self.dtype})")
 
 
-def random_weights(kind: str, vocab_size: int, hidden_size: int, n_layers: int = 1, *,
+def random_weights(kind: str, vocab_size: int, hidden_size: int | Sequence[int], n_layers: int = 1, *,
                    embed_dim: int | None = None, seed: int | None = None, dtype=np.float64) -> dict[str, np.ndarray]:
-    """Weights in the layout above, U(-1/sqrt(H), 1/sqrt(H)) like PyTorch's init.
+    """Weights in the layout above, U(-1/sqrt(H_k), 1/sqrt(H_k)) per layer like PyTorch's init
+    (the output layer: the top width). ``hidden_size``: one width, or a sequence of n_layers widths.
 
     ``embed_dim=None``: no embedding table (ids enter as one-hot vectors of size vocab_size).
     """
     rng = np.random.default_rng(seed)
     E = vocab_size if embed_dim is None else embed_dim
-    shapes = expected_shapes(kind, n_layers, hidden_size, E, vocab_size,
-                             None if embed_dim is None else vocab_size)
-    bound = 1 / math.sqrt(hidden_size)
-    return {n: (rng.standard_normal(s) if n == "embed" else rng.uniform(-bound, bound, s)).astype(dtype)
-            for n, s in shapes.items()}
+    widths = layer_widths(hidden_size, n_layers)
+    shapes = expected_shapes(kind, n_layers, widths, E, vocab_size, None if embed_dim is None else vocab_size)
+
+    def draw(name: str, shape: tuple) -> np.ndarray:
+        if name == "embed":
+            return rng.standard_normal(shape)
+        k = int(name[1:name.index(".")]) if name.startswith("l") else -1
+        bound = 1 / math.sqrt(widths[k])
+        return rng.uniform(-bound, bound, shape)
+
+    return {n: draw(n, s).astype(dtype) for n, s in shapes.items()}
 
 
 def _split_gates(a: np.ndarray, gates: tuple[str, ...], H: int, prefix: str) -> dict[str, np.ndarray]:
@@ -275,8 +302,9 @@ def from_torch_state_dict(sd: Mapping[str, np.ndarray], kind: str, *, rnn_prefix
     """A ``RecurrentLM`` from a PyTorch state dict (numpy arrays or tensors).
 
     The recurrent weights use ``nn.RNN``/``nn.GRU``/``nn.LSTM`` names under ``rnn_prefix``:
-    ``weight_ih_l{k}`` (G H, in), ``weight_hh_l{k}`` (G H, H), ``bias_ih_l{k}``, ``bias_hh_l{k}``
-    (G H,), gates stacked r, z, n (GRU, the reset-after form) or i, f, g, o (LSTM).
+    ``weight_ih_l{k}`` (G H_k, in_k), ``weight_hh_l{k}`` (G H_k, H_k), ``bias_ih_l{k}``, ``bias_hh_l{k}``
+    (G H_k,), gates stacked r, z, n (GRU, the reset-after form) or i, f, g, o (LSTM); each layer's
+    width H_k comes from its ``weight_hh``, so layers of different widths load too.
     ``{embedding_prefix}weight`` (V, E) is an ``nn.Embedding`` (None: no embedding; ids are
     one-hot), ``{output_prefix}weight`` (V, H) and ``{output_prefix}bias`` an ``nn.Linear``.
     ``nonlinearity`` is ``nn.RNN``'s ("tanh" or "relu").
@@ -299,25 +327,23 @@ def from_torch_state_dict(sd: Mapping[str, np.ndarray], kind: str, *, rnn_prefix
             raise ValueError(f"bidirectional recurrent layers are not supported (found {key!r})")
         if key.startswith(p + "weight_hr_l"):
             raise ValueError(f"LSTM projections (proj_size) are not supported (found {key!r})")
-    hh0 = get(p + "weight_hh_l0", (None, None))
-    H = hh0.shape[1]
-    if hh0.shape[0] != G * H:
-        raise ValueError(f"array {p + 'weight_hh_l0'!r} has shape {hh0.shape}; expected ({G * H}, {H}) "
-                         f"for a {kind} with {G} gate(s)")
     w: dict[str, np.ndarray] = {}
-    k = 0
+    k, n_in = 0, None
     while p + f"weight_ih_l{k}" in sd or k == 0:
-        n_in = None if k == 0 else H
+        hh = get(p + f"weight_hh_l{k}", (None, None))        # (G H_k, H_k): this layer's width
+        H = hh.shape[1]
+        if hh.shape[0] != G * H:
+            raise ValueError(f"array {p + f'weight_hh_l{k}'!r} has shape {hh.shape}; expected ({G * H}, {H}) "
+                             f"for a {kind} with {G} gate(s)")
         W = get(p + f"weight_ih_l{k}", (G * H, n_in))
-        U = get(p + f"weight_hh_l{k}", (G * H, H))
-        zeros = np.zeros(G * H, dtype=U.dtype)
+        zeros = np.zeros(G * H, dtype=hh.dtype)
         bx = get(p + f"bias_ih_l{k}", (G * H,), required=False)
         bh = get(p + f"bias_hh_l{k}", (G * H,), required=False)
         w.update(_split_gates(W, gates, H, f"l{k}.W"))
-        w.update(_split_gates(U, gates, H, f"l{k}.U"))
+        w.update(_split_gates(hh, gates, H, f"l{k}.U"))
         w.update(_split_gates(zeros if bx is None else bx, gates, H, f"l{k}.bx"))
         w.update(_split_gates(zeros if bh is None else bh, gates, H, f"l{k}.bh"))
-        k += 1
+        k, n_in = k + 1, H
     E = w[f"l0.W{_sfx(gates[0])}"].shape[1]
     if embedding_prefix is not None:
         w["embed"] = get(embedding_prefix + "weight", (None, E))

@@ -52,10 +52,10 @@ from lmlab.reference.ops import (
     format_shape,
     gelu,
     layer_norm,
+    masked_softmax,
     relu,
     rms_norm,
     sigmoid,
-    softmax,
     to_numpy,
 )
 
@@ -66,6 +66,7 @@ __all__ = [
     "gelu_fast",
     "layer_index",
     "rotary_cos_sin",
+    "rotary_inv_freq",
     "apply_rotary",
     "sinusoidal_encoding",
     "sinusoidal_table",
@@ -109,10 +110,15 @@ def sinusoidal_table(n_positions: int, dim: int, layout: str = "interleaved") ->
     return sinusoidal_encoding(np.arange(n_positions), dim, layout)
 
 
+def rotary_inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """(head_dim / 2,) float64: theta^(-2j/D), the rotary inverse frequencies (``inv_freq`` in PyTorch code)."""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
 def rotary_cos_sin(positions, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape (T, head_dim) (float64) for rotary embeddings, the half-split layout Llama uses:
     angle[t, j] = pos_t * theta^(-2j/D) for j < D/2, repeated for j >= D/2."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = rotary_inv_freq(head_dim, theta)
     angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles), np.sin(angles)
@@ -457,7 +463,7 @@ class TransformerLM:
         scores = qg @ np.swapaxes(K, -1, -2)[:, :, None]                      # (B, H_kv, rep, T, end)
         if T > 1:
             scores = np.where(causal_mask(T, end), -np.inf, scores)
-        weights = softmax(scores)
+        weights = masked_softmax(scores)
         y = (weights @ V[:, :, None]).reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
         if keep is not None:
             keep.append(weights.reshape(B, H, T, end))
