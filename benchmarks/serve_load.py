@@ -85,6 +85,11 @@ class Server:
             time.sleep(0.2)
         self.info = httpx.get(self.url + "/v1/info").json()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -132,8 +137,10 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def drive(url: str, clients: int, requests_per_client: int, body: dict) -> dict:
-    """``clients`` threads, each sending its requests one after another; aggregate figures."""
+def drive(server: "Server", clients: int, requests_per_client: int, body: dict) -> dict:
+    """``clients`` threads, each sending its requests one after another; aggregate figures, and
+    the server's CPU time (on a shared machine, tokens per CPU second depend less on the load)."""
+    url = server.url
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -144,19 +151,20 @@ def drive(url: str, clients: int, requests_per_client: int, body: dict) -> dict:
             with lock:
                 results.append(out)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), server.cpu_seconds()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(len(r["times"]) for r in ok)
     ttft = [r["times"][0] for r in ok if r["times"]]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"clients": clients, "requests": len(results), "ok": len(ok), "tokens": tokens, "seconds": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttft, 50),
+            "tokens_per_s": tokens / wall, "server_cpu_s": cpu, "tokens_per_server_cpu_s": tokens / cpu,
+            "ttft_p50_ms": 1000 * percentile(ttft, 50),
             "ttft_p99_ms": 1000 * percentile(ttft, 99), "itl_p50_ms": 1000 * percentile(itl, 50),
             "itl_p99_ms": 1000 * percentile(itl, 99)}
 
@@ -168,12 +176,13 @@ def generate_tokens_per_s(model_spec: str, max_tokens: int, eos_bias: dict, repe
 
     model, tokenizer = load_checkpoint(model_spec)
     setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
-    times = []
+    times, cpu = [], []
     for r in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = run_setup(model, tokenizer, [PROMPTS[r % len(PROMPTS)]], setup, max_tokens, seed=r)
         times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
-    return 1.0 / statistics.median(times[1:])
+        cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
+    return 1.0 / statistics.median(times[1:]), 1.0 / statistics.median(cpu[1:])
 
 
 def throughput(args, model_spec: str) -> dict:
@@ -182,10 +191,10 @@ def throughput(args, model_spec: str) -> dict:
     try:
         eos_id = _eos_id(model_spec)
         body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
-        drive(server.url, 2, 1, body)  # warm-up
+        drive(server, 2, 1, body)  # warm-up
         for clients in args.clients:
             per_client = max(1, args.requests_per_setting // clients)
-            row = drive(server.url, clients, per_client, body)
+            row = drive(server, clients, per_client, body)
             row["server"] = "continuous batching (--max-batch 32)"
             rows.append(row)
             print(_row(row), flush=True)
@@ -194,14 +203,14 @@ def throughput(args, model_spec: str) -> dict:
     server = Server(model_spec, max_batch=1, threads=args.threads)
     try:
         clients = 16
-        row = drive(server.url, clients, max(1, args.requests_per_setting // clients), body)
+        row = drive(server, clients, max(1, args.requests_per_setting // clients), body)
         row["server"] = "one request at a time (--max-batch 1)"
         rows.append(row)
         print(_row(row), flush=True)
     finally:
         server.close()
-    single = generate_tokens_per_s(model_spec, args.max_tokens, body["logit_bias"])
-    return {"rows": rows, "lmlab_generate_tokens_per_s": single}
+    single, single_cpu = generate_tokens_per_s(model_spec, args.max_tokens, body["logit_bias"])
+    return {"rows": rows, "lmlab_generate_tokens_per_s": single, "lmlab_generate_tokens_per_cpu_s": single_cpu}
 
 
 def _eos_id(model_spec: str) -> int:
@@ -213,7 +222,8 @@ def _eos_id(model_spec: str) -> int:
 
 def _row(r: dict) -> str:
     return (f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.0f} | "
-            f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+            f"{r['tokens_per_server_cpu_s']:.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
 
 
 def soak(args, model_spec: str) -> dict:
@@ -353,10 +363,12 @@ def main() -> None:
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, loaded)",
                 "torch": torch.__version__, "max_tokens": args.max_tokens, "threads": args.threads}
         if args.mode == "throughput":
-            print("| server | clients | requests | tokens | tokens/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
-            print("|---|---|---|---|---|---|---|")
+            print("| server | clients | requests | tokens | tokens/s | tokens per server CPU s | "
+                  "TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
+            print("|---|---|---|---|---|---|---|---|")
             result = {**meta, **throughput(args, model_spec)}
-            print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s")
+            print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
+                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s")
         elif args.mode == "loop":
             print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
             print("|---|---|---|---|")

@@ -10,10 +10,11 @@ A job is one request: ``n`` rows continuing the same prompt with one decoding se
 ``torch.Generator``. Between two steps the loop admits waiting jobs (each prompt is read by
 the model alone, then its state is merged into the batch with ``model.merge_states``: rows
 keep their own positions) and retires finished or cancelled ones. Every step makes one
-``model.next_token_logits`` call for all rows, then each job applies its own processors and
-picks with ``greedy_pick``/``sample_pick`` and its own generator: the same calls in the same
-order as ``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in
-the batch, and equal those of ``generate`` with the same prompt, setup and seed.
+``model.next_token_logits`` call for all rows; then the jobs that share a decoding setup
+run its processors on their rows together and each job picks its tokens (the argmax, or a
+draw from the softmax with its own generator): the same operations, row by row, as
+``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in the batch,
+and equal those of ``generate`` with the same prompt, setup and seed.
 
 Policy for models whose states cannot be merged (a Hugging Face cache, RAG-token): one job
 at a time, in arrival order; the rows of one job still share each step.
@@ -28,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lmlab.decode.generate import Generation, finished_text
 from lmlab.decode.processors import apply_processors
-from lmlab.decode.search import greedy_pick, sample_pick
+from lmlab.decode.search import _check_pickable, greedy_pick
 from lmlab.models.base import require_causal
 
 __all__ = ["Job", "TokenEvent", "Scheduler"]
@@ -91,6 +93,8 @@ class _Active:
         self.generated = 0
         self.rows = [Generation(prompt_ids=list(job.prompt_ids)) for _ in range(job.n)]
         self.running = [True] * job.n
+        # Jobs with equal processors (frozen dataclasses: equal reprs) run them as one block.
+        self.setup_key = (repr(list(job.processors)), job.alternatives > 0)
 
     @property
     def finished(self) -> bool:
@@ -236,23 +240,27 @@ class Scheduler:
     def _step(self) -> None:
         """Choose one token for every row, retire the finished jobs, feed the rest."""
         self.steps += 1
-        chosen_parts, keep = [], []
-        start = 0
-        survivors = []
+        spans, start = [], 0
         for a in self._active:
-            n = a.job.n
-            rows = slice(start, start + n)
-            start += n
-            if a.job.cancelled:
-                self._finish(a, error="cancelled")
-                continue
-            chosen = self._choose(a, self._logits[rows].float())
-            if a.finished or a.job.cancelled:
+            spans.append((a, start))
+            start += a.job.n
+        live = [(a, lo) for a, lo in spans if not a.job.cancelled]
+        chosen = torch.zeros(start, dtype=torch.long, device=self.device)
+        if live:
+            logits = self._logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            groups: dict[tuple, list[tuple[_Active, int]]] = {}
+            for a, lo in live:  # jobs with the same setup are processed as one block of rows
+                groups.setdefault((a.setup_key, a.job.do_sample), []).append((a, lo))
+            for members in groups.values():
+                self._choose(members, logits, logp, chosen)
+        keep, survivors = [], []
+        for a, lo in spans:
+            if a.job.cancelled or a.finished:
                 self._finish(a, error="cancelled" if a.job.cancelled else None)
-                continue
-            survivors.append(a)
-            keep.extend(range(rows.start, rows.stop))
-            chosen_parts.append(chosen)
+            else:
+                survivors.append(a)
+                keep.extend(range(lo, lo + a.job.n))
         self._active = survivors
         if not survivors:
             self._state, self._logits = None, None
@@ -261,26 +269,60 @@ class Scheduler:
         if len(keep) < state.batch_size:
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             state = state.select(index)
+            chosen = chosen.index_select(0, index)
             state = self.model.merge_states([state]) if self.batchable else state
-        self._logits, self._state = self.model.next_token_logits(torch.cat(chosen_parts)[:, None], state)
+        self._logits, self._state = self.model.next_token_logits(chosen[:, None], state)
 
-    def _choose(self, a: _Active, logits: torch.Tensor) -> torch.Tensor:
-        """Pick the next token of every row of ``a`` from its (n, V) logits, as ``generate`` does."""
+    def _choose(self, members: list[tuple[_Active, int]], logits: torch.Tensor, logp: torch.Tensor,
+                chosen: torch.Tensor) -> None:
+        """Pick the next token of every row of jobs that share one setup, as ``generate`` does:
+        the processors run on their rows together (their histories left-padded with -1, which
+        every processor ignores), then each job draws from its rows with its own generator.
+        ``logits``/``logp``: (B, V) of the whole batch; the picks are written into ``chosen`` (B,)."""
+        first = members[0][0].job
+        index = torch.cat([torch.arange(lo, lo + a.job.n) for a, lo in members]).to(self.device)
+        scores = logits.index_select(0, index)
+        if first.processors:
+            width = max(a.ids.shape[1] for a, _ in members)
+            ids = torch.cat([F.pad(a.ids, (width - a.ids.shape[1], 0), value=-1) for a, _ in members])
+            num_generated = torch.cat([torch.full((a.job.n,), a.generated, dtype=torch.long) for a, _ in members])
+            scores = apply_processors(first.processors, scores, ids, num_generated=num_generated.to(self.device))
+        if first.do_sample:
+            _check_pickable(scores)
+            probs = torch.softmax(scores, dim=-1)
+            parts, offset = [], 0
+            for a, _ in members:
+                rows = probs[offset : offset + a.job.n]
+                parts.append(torch.multinomial(rows, 1, generator=a.generator).squeeze(1))
+                offset += a.job.n
+            picks = torch.cat(parts)
+        else:
+            picks = greedy_pick(scores)
+        chosen[index] = picks
+        picked = logp.index_select(0, index).gather(1, picks[:, None]).squeeze(1).tolist()
+        tokens = picks.tolist()
+        processed = None
+        if any(a.job.alternatives for a, _ in members):
+            processed = torch.log_softmax(scores, dim=-1)
+        offset = 0
+        for a, _ in members:
+            n = a.job.n
+            rows = slice(offset, offset + n)
+            offset += n
+            a.ids = torch.cat([a.ids, picks[rows, None]], dim=1)
+            a.generated += 1
+            self._record(a, tokens[rows], picked[rows], logp.index_select(0, index[rows]),
+                         None if processed is None else processed[rows], picks[rows])
+
+    def _record(self, a: _Active, tokens: list[int], picked: list[float], logp: torch.Tensor,
+                processed: torch.Tensor | None, picks: torch.Tensor) -> None:
+        """Append each running row's token, send its event, and apply the stop rules."""
         job = a.job
-        num_generated = torch.full((job.n,), a.generated, dtype=torch.long, device=logits.device)
-        scores = apply_processors(job.processors, logits, a.ids, num_generated=num_generated) if job.processors else logits
-        chosen = sample_pick(scores, a.generator) if job.do_sample else greedy_pick(scores)
-        a.ids = torch.cat([a.ids, chosen[:, None]], dim=1)
-        a.generated += 1
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
         picked_processed, top = [None] * job.n, None
         if job.alternatives:
-            processed = torch.log_softmax(scores, dim=-1)
-            picked_processed = processed.gather(1, chosen[:, None]).squeeze(1).tolist()
+            picked_processed = processed.gather(1, picks[:, None]).squeeze(1).tolist()
             values, index = logp.topk(min(job.alternatives, logp.shape[-1]), dim=-1)
             top = (index.tolist(), values.tolist(), processed.gather(1, index).tolist())
-        tokens = chosen.tolist()
         for r in range(job.n):
             if not a.running[r]:
                 continue
@@ -299,7 +341,6 @@ class Scheduler:
             else:
                 continue
             a.running[r] = False
-        return chosen
 
     def _finish(self, a: _Active, error: str | None = None) -> None:
         job = a.job
