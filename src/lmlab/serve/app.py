@@ -250,7 +250,7 @@ class _Server:
         except ValueError as e:
             raise APIError(str(e)) from None
 
-    def usage(self, prompts: list[list[int]], completion_tokens: int, n: int) -> dict:
+    def usage(self, prompts: list[list[int]], completion_tokens: int) -> dict:
         prompt_tokens = sum(len(p) for p in prompts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
@@ -641,7 +641,7 @@ class _Request:
                 choices.append(self.choice(i * self.n + j, i, r, prompt_lps[i], alts))
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.server.name,
                 "system_fingerprint": None, "choices": choices,
-                "usage": self.server.usage(self.prompts, completion_tokens, self.n)}
+                "usage": self.server.usage(self.prompts, completion_tokens)}
 
     # ------------------------------------------------------------ shapes
 
@@ -755,7 +755,7 @@ class _Request:
                     yield self.chunk([{"index": i * self.n + j, key: value, "logprobs": None,
                                        "finish_reason": _finish_reason(r.finish_reason)}])
             if self.include_usage:
-                yield self.chunk([], usage=server.usage(self.prompts, completion_tokens, self.n))
+                yield self.chunk([], usage=server.usage(self.prompts, completion_tokens))
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects: the rows leave the batch at the next step
             for job in jobs:
