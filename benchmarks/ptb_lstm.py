@@ -133,7 +133,7 @@ def main() -> None:
 
     data = Path(args.data)
     train_text = (data / "ptb.train.txt").read_text()
-    tok = WordTokenizer.train(train_text, pattern=r"\S+")   # PTB is already split on spaces
+    tok = WordTokenizer.train(train_text)   # whitespace words; PTB's <unk> is the tokenizer's
     train = read_split(tok, data / "ptb.train.txt")
     valid, test = read_split(tok, data / "ptb.valid.txt"), read_split(tok, data / "ptb.test.txt")
     if args.limit_tokens:

@@ -24,7 +24,7 @@ def test_prepare_train_score_generate(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(run), *TRAIN]) == 0
     capsys.readouterr()
-    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "16", "--stride", "8"]) == 0
+    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "16", "--stride", "8", "--json"]) == 0
     score = json.loads(capsys.readouterr().out)
     assert score["tokens"] == len(TEXT) - 1 and score["perplexity"] > 1
     assert main(["generate", "--model", str(run), "--prompt", "to be", "--max-new-tokens", "20", "--seed", "3"]) == 0
@@ -41,7 +41,7 @@ def test_train_on_sequences(tmp_path, capsys):
     names.write_text("\n".join(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia"] * 20))
     assert main(["train", "--corpus", str(names), "--sequences", "--out", str(tmp_path / "run"), *TRAIN]) == 0
     capsys.readouterr()
-    assert main(["score", "--model", str(tmp_path / "run"), "--text", str(names), "--sequences"]) == 0
+    assert main(["score", "--model", str(tmp_path / "run"), "--text", str(names), "--sequences", "--json"]) == 0
     score = json.loads(capsys.readouterr().out)
     assert score["tokens"] == sum(len(n) + 1 for n in names.read_text().split())
 
@@ -96,7 +96,7 @@ def test_ngram_is_estimated_by_train_and_scored(tmp_path, corpus, capsys):
     run = tmp_path / "kn"
     assert main(["train", "--model", "ngram", "--set", "order=4", "--corpus", str(corpus), "--out", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["order"] == 4
-    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "64", "--stride", "60"]) == 0
+    assert main(["score", "--model", str(run), "--text", str(corpus), "--window", "64", "--stride", "60", "--json"]) == 0
     score = json.loads(capsys.readouterr().out)
     assert score["tokens"] == len(TEXT) - 1 and 1 < score["perplexity"] < 3  # the text repeats: KN learns it
     assert main(["generate", "--model", str(run), "--prompt", "to be", "--max-new-tokens", "10", "--seed", "1"]) == 0

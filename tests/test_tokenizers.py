@@ -16,11 +16,14 @@ from lmlab.tokenizers import (
     BPETokenizer,
     CharTokenizer,
     HFTokenizer,
+    RegexTokenizer,
     WordTokenizer,
     build_tokenizer,
     default_word_pattern,
     from_pretrained_dir,
     load_tokenizer,
+    read_vocab_file,
+    split_words,
     tokenizer_from_json,
 )
 
@@ -41,6 +44,11 @@ def small_text() -> str:
 @functools.cache
 def char_tok() -> CharTokenizer:
     return CharTokenizer.train(small_text())
+
+
+@functools.cache
+def regex_tok() -> RegexTokenizer:
+    return RegexTokenizer.train(small_text())
 
 
 @functools.cache
@@ -146,8 +154,8 @@ def _word_kind(t: str) -> str:
 
 @SETTINGS
 @given(st.data())
-def test_word_round_trip_of_in_vocabulary_tokens(data):
-    tok = word_tok()
+def test_regex_round_trip_of_in_vocabulary_tokens(data):
+    tok = regex_tok()
     drawn = data.draw(st.lists(st.sampled_from(tok.tokens), max_size=30))
     # Drop tokens that would merge with their neighbour into a different token
     # (two word runs or two whitespace runs side by side).
@@ -165,52 +173,137 @@ def test_word_round_trip_of_in_vocabulary_tokens(data):
 
 @SETTINGS
 @given(st.text(alphabet=st.sampled_from("abc .,\n!éXY") | st.characters()))
-def test_word_unknown_tokens_decode_to_unk_text(s):
-    tok = word_tok()
+def test_regex_unknown_tokens_decode_to_unk_text(s):
+    tok = regex_tok()
     vocab = set(tok.tokens)
     expected = "".join(t if t in vocab else "<unk>" for t in re.findall(tok.pattern, s))
     assert tok.decode(tok.encode(s)) == expected
 
 
-def test_word_min_count_exact():
-    tok = WordTokenizer.train("a b a c a b", min_count=2)
+def test_regex_min_count_exact():
+    tok = RegexTokenizer.train("a b a c a b", min_count=2)
     # counts: ' ' 5, 'a' 3, 'b' 2, 'c' 1 -> 'c' is too rare
     assert tok.tokens == [" ", "a", "b"]
     assert tok.vocab_size == 7
     assert tok.encode("a c b") == [5, 4, 3, 4, 6]
     assert tok.decode(tok.encode("a c b")) == "a <unk> b"
-    assert WordTokenizer.train("a b a c a b").tokens == [" ", "a", "b", "c"]
+    assert RegexTokenizer.train("a b a c a b").tokens == [" ", "a", "b", "c"]
 
 
-def test_word_max_size_counts_specials():
-    tok = WordTokenizer.train("a b a c a b", max_size=6)
+def test_regex_max_size_counts_specials():
+    tok = RegexTokenizer.train("a b a c a b", max_size=6)
     assert tok.vocab_size == 6 and tok.tokens == [" ", "a"]
     with pytest.raises(ValueError, match="max_size.*> 4.*3"):
-        WordTokenizer.train("a b", max_size=3)
+        RegexTokenizer.train("a b", max_size=3)
     with pytest.raises(ValueError, match="min_count.*0"):
-        WordTokenizer.train("a b", min_count=0)
+        RegexTokenizer.train("a b", min_count=0)
 
 
-def test_word_literal_unk_round_trips_like_ptb():
+def test_regex_literal_unk_round_trips_like_ptb():
     text = "the <unk> said , <unk> .\n"
-    tok = WordTokenizer.train(text)
+    tok = RegexTokenizer.train(text)
     assert "<unk>" not in tok.tokens
     ids = tok.encode(text)
     assert ids.count(tok.unk_id) == 2
     assert tok.decode(ids) == text
 
 
-def test_word_punctuation_and_whitespace_are_tokens():
-    tok = WordTokenizer.train("Hello,  world!\n")
+def test_regex_punctuation_and_whitespace_are_tokens():
+    tok = RegexTokenizer.train("Hello,  world!\n")
     assert tok.split("Hello,  world!\n") == ["Hello", ",", "  ", "world", "!", "\n"]
 
 
-def test_word_user_pattern():
-    tok = WordTokenizer.train("Hello, World. hello", pattern=r"[A-Za-z]+")
+def test_regex_user_pattern():
+    tok = RegexTokenizer.train("Hello, World. hello", pattern=r"[A-Za-z]+")
     assert set(tok.tokens) == {"Hello", "World", "hello"}
     assert tok.decode(tok.encode("hello, World")) == "helloWorld"  # text between matches is dropped
     with pytest.raises(ValueError, match=r"pattern '\(' is not a valid"):
-        WordTokenizer.train("x", pattern="(")
+        RegexTokenizer.train("x", pattern="(")
+
+
+# --------------------------------------------------------------------------- word (whitespace)
+
+
+def test_split_words_is_kenlm_ascii_whitespace():
+    text = "a\tb\nc\rd\x0be\x0cf g\u00a0h\u2003i\u3000j"
+    assert split_words(text) == ["a", "b", "c", "d", "e", "f", "g\u00a0h\u2003i\u3000j"]
+    assert "g\u00a0h".split() == ["g", "h"]  # what str.split() would do instead
+    assert split_words("  \n ") == []
+
+
+def test_word_vocabulary_order_counts_and_specials():
+    tok = WordTokenizer.train("b a <unk> b\nc a b </s> <eos> <s>\n")
+    # specials first (KenLM's order), then words by first occurrence; specials in the text are not words
+    assert tok.words == ["<unk>", "<s>", "</s>", "b", "a", "c"]
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2)
+    assert tok.vocab_size == 6 and tok.unk_text == "<unk>"
+    assert WordTokenizer.train("b a b c a b", min_count=2).words[3:] == ["b", "a"]
+    assert WordTokenizer.train("c b a b c a b", max_size=5).words[3:] == ["c", "b"]  # a and c tie at 2: c first
+    with pytest.raises(ValueError, match="max_size must be an int >= 4.*3 special words.*got 3"):
+        WordTokenizer.train("a b", max_size=3)
+    with pytest.raises(ValueError, match="min_count must be an int >= 1, got 0"):
+        WordTokenizer.train("a b", min_count=0)
+
+
+def test_word_encode_lines_end_with_eos_and_literal_specials():
+    tok = WordTokenizer.train("the cat sat\non the mat\n")
+    the, cat, sat, on, mat = (tok.words.index(w) for w in ["the", "cat", "sat", "on", "mat"])
+    assert tok.encode("the  cat\tsat\r\non dog\n") == [the, cat, sat, 2, on, 0, 2]
+    assert tok.encode("the cat ") == tok.encode("the cat") == [the, cat]  # no </s> without a newline
+    assert tok.encode("<s> the <bos> </s> <eos> <unk>") == [1, the, 1, 2, 2, 0]
+    assert tok.decode([1, the, cat, 2, on, 0, 2]) == "the cat\non <unk>\n"
+    assert tok.decode(tok.encode("the   mat \n\n on")) == "the mat\n\non"
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.sampled_from(["the", "cat", "zebra", "<unk>", "a\u00a0b"]), max_size=6), max_size=5),
+       st.sampled_from([" ", "  ", "\t", " \x0b "]))
+def test_word_decode_encode_normalises_blanks(lines, sep):
+    tok = WordTokenizer.train("the cat a\u00a0b")
+    text = "\n".join(sep + sep.join(line) + sep for line in lines)
+    expected = "\n".join(" ".join(w if w in tok.words else "<unk>" for w in line) for line in lines)
+    assert tok.decode(tok.encode(text)) == expected
+    assert len(tok.encode(text)) == sum(map(len, lines)) + max(len(lines) - 1, 0)
+
+
+def test_word_given_vocabulary_keeps_ids(tmp_path):
+    (tmp_path / "vocab.txt").write_text("the\n<eos>\ncat\n<unk>\n")
+    tok = WordTokenizer.from_vocab_file(tmp_path / "vocab.txt")
+    # the file's ids are kept; the missing <s> is appended
+    assert tok.words == ["the", "<eos>", "cat", "<unk>", "<s>"]
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (3, 4, 1)
+    assert tok.encode("the cat dog </s> <eos>\nthe") == [0, 2, 3, 1, 1, 1, 0]
+    (tmp_path / "bare.txt").write_text("x\ny")
+    assert WordTokenizer.from_vocab_file(tmp_path / "bare.txt").words == ["x", "y", "<unk>", "<s>", "</s>"]
+    tok.save(tmp_path / "t.json")
+    assert load_tokenizer(tmp_path / "t.json").words == tok.words
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a\n\nb\n", r"v.txt:2 is blank"),
+    ("a\nb c\n", r"v.txt:2 holds more than one word"),
+    ("a\nb\na\n", r"v.txt:3: word 'a' is already on line 1"),
+    ("<s>\n<bos>\n", r"both '<s>' and '<bos>'"),
+    ("", r"is empty"),
+])
+def test_word_vocabulary_file_errors(tmp_path, content, message):
+    (tmp_path / "v.txt").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        WordTokenizer.from_vocab_file(tmp_path / "v.txt")
+
+
+def test_word_vocabulary_file_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocabulary file .*nope.txt"):
+        read_vocab_file(tmp_path / "nope.txt")
+
+
+def test_old_word_files_load_as_regex_tokenizers(tmp_path):
+    old = {"type": "word", "version": 1, "special_tokens": ["<pad>", "<bos>", "<eos>", "<unk>"],
+           "pattern": default_word_pattern(), "unk_text": "<unk>", "tokens": [" ", "a", "b"]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(old))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert isinstance(tok, RegexTokenizer) and tok.encode("a b") == [5, 4, 6]
+    assert json.loads(tok.to_json())["type"] == "regex"
 
 
 # --------------------------------------------------------------------------- bpe
@@ -303,9 +396,9 @@ def test_bpe_from_file_foreign_tokenizer_json(tmp_path):
 # --------------------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "word", "regex", "bpe"])
 def test_save_load_round_trip(kind, tmp_path):
-    tok = {"char": char_tok, "word": word_tok, "bpe": bpe_tok}[kind]()
+    tok = {"char": char_tok, "word": word_tok, "regex": regex_tok, "bpe": bpe_tok}[kind]()
     path = tmp_path / "sub" / "tok.json"
     tok.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["tok.json"]  # no temp file left behind
@@ -331,7 +424,7 @@ def test_save_load_keeps_char_options(tmp_path):
 
 def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"type": "sentencepiece"}')
-    with pytest.raises(ValueError, match="'sentencepiece'.*'char', 'word', 'hf'"):
+    with pytest.raises(ValueError, match="'sentencepiece'.*'char', 'word', 'regex', 'hf'"):
         load_tokenizer(tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_tokenizer(tmp_path / "missing.json")
@@ -345,9 +438,9 @@ def test_load_tokenizer_directory_with_tokenizer_json(tmp_path):
 # --------------------------------------------------------------------------- common
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "regex", "bpe"])
 def test_decode_skips_pad_bos_eos(kind):
-    tok = {"char": char_tok, "word": word_tok, "bpe": bpe_tok}[kind]()
+    tok = {"char": char_tok, "regex": regex_tok, "bpe": bpe_tok}[kind]()
     s = "First Citizen:\nBefore we proceed"
     ids = tok.encode(s)
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id, tok.pad_id]) == s
@@ -356,16 +449,16 @@ def test_decode_skips_pad_bos_eos(kind):
     assert tok.encode_batch([s, ""]) == [ids, []]
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "word", "regex", "bpe"])
 def test_decode_rejects_out_of_range_ids(kind):
-    tok = {"char": char_tok, "word": word_tok, "bpe": bpe_tok}[kind]()
+    tok = {"char": char_tok, "word": word_tok, "regex": regex_tok, "bpe": bpe_tok}[kind]()
     with pytest.raises(ValueError, match=rf"token id {tok.vocab_size} is out of range.*0\.\.{tok.vocab_size - 1}"):
         tok.decode([4, tok.vocab_size])
     with pytest.raises(ValueError, match="token id -1 is out of range"):
         tok.decode([-1])
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "word", "regex", "bpe"])
 def test_empty_corpus(kind):
     with pytest.raises(ValueError, match="corpus is empty"):
         build_tokenizer(kind, "")
@@ -374,9 +467,10 @@ def test_empty_corpus(kind):
 def test_build_tokenizer():
     assert isinstance(build_tokenizer("char", "abc"), CharTokenizer)
     assert isinstance(build_tokenizer("word", "a b", min_count=1), WordTokenizer)
+    assert isinstance(build_tokenizer("regex", "a b", min_count=1), RegexTokenizer)
     tok = build_tokenizer("bpe", small_text(), vocab_size=280)
     assert isinstance(tok, BPETokenizer) and tok.vocab_size <= 280
-    with pytest.raises(ValueError, match="'sentencepiece'.*'char', 'word', 'bpe'"):
+    with pytest.raises(ValueError, match="'sentencepiece'.*'char', 'word', 'regex', 'bpe'"):
         build_tokenizer("sentencepiece", "abc")
 
 

@@ -41,23 +41,76 @@ def key_values(pairs: list[str] | None) -> dict:
 # ------------------------------------------------------------------ prepare
 
 
-def cmd_prepare(args) -> int:
-    from lmlab.tokenizers import build_tokenizer
+def tokenizer_from_args(args, text: str):
+    """The tokenizer the options ask for, built from the training ``text`` (or read from --vocab)."""
+    from lmlab.tokenizers import WordTokenizer, build_tokenizer
 
+    word_only = [flag for flag, value in (("--vocab", args.vocab), ("--min-count", args.min_count),
+                                          ("--max-vocab", args.max_vocab)) if value is not None]
+    if word_only and args.tokenizer != "word":
+        raise ValueError(f"{word_only[0]} is an option of --tokenizer word, not of --tokenizer {args.tokenizer}")
+    if args.vocab is not None:
+        if len(word_only) > 1:
+            raise ValueError(f"--vocab gives the whole vocabulary; {word_only[1]} does not combine with it")
+        return WordTokenizer.from_vocab_file(args.vocab)
+    if args.tokenizer == "word":
+        return build_tokenizer("word", text, min_count=1 if args.min_count is None else args.min_count,
+                               max_size=args.max_vocab)
+    return build_tokenizer(args.tokenizer, text, **({"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}))
+
+
+def _val_fraction(args) -> float:
+    """--val-fraction, checked against --valid: the held-out share of the training file (0: none)."""
+    if args.valid is not None:
+        if args.val_fraction not in (None, 0):
+            raise ValueError(f"--val-fraction {args.val_fraction} cuts validation from the training file; "
+                             f"--valid {args.valid} gives it already (drop one)")
+        return 0.0
+    if args.val_fraction is None:
+        return 0.1
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {args.val_fraction} must be in [0, 1) (0: train on all of the file)")
+    return args.val_fraction
+
+
+def _check_split_files(args) -> None:
+    if args.corpus is None and (args.valid is not None or args.test is not None):
+        flag = "--valid" if args.valid is not None else "--test"
+        raise ValueError(f"{flag} needs the training file too: give --train FILE"
+                         + (" (a --data directory holds its splits already)" if getattr(args, "data", None) else ""))
+
+
+def stream_splits(args):
+    """(tokenizer, train ids, val ids or None, test ids or None) of a stream from --train/--valid/--test."""
+    _check_split_files(args)
+    fraction = _val_fraction(args)
     text = data_mod.read_corpus(args.corpus)
-    opts = {"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}
-    tokenizer = build_tokenizer(args.tokenizer, text, **opts)
+    tokenizer = tokenizer_from_args(args, text)
+    dtype = data_mod.ids_dtype(tokenizer.vocab_size)
+    ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+    train, val = data_mod.split_by_position(ids, fraction) if fraction else (ids, None)
+    if args.valid is not None:
+        val = np.asarray(tokenizer.encode(data_mod.read_corpus(args.valid)), dtype=dtype)
+    test = None if args.test is None else np.asarray(tokenizer.encode(data_mod.read_corpus(args.test)), dtype=dtype)
+    return tokenizer, train, val, test
+
+
+def cmd_prepare(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"error: {out} already exists; choose a new directory or pass --force to replace it")
+    tokenizer, train, val, test = stream_splits(args)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
-    ids = tokenizer.encode(text)
-    train, val = data_mod.split_by_position(ids, args.val_fraction)
-    data_mod.save_ids(train, out / "train.bin", tokenizer.vocab_size)
-    data_mod.save_ids(val, out / "val.bin", tokenizer.vocab_size)
     meta = {"corpus": str(args.corpus or data_mod.bundled_corpus_path()), "tokenizer": args.tokenizer,
-            "vocab_size": tokenizer.vocab_size, "train_tokens": len(train), "val_tokens": len(val)}
+            "vocab_size": tokenizer.vocab_size}
+    for name, ids in (("train", train), ("val", val), ("test", test)):
+        if ids is not None:
+            data_mod.save_ids(ids, out / f"{name}.bin", tokenizer.vocab_size)
+            meta[f"{name}_tokens"] = len(ids)
+    for name, path in (("valid", args.valid), ("test", args.test)):
+        if path is not None:
+            meta[f"{name}_file"] = str(path)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
     return 0
@@ -73,29 +126,50 @@ def _train_config(args) -> TrainConfig:
 
 
 def load_training_data(args, block_size: int):
-    """(tokenizer, train batches, val batches) from --data (prepared dir) or --corpus."""
-    from lmlab.tokenizers import build_tokenizer, load_tokenizer
+    """(tokenizer, train batches, val batches or None, test texts or None) from --data
+    (a prepared directory) or --train/--valid/--test (a validation split cut from
+    the training file unless --valid is given or --val-fraction is 0)."""
+    from lmlab.tokenizers import load_tokenizer
 
     batch_size = args.batch_size or TrainConfig.batch_size
+    _check_split_files(args)
     if args.sequences:
         lines = data_mod.read_lines(args.corpus)
-        tokenizer = build_tokenizer(args.tokenizer, "\n".join(lines),
-                                    **({"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}))
-        train_lines, val_lines = data_mod.makemore_split(lines, seed=args.split_seed)
+        tokenizer = tokenizer_from_args(args, "\n".join(lines))
+        if args.valid is not None or args.val_fraction == 0:
+            _val_fraction(args)
+            train_lines, val_lines = lines, (None if args.valid is None else data_mod.read_lines(args.valid))
+        elif args.val_fraction is not None:
+            raise ValueError(f"--val-fraction {args.val_fraction}: with --sequences the held-out lines are makemore's "
+                             "split (min(1000, 10%)); --val-fraction takes only 0 there (or give --valid FILE)")
+        else:
+            train_lines, val_lines = data_mod.makemore_split(lines, seed=args.split_seed)
+        test = None if args.test is None else data_mod.read_lines(args.test)
         enc = lambda ls: [tokenizer.encode(s) for s in ls]  # noqa: E731
         make = lambda seqs: data_mod.SequenceBatches(seqs, batch_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)  # noqa: E731
-        return tokenizer, make(enc(train_lines)), make(enc(val_lines))
+        return tokenizer, make(enc(train_lines)), None if val_lines is None else make(enc(val_lines)), test
     if args.data:
         directory = Path(args.data)
         tokenizer = load_tokenizer(directory / "tokenizer.json")
         train_ids = data_mod.load_ids(directory / "train.bin", tokenizer.vocab_size)
-        val_ids = data_mod.load_ids(directory / "val.bin", tokenizer.vocab_size)
+        val_path = directory / "val.bin"
+        val_ids = data_mod.load_ids(val_path, tokenizer.vocab_size) if val_path.is_file() else None
+        test = None
     else:
-        text = data_mod.read_corpus(args.corpus)
-        tokenizer = build_tokenizer(args.tokenizer, text, **({"vocab_size": args.vocab_size} if args.tokenizer == "bpe" else {}))
-        ids = np.asarray(tokenizer.encode(text), dtype=data_mod.ids_dtype(tokenizer.vocab_size))
-        train_ids, val_ids = data_mod.split_by_position(ids, args.val_fraction)
-    return tokenizer, data_mod.StreamBatches(train_ids, block_size, batch_size), data_mod.StreamBatches(val_ids, block_size, batch_size)
+        tokenizer, train_ids, val_ids, _ = stream_splits(args)
+        test = None if args.test is None else data_mod.read_corpus(args.test)
+    stream = lambda ids: data_mod.StreamBatches(ids, block_size, batch_size)  # noqa: E731
+    return tokenizer, stream(train_ids), None if val_ids is None else stream(val_ids), test
+
+
+def score_test(args, model, tokenizer, test) -> dict:
+    """The score of the --test split (lines with --sequences, else one stream), as a dict."""
+    from lmlab.score import score_sequences, score_text
+
+    model.eval()
+    if args.sequences:
+        return score_sequences(model, tokenizer, test).as_dict()
+    return score_text(model, tokenizer, test).as_dict()
 
 
 def build_from_args(args, vocab_size: int, block_size: int):
@@ -130,23 +204,27 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     save_model(model, out / "best")
     tokenizer.save(out / "best" / "tokenizer.json")
     return {"family": "ngram", "order": model.config.order, "method": model.config.method,
-            "ngrams": model.config.sizes, "seconds": seconds}
+            "ngrams": model.config.sizes, "vocab_size": tokenizer.vocab_size, "seconds": seconds}, model
 
 
 def cmd_train(args) -> int:
     from lmlab.train import Trainer
 
     if args.model == "ngram":
-        tokenizer, train, _ = load_training_data(args, 1)  # no windows: the whole split is counted
-        print(json.dumps(estimate_ngram(args, tokenizer, train, Path(args.out)), indent=2))
+        tokenizer, train, _, test = load_training_data(args, 1)  # no windows: the whole split is counted
+        summary, model = estimate_ngram(args, tokenizer, train, Path(args.out))
+        if test is not None:
+            summary["test"] = score_test(args, model, tokenizer, test)
+        print(json.dumps(summary, indent=2))
         return 0
     config = _train_config(args)
     if args.model == "masked-transformer" and args.sequences:
         raise ValueError("a masked-transformer trains on windows of a token stream; --sequences is not supported for it")
     block = args.block_size or 256
-    tokenizer, train, val = load_training_data(args, block)
+    tokenizer, train, val, test = load_training_data(args, block)
     if args.sequences:
-        block = max(train.block_size, val.block_size)
+        block = max(train.block_size, val.block_size if val is not None else 0,
+                    *(1 + len(tokenizer.encode(t)) for t in test or ()))
     if args.resume:
         from lmlab.models.base import load_model
         model = load_model(Path(args.out) / "last")
@@ -155,6 +233,11 @@ def cmd_train(args) -> int:
         model = build_from_args(args, tokenizer.vocab_size, block)
     print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
     summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume).fit()
+    if test is not None:
+        from lmlab.checkpoints import load_checkpoint
+
+        best, _ = load_checkpoint(args.out, "cpu")
+        summary["test"] = score_test(args, best, tokenizer, test)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -166,12 +249,16 @@ def cmd_score(args) -> int:
     from lmlab.checkpoints import load_checkpoint
     from lmlab.score import score_sequences, score_text
 
+    if args.per_text and not args.sequences:
+        raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
     model, tokenizer = load_checkpoint(args.model, args.device)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
+        if not args.per_text:
+            result.mean_text_perplexity = None
     else:
         result = score_text(model, tokenizer, data_mod.read_corpus(args.text), args.window, args.stride)
-    print(json.dumps(result.as_dict(), indent=2))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
     return 0
 
 
@@ -230,15 +317,29 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def add_split_and_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared by prepare and train: given splits and the tokenizer."""
+    p.add_argument("--valid", help="UTF-8 validation text (default: the last --val-fraction of the training text)")
+    p.add_argument("--test", help="UTF-8 test text: tokenized with the training vocabulary (train: scored at the end)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the training text held out for validation (default 0.1; 0: train on all of it)")
+    p.add_argument("--tokenizer", default="char", choices=["char", "word", "regex", "bpe"],
+                   help="char; word (whitespace words, KenLM's convention); regex (words, punctuation and "
+                        "spaces, lossless); bpe")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--vocab", help="word: a vocabulary file, one word per line (line i = id i - 1)")
+    p.add_argument("--min-count", type=int, help="word: keep words seen at least N times (others are <unk>)")
+    p.add_argument("--max-vocab", type=int, help="word: at most N entries, <unk> <s> </s> included (most frequent words)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="A laboratory for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into train/val id files")
-    p.add_argument("--corpus", help="UTF-8 text file (default: the bundled tiny Shakespeare)")
-    p.add_argument("--tokenizer", default="char", choices=["char", "word", "bpe"])
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/val(/test) id files")
+    p.add_argument("--corpus", "--train", dest="corpus",
+                   help="UTF-8 training text (default: the bundled tiny Shakespeare)")
+    add_split_and_tokenizer_arguments(p)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_prepare)
@@ -247,12 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="transformer", help="model family")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a directory written by `lmlab prepare`")
-    src.add_argument("--corpus", help="a UTF-8 text file (default: the bundled corpus)")
+    src.add_argument("--corpus", "--train", dest="corpus",
+                     help="UTF-8 training text (default: the bundled corpus)")
     p.add_argument("--sequences", action="store_true", help="one complete sequence per line (makemore split)")
     p.add_argument("--split-seed", type=int, default=3407)
-    p.add_argument("--tokenizer", default="char", choices=["char", "word", "bpe"])
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    add_split_and_tokenizer_arguments(p)
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--block-size", type=int)
@@ -276,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint or run directory")
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
+    p.add_argument("--per-text", action="store_true",
+                   help="with --sequences: also the mean of the lines' own perplexities (Hugging Face evaluate's figure)")
     p.add_argument("--window", type=int)
     p.add_argument("--stride", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON, named by its unit")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("generate", help="continue prompts with any decoding setup; compare setups; predict/complete tasks")

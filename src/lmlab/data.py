@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from lmlab.tokenizers import ASCII_WHITESPACE
+
 IGNORE = -100  # target id that losses skip (torch's cross_entropy ignore_index)
 
 
@@ -38,8 +40,10 @@ def read_corpus(path: str | Path | None = None) -> str:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Non-empty, stripped lines of a text file: one complete sequence each."""
-    lines = [line.strip() for line in read_corpus(path).splitlines()]
+    """Non-blank lines of a text file, one complete sequence each: lines end at
+    ``\\n`` only and lose their surrounding ASCII whitespace (KenLM's reading;
+    U+00A0 and other Unicode spaces are text)."""
+    lines = [line.strip(ASCII_WHITESPACE) for line in read_corpus(path).split("\n")]
     return [line for line in lines if line]
 
 

@@ -45,7 +45,8 @@ from typing import Any, Sequence
 import torch
 
 from lmlab.data import IGNORE
-from lmlab.score import Score, target_logprobs
+from lmlab.score import Score, score_unit, target_logprobs
+from lmlab.tokenizers import split_words
 
 __all__ = [
     "UNITS",
@@ -78,9 +79,10 @@ UNITS = ("word", "char")
 
 
 def split_units(text: str, unit: str = "word") -> list[str]:
-    """``text`` as a list of units: whitespace-separated words or characters."""
+    """``text`` as a list of units: words (split on ASCII whitespace as KenLM,
+    :func:`lmlab.tokenizers.split_words`) or characters."""
     if unit == "word":
-        return text.split()
+        return split_words(text)
     if unit == "char":
         return list(text)
     raise ValueError(f"unit={unit!r}; accepted: {', '.join(UNITS)}")
@@ -242,6 +244,8 @@ class ArpaWordTokenizer:
     none). ``decode`` joins words with single spaces and drops ``<s>``/``</s>``.
     """
 
+    score_unit = "word"
+
     def __init__(self, vocab: Sequence[str], bos: str = "<s>", eos: str = "</s>", unk: str = "<unk>") -> None:
         self.vocab = list(vocab)
         self._index = {w: i for i, w in enumerate(self.vocab)}
@@ -256,7 +260,7 @@ class ArpaWordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         out = []
-        for w in text.split():
+        for w in split_words(text):
             i = self._index.get(w, self.unk_id)
             if i is None:
                 raise ValueError(f"word {w!r} is not in the ARPA vocabulary and the file has no <unk>")
@@ -460,8 +464,9 @@ def oracle_perplexity(
             count[r] += int(n[i])
     per_text = list(zip(nll, count))
     total_chars = sum(len(c) for c in continuations)
-    return OracleScore(nll=math.fsum(nll), tokens=sum(count), characters=total_chars, per_text=per_text,
-                       unknown=unknown, unscored=unscored)
+    return OracleScore(nll=math.fsum(nll), tokens=sum(count), characters=total_chars,
+                       bytes=sum(len(c.encode("utf-8")) for c in continuations), unit=score_unit(tok),
+                       per_text=per_text, unknown=unknown, unscored=unscored)
 
 
 # ================================================================ fluency

@@ -1,30 +1,43 @@
-"""Tokenizers: characters, words, byte-level BPE, and Hugging Face tokenizers.
+"""Tokenizers: characters, whitespace words, regex tokens, byte-level BPE, and Hugging Face tokenizers.
 
 Every tokenizer answers the same calls::
 
     ids = tok.encode(text)            # list[int]
-    text = tok.decode(ids)            # str; <pad>/<bos>/<eos> are skipped
+    text = tok.decode(ids)            # str; <pad>/<bos>/<eos> are skipped (word tokenizers: see below)
     tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id
     tok.save("tokenizer.json"); tok = load_tokenizer("tokenizer.json")
 
 ``encode`` never adds ``<bos>``/``<eos>``: the data and generation code wrap
-sequences themselves. Text is always plain text: a literal ``"<eos>"`` inside
-the input is encoded as characters, never as the ``<eos>`` id.
+sequences themselves. Text is plain text: a literal ``"<eos>"`` inside the
+input is encoded as characters, never as the ``<eos>`` id — except for word
+tokenizers.
 
-Special ids. Char and word tokenizers reserve ids 0..3 for ``<pad>``,
+Words. :class:`WordTokenizer` follows the convention of word-level language
+modeling (PTB, WikiText, KenLM, SRILM): a word is a maximal run of
+non-whitespace characters, whitespace being the ASCII space, tab, ``\\n``,
+``\\r``, ``\\v`` and ``\\f`` only (:func:`split_words`, KenLM's rule); the
+specials ``<unk>``, ``<s>``/``<bos>``, ``</s>``/``<eos>`` written in the text
+are those specials, and every newline is ``</s>`` (one per line, as the
+literature counts a stream). :class:`RegexTokenizer` is the lossless regex
+split (words, punctuation and whitespace runs are all tokens).
+
+Special ids. Char and regex tokenizers reserve ids 0..3 for ``<pad>``,
 ``<bos>``, ``<eos>``, ``<unk>``; a BPE tokenizer trained here puts its special
-tokens at the same ids. For tokenizers loaded from elsewhere the ids come from
-the tokenizer itself (see :class:`BPETokenizer` and :class:`HFTokenizer`).
+tokens at the same ids. A word tokenizer puts them where its vocabulary says
+(see :class:`WordTokenizer`). For tokenizers loaded from elsewhere the ids come
+from the tokenizer itself (see :class:`BPETokenizer` and :class:`HFTokenizer`).
 
 Decoding ``<unk>``. ``decode`` writes ``unk_text`` in place of ``unk_id``:
 ``"\\ufffd"`` (U+FFFD REPLACEMENT CHARACTER) for char, BPE and Hugging Face
-tokenizers, ``"<unk>"`` for word tokenizers (the convention of word-level
-corpora such as PTB, whose text already contains ``<unk>``; the word tokenizer
-encodes that literal back to ``unk_id``, so such corpora round-trip exactly).
+tokenizers, ``"<unk>"`` for word and regex tokenizers (the convention of word-level
+corpora such as PTB, whose text already contains ``<unk>``; these tokenizers
+encode that literal back to ``unk_id``, so such corpora round-trip exactly).
 
-Files. Char and word tokenizers are saved as lmlab JSON with a ``"type"``
-field; BPE tokenizers as a standard Hugging Face ``tokenizer.json`` (loadable
-by ``tokenizers.Tokenizer.from_file``), recognised by its ``"model"`` entry.
+Files. Char, word and regex tokenizers are saved as lmlab JSON with a ``"type"``
+field (a file of type ``"word"`` with a ``"pattern"`` is a regex tokenizer
+saved before the two were told apart, and loads as one); BPE tokenizers as a
+standard Hugging Face ``tokenizer.json`` (loadable by
+``tokenizers.Tokenizer.from_file``), recognised by its ``"model"`` entry.
 :func:`load_tokenizer` reads either. Saving is atomic (temp file + rename).
 """
 
@@ -52,6 +65,11 @@ __all__ = [
     "Tokenizer",
     "CharTokenizer",
     "WordTokenizer",
+    "RegexTokenizer",
+    "split_words",
+    "ASCII_WHITESPACE",
+    "read_vocab_file",
+    "continuation_text",
     "BPETokenizer",
     "HFTokenizer",
     "from_pretrained_dir",
@@ -64,7 +82,7 @@ __all__ = [
 SPECIAL_TOKENS: tuple[str, str, str, str] = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 REPLACEMENT_CHAR = "\ufffd"
-TOKENIZER_KINDS: tuple[str, ...] = ("char", "word", "bpe")
+TOKENIZER_KINDS: tuple[str, ...] = ("char", "word", "regex", "bpe")
 _FORMAT_VERSION = 1
 
 
@@ -314,7 +332,182 @@ class CharTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------
-# Words
+# Whitespace words (the convention of word-level language modeling)
+# ---------------------------------------------------------------------------
+
+#: What separates words: ASCII space, tab, newline, carriage return, vertical tab, form feed (as KenLM).
+ASCII_WHITESPACE = " \t\n\r\v\f"
+_WORD_RUN = re.compile(r"[^ \t\n\r\x0b\x0c]+")
+_HAS_WHITESPACE = re.compile(r"[ \t\n\r\x0b\x0c]")
+#: The spellings of each special word; the first is the one added when a vocabulary lacks it.
+WORD_SPECIALS: dict[str, tuple[str, ...]] = {"unk": ("<unk>",), "bos": ("<s>", "<bos>"), "eos": ("</s>", "<eos>")}
+
+
+def split_words(text: str) -> list[str]:
+    """The words of ``text``: maximal runs of characters other than ASCII whitespace
+    (:data:`ASCII_WHITESPACE`, KenLM's rule). Unicode spaces such as U+00A0 are
+    part of words, unlike ``str.split()``."""
+    return _WORD_RUN.findall(text)
+
+
+def read_vocab_file(path: str | os.PathLike[str]) -> list[str]:
+    """The words of a vocabulary file: one word per line, in id order (line 1 is id 0).
+
+    Surrounding ASCII whitespace of a line is dropped; a blank line, a line with
+    two words, or a word given twice is an error naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist; give a text file with one word per line")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    words: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        word = line.strip(ASCII_WHITESPACE)
+        if not word:
+            raise ValueError(f"{path}:{number} is blank; a vocabulary file holds one word per line")
+        if _HAS_WHITESPACE.search(word):
+            raise ValueError(f"{path}:{number} holds more than one word ({line[:60]!r}); give one word per line")
+        if word in first_line:
+            raise ValueError(f"{path}:{number}: word {word!r} is already on line {first_line[word]}")
+        first_line[word] = number
+        words.append(word)
+    if not words:
+        raise ValueError(f"vocabulary file {str(path)!r} is empty; give one word per line")
+    return words
+
+
+def _check_count(name: str, value: Any, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value!r}")
+
+
+class WordTokenizer(Tokenizer):
+    """Whitespace-separated words, as PTB, WikiText, KenLM and SRILM count them.
+
+    ``words`` is the whole vocabulary in id order (word i has id i). The special
+    words are found in it by spelling: ``<unk>``; ``<s>`` or ``<bos>``; ``</s>``
+    or ``<eos>``; those missing are appended in that order as ``<unk>``, ``<s>``,
+    ``</s>``, so the ids of a given vocabulary are never shifted. There is no
+    padding entry: ``pad_id`` is ``eos_id`` (padding is never scored).
+
+    ``encode`` splits each line with :func:`split_words`; every newline is
+    ``</s>`` (one end of sentence per line, as the word-level literature
+    counts a stream); a literal special in the text (``<unk>``, ``<s>``,
+    ``<bos>``, ``</s>``, ``<eos>``) is that special's id, and a word outside
+    the vocabulary is ``unk_id``. ``decode`` joins words with single spaces,
+    writes ``</s>`` as a newline and skips ``<s>``, so
+    ``decode(encode(s))`` is ``s`` with each run of blanks in a line made one
+    space and the lines' ends stripped (out-of-vocabulary words as ``<unk>``).
+    """
+
+    #: Scores of text in this tokenizer's ids are reported per word (see lmlab.score).
+    score_unit = "word"
+
+    def __init__(self, words: Iterable[str]) -> None:
+        words = list(words)
+        index: dict[str, int] = {}
+        for i, w in enumerate(words):
+            if not isinstance(w, str) or not w or _HAS_WHITESPACE.search(w):
+                raise ValueError(f"WordTokenizer words must be non-empty strings without whitespace; item {i} is {w!r}")
+            if w in index:
+                raise ValueError(f"WordTokenizer word {w!r} appears twice (items {index[w]} and {i})")
+            index[w] = i
+        ids: dict[str, int] = {}
+        for role, spellings in WORD_SPECIALS.items():
+            found = [w for w in spellings if w in index]
+            if len(found) > 1:
+                raise ValueError(f"the vocabulary holds both {found[0]!r} and {found[1]!r}; "
+                                 f"they name the same special word, keep one")
+            if not found:
+                index[spellings[0]] = len(words)
+                words.append(spellings[0])
+                found = [spellings[0]]
+            ids[role] = index[found[0]]
+            for w in spellings:  # every spelling of a special is that special
+                index[w] = ids[role]
+        self.words: list[str] = words
+        self.unk_id, self.bos_id, self.eos_id = ids["unk"], ids["bos"], ids["eos"]
+        self.pad_id = self.eos_id
+        self.unk_text = words[self.unk_id]
+        self._index = index
+
+    @classmethod
+    def train(cls, text: str, *, min_count: int = 1, max_size: int | None = None) -> "WordTokenizer":
+        """Vocabulary from ``text``: ``<unk>``, ``<s>``, ``</s>`` (ids 0, 1, 2, KenLM's
+        order), then the words seen at least ``min_count`` times in order of first
+        occurrence. ``max_size`` caps ``vocab_size`` (the 3 specials included),
+        keeping the most frequent words (on a tie, the one seen first). Specials
+        in the text are not words of their own."""
+        _check_corpus(text, "WordTokenizer")
+        _check_count("min_count", min_count, 1)
+        n = sum(1 for _ in WORD_SPECIALS)
+        if max_size is not None:
+            _check_count("max_size", max_size, n + 1, f" (it counts the {n} special words)")
+        counts = Counter(split_words(text))  # insertion order = first occurrence
+        for spellings in WORD_SPECIALS.values():
+            for w in spellings:
+                counts.pop(w, None)
+        kept = [w for w, c in counts.items() if c >= min_count]
+        if max_size is not None and len(kept) > max_size - n:
+            top = set(sorted(kept, key=lambda w: -counts[w])[: max_size - n])  # stable: ties by first occurrence
+            kept = [w for w in kept if w in top]
+        return cls([spellings[0] for spellings in WORD_SPECIALS.values()] + kept)
+
+    @classmethod
+    def from_vocab_file(cls, path: str | os.PathLike[str]) -> "WordTokenizer":
+        """The tokenizer of a vocabulary file (:func:`read_vocab_file`): line i is id i - 1."""
+        return cls(read_vocab_file(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        get, unk, eos = self._index.get, self.unk_id, self.eos_id
+        out: list[int] = []
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                out.append(eos)
+            out.extend([get(w, unk) for w in _WORD_RUN.findall(line)])
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        """Words joined by single spaces; ``</s>`` (= ``pad_id``) is a newline, ``<s>`` is skipped."""
+        words, bos, eos = self.words, self.bos_id, self.eos_id
+        lines: list[str] = []
+        line: list[str] = []
+        for i in ids:
+            if i == eos:
+                lines.append(" ".join(line))
+                line = []
+            elif i != bos:
+                line.append(words[i])
+        lines.append(" ".join(line))
+        return "\n".join(lines)
+
+    def id_to_token(self, id: int) -> str:
+        self._check_ids([id])
+        return self.words[id]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "word", "version": 2, "words": self.words}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WordTokenizer":
+        return cls(d["words"])
+
+    def __repr__(self) -> str:
+        return f"WordTokenizer(vocab_size={self.vocab_size}, unk_id={self.unk_id}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+# ---------------------------------------------------------------------------
+# Regex tokens (lossless)
 # ---------------------------------------------------------------------------
 
 
@@ -325,7 +518,7 @@ def default_word_pattern(unk_text: str = "<unk>") -> str:
     return rf"{re.escape(unk_text)}|\w+|[^\w\s]|\s+"
 
 
-class WordTokenizer(Tokenizer):
+class RegexTokenizer(Tokenizer):
     """Regex-split tokens: ids 0..3 are the special tokens, then ``tokens`` in order.
 
     With the default pattern (:func:`default_word_pattern`) words, punctuation
@@ -347,11 +540,11 @@ class WordTokenizer(Tokenizer):
         seen: set[str] = set()
         for i, t in enumerate(tokens):
             if not isinstance(t, str) or not t:
-                raise ValueError(f"WordTokenizer tokens must be non-empty strings; item {i} is {t!r}")
+                raise ValueError(f"RegexTokenizer tokens must be non-empty strings; item {i} is {t!r}")
             if t == unk_text:
-                raise ValueError(f"WordTokenizer token {t!r} (item {i}) is the unk_text; it maps to unk_id already")
+                raise ValueError(f"RegexTokenizer token {t!r} (item {i}) is the unk_text; it maps to unk_id already")
             if t in seen:
-                raise ValueError(f"WordTokenizer token {t!r} appears twice (second time at item {i})")
+                raise ValueError(f"RegexTokenizer token {t!r} appears twice (second time at item {i})")
             seen.add(t)
         self.pattern = default_word_pattern(unk_text) if pattern is None else pattern
         self._regex = _compile_pattern(self.pattern)
@@ -372,11 +565,11 @@ class WordTokenizer(Tokenizer):
         max_size: int | None = None,
         pattern: str | None = None,
         unk_text: str = "<unk>",
-    ) -> "WordTokenizer":
+    ) -> "RegexTokenizer":
         """Vocabulary = tokens of ``text`` seen at least ``min_count`` times, most
         frequent first (ties by string). ``max_size`` caps ``vocab_size``
         (special tokens included); the rarest tokens are dropped."""
-        _check_corpus(text, "WordTokenizer")
+        _check_corpus(text, "RegexTokenizer")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
         n = len(SPECIAL_TOKENS)
@@ -412,7 +605,7 @@ class WordTokenizer(Tokenizer):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "type": "word",
+            "type": "regex",
             "version": _FORMAT_VERSION,
             "special_tokens": list(SPECIAL_TOKENS),
             "pattern": self.pattern,
@@ -424,11 +617,11 @@ class WordTokenizer(Tokenizer):
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WordTokenizer":
+    def from_dict(cls, d: dict[str, Any]) -> "RegexTokenizer":
         return cls(d["tokens"], pattern=d["pattern"], unk_text=d.get("unk_text", "<unk>"))
 
     def __repr__(self) -> str:
-        return f"WordTokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r})"
+        return f"RegexTokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r})"
 
 
 def _compile_pattern(pattern: str) -> re.Pattern[str]:
@@ -774,15 +967,31 @@ def from_pretrained_dir(path: str | os.PathLike[str], **kwargs: Any) -> HFTokeni
     return HFTokenizer.from_pretrained_dir(path, **kwargs)
 
 
+def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+    """The text that ``ids`` add after ``prompt_ids``: ``decode(prompt + ids)`` less
+    ``decode(prompt)``, so that ``prompt_text + continuation`` reads right — for a word
+    tokenizer it starts with the space between two words (``decode(ids)`` alone
+    would glue them); with a tokenizer whose ``decode`` drops a leading space
+    (SentencePiece) the space is kept."""
+    prompt_ids, ids = list(prompt_ids), list(ids)
+    head = tokenizer.decode(prompt_ids) if prompt_ids else ""
+    if not head:
+        return tokenizer.decode(ids)
+    full = tokenizer.decode(prompt_ids + ids)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
+
+
 # ---------------------------------------------------------------------------
 # Building and loading
 # ---------------------------------------------------------------------------
 
 
 def build_tokenizer(kind: str, text: str, **opts: Any) -> Tokenizer:
-    """Train a tokenizer of ``kind`` ("char", "word" or "bpe") on ``text``;
-    ``opts`` go to that class's ``train`` (e.g. ``vocab_size=1024`` for bpe)."""
-    trainers = {"char": CharTokenizer.train, "word": WordTokenizer.train, "bpe": BPETokenizer.train}
+    """Train a tokenizer of ``kind`` ("char", "word", "regex" or "bpe") on ``text``;
+    ``opts`` go to that class's ``train`` (e.g. ``vocab_size=1024`` for bpe,
+    ``min_count=2`` for word)."""
+    trainers = {"char": CharTokenizer.train, "word": WordTokenizer.train, "regex": RegexTokenizer.train,
+                "bpe": BPETokenizer.train}
     if kind not in trainers:
         raise ValueError(f"unknown tokenizer kind {kind!r}; accepted kinds: {', '.join(map(repr, TOKENIZER_KINDS))}")
     return trainers[kind](text, **opts)
@@ -801,12 +1010,14 @@ def tokenizer_from_json(s: str) -> Tokenizer:
     kind = d.get("type")
     if kind == "char":
         return CharTokenizer.from_dict(d)
+    if kind == "regex" or (kind == "word" and "pattern" in d):  # regex tokenizers were once saved as "word"
+        return RegexTokenizer.from_dict(d)
     if kind == "word":
         return WordTokenizer.from_dict(d)
     if kind == "hf":
         return HFTokenizer.from_pretrained_dir(d["pretrained_dir"], split_special_tokens=d.get("split_special_tokens", True))
     raise ValueError(
-        f"unknown tokenizer type {kind!r}; accepted: 'char', 'word', 'hf', "
+        f"unknown tokenizer type {kind!r}; accepted: 'char', 'word', 'regex', 'hf', "
         "or a Hugging Face tokenizer.json (an object with a 'model' entry)"
     )
 

@@ -25,6 +25,7 @@ from typing import TextIO
 import torch
 
 from lmlab import data
+from lmlab.tokenizers import continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
     DecodingSetup,
@@ -291,6 +292,7 @@ class _LivePrinter:
 
     def __init__(self, tokenizer, prompts: list[str], setup: DecodingSetup, args, out: TextIO) -> None:
         self.tok, self.prompts, self.setup, self.out = tokenizer, prompts, setup, out
+        self.prompt_ids = [tokenizer.encode(p) for p in prompts]
         self.max_new, self.stops = args.max_new_tokens, list(args.stop or ())
         self.eos = tokenizer.eos_id if setup.suppress_specials != "all" else None
         self.tokens: list[list[int]] = [[] for _ in prompts]
@@ -307,7 +309,7 @@ class _LivePrinter:
         toks = self.tokens[row]
         if self.reason[row] == "eos":
             toks = toks[:-1]
-        return self.tok.decode(toks)
+        return continuation_text(self.tok, self.prompt_ids[row], toks)
 
     def _show(self, row: int, final: bool = False) -> None:
         text = self._text(row)
@@ -416,8 +418,9 @@ def format_columns(headers: list[str], cells: list[list[tuple[str, str]]], width
 
 
 def _run_predict(args, model, tokenizer, prompts, targets, out) -> int:
-    from lmlab.decode.tasks import next_n_nll, predict
+    from lmlab.decode.tasks import next_n_nll, predict, split_prompt
 
+    prompts, targets = map(list, zip(*(split_prompt(p, t) for p, t in zip(prompts, targets))))
     ids = [([tokenizer.bos_id] if args.bos else []) + tokenizer.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
@@ -431,7 +434,7 @@ def _run_predict(args, model, tokenizer, prompts, targets, out) -> int:
         logits = predict(model, [p], n, context_policy=args.context_policy)  # (1, n, V)
         greedy = logits.argmax(-1)[0].tolist()
         report = {"prompt": prompt, "logits_shape": list(logits.shape), "greedy_ids": greedy,
-                  "greedy_text": tokenizer.decode(greedy)}
+                  "greedy_text": continuation_text(tokenizer, p, greedy)}
         if true is not None:
             forced = next_n_nll(model, [p], [true], reduction="none", context_policy=args.context_policy)[0]
             on_greedy = -torch.log_softmax(logits[0], -1)[torch.arange(n), torch.tensor(true)]
@@ -460,8 +463,9 @@ def _run_predict(args, model, tokenizer, prompts, targets, out) -> int:
 
 
 def _run_complete(args, model, tokenizer, prompts, setup, out) -> int:
-    from lmlab.decode.tasks import complete
+    from lmlab.decode.tasks import complete, split_prompt
 
+    prompts = [split_prompt(p)[0] for p in prompts]
     if setup.search != "sample":
         raise ValueError(f"--task complete samples from the model; the setup {setup.name!r} is {setup.search} "
                          "(drop --greedy/--num-beams/temperature 0)")
@@ -478,7 +482,7 @@ def _run_complete(args, model, tokenizer, prompts, setup, out) -> int:
     for r, seq in enumerate(seqs):
         prompt = prompts[r // n_samples]
         new = seq[len(rows[r]):]
-        results.append({"prompt": prompt, "token_ids": new, "text": tokenizer.decode(new)})
+        results.append({"prompt": prompt, "token_ids": new, "text": continuation_text(tokenizer, rows[r], new)})
     if args.json:
         print(json.dumps({"task": "complete", "n": args.max_new_tokens, "results": results}, indent=2,
                          ensure_ascii=False), file=out)

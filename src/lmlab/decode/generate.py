@@ -16,6 +16,7 @@ import torch
 
 from lmlab.decode.processors import apply_processors
 from lmlab.models.base import LanguageModel, State, require_causal
+from lmlab.tokenizers import continuation_text
 
 # A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
 # (see lmlab.decode.processors); LogitsProcessor instances also get num_generated (B,).
@@ -209,14 +210,16 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
         r.finish_reason = reasons[finish_cpu[i]]
     if tokenizer is not None:
         for r in results:
-            r.text = finished_text(tokenizer, r.token_ids, r.finish_reason, stop_strings)
+            r.text = finished_text(tokenizer, r.prompt_ids, r.token_ids, r.finish_reason, stop_strings)
     yield results
 
 
-def finished_text(tokenizer, token_ids: Sequence[int], finish_reason: str, stop_strings: Sequence[str] = ()) -> str:
-    """The text of a finished row: without its <eos> ("eos"), cut before the first stop string ("stop")."""
+def finished_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int], finish_reason: str,
+                  stop_strings: Sequence[str] = ()) -> str:
+    """The text a finished row adds after its prompt (``continuation_text``): without its <eos>
+    ("eos"), cut before the first stop string ("stop")."""
     ids = list(token_ids[:-1]) if finish_reason == "eos" else list(token_ids)
-    text = tokenizer.decode(ids)
+    text = continuation_text(tokenizer, prompt_ids, ids)
     if finish_reason == "stop":
         text = text[: min(text.index(s) for s in stop_strings if s in text)]
     return text

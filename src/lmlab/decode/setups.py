@@ -42,6 +42,7 @@ import torch
 from lmlab.decode.generate import generate
 from lmlab.decode.processors import build_processors
 from lmlab.decode.search import beam_search
+from lmlab.tokenizers import continuation_text
 
 __all__ = [
     "DecodingSetup",
@@ -672,7 +673,7 @@ def _run_beams(model, tokenizer, ids, setup, max_new_tokens, eos_id, processors,
         text = ""
         if tokenizer is not None:
             body = tokens[:-1] if reason == "eos" else tokens
-            text = tokenizer.decode(body)
+            text = continuation_text(tokenizer, ids[i], body)
             if stop_strings:
                 hit = [s for s in stop_strings if s in text]
                 if hit:
@@ -681,7 +682,7 @@ def _run_beams(model, tokenizer, ids, setup, max_new_tokens, eos_id, processors,
                         if any(s in tokenizer.decode(body[:k]) for s in stop_strings):
                             break
                     tokens, reason = tokens[:k], "stop"
-                    text = tokenizer.decode(tokens)
+                    text = continuation_text(tokenizer, ids[i], tokens)
                     text = text[: min(text.index(s) for s in stop_strings if s in text)]
         out[i].append(Result(
             prompt_ids=ids[i], token_ids=tokens, text=text, logprobs=lps[: len(tokens)], finish_reason=reason,

@@ -17,6 +17,15 @@ Prompts are lists of token ids and may have different lengths; as in
 row then consumes one token per step, so no padding or mask is involved.
 Contexts longer than the model's are handled by ``context_policy`` ("slide":
 the most recent tokens; "error": refuse).
+
+Text prompts (``lmlab generate --task``) go through :func:`split_prompt`
+first: a prompt's trailing whitespace is not context but the start of the
+continuation, so ``"the cat "`` and ``"the cat"`` are the same prompt for every
+tokenizer. For word tokenizers blanks are not tokens anyway; for characters
+and BPE this means the model itself predicts the blank after the prompt's last
+visible character (a ``--target`` gets the blank in front, so the text scored
+is unchanged), and a BPE prompt never ends in a lone space token (such
+tokenizers attach the space to the next word).
 """
 
 from __future__ import annotations
@@ -29,9 +38,22 @@ import torch
 from lmlab.decode.generate import ContextWindow, generate
 from lmlab.decode.processors import SuppressTokens
 
-__all__ = ["predict", "complete", "next_n_nll", "step_logits"]
+__all__ = ["predict", "complete", "next_n_nll", "step_logits", "split_prompt"]
 
 Tensor = torch.Tensor
+
+
+_BLANKS = " \t\n\r\v\f"
+
+
+def split_prompt(prompt: str, target: str | None = None) -> tuple[str, str | None]:
+    """(prompt without its trailing whitespace, that whitespace + target): the context
+    ends at the prompt's last non-blank character and the blanks belong to the
+    continuation (dropped when there is no target). A prompt of blanks only is kept."""
+    context = prompt.rstrip(_BLANKS)
+    if not context:
+        return prompt, target
+    return context, None if target is None else prompt[len(context):] + target
 
 
 def _prompt_lists(prompts, vocab_size: int) -> list[list[int]]:

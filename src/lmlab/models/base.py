@@ -142,6 +142,14 @@ class LanguageModel(nn.Module):
         tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in keys}
         return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))
 
+    def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """(B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state), the log-probabilities
+        scoring reads. Default: log_softmax of ``forward``; a family whose scores are
+        exact log-probabilities already (n-grams) returns them without the (B, T, V) logits."""
+        logits, _ = self(ids[:, :-1], state)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -925,7 +925,8 @@ class NGramModel(LanguageModel):
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Fast path: (B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state),
         equal to ``log_softmax(forward(ids, state)[0])[:, :-1]`` gathered at
-        ``ids[:, 1:]`` but without building (B, T, V). float32."""
+        ``ids[:, 1:]`` but without building (B, T, V). float64, the values
+        ``score_sequences`` sums (scoring agrees with it exactly)."""
         a = self._check_ids(ids)
         B, T = a.shape
         device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
@@ -934,7 +935,7 @@ class NGramModel(LanguageModel):
         ctx, _ = self._context(state, B)
         X = np.concatenate([ctx, a], axis=1)
         lp = self._tables().score_rows(X, first=self.order) * LN10  # targets ids[:, 1:]
-        return torch.from_numpy(lp.astype(np.float32)).to(device)
+        return torch.from_numpy(lp).to(device)
 
     # ------------------------------------------------------------ numpy scoring
     def logprob10(self, contexts: np.ndarray, targets: np.ndarray) -> np.ndarray:

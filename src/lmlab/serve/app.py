@@ -33,6 +33,7 @@ import torch
 
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
 from lmlab.serve.scheduler import Job, Scheduler, TokenEvent
+from lmlab.tokenizers import continuation_text
 
 try:
     from fastapi import FastAPI, Request
@@ -260,8 +261,8 @@ class _Row:
     """Text of one streamed row so far: deltas hold back what could still become a stop string
     or an unfinished character."""
 
-    def __init__(self, tokenizer, stop: list[str], eos_id: int | None) -> None:
-        self.tokenizer, self.eos_id = tokenizer, eos_id
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], eos_id: int | None) -> None:
+        self.tokenizer, self.prompt_ids, self.eos_id = tokenizer, prompt_ids, eos_id
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.tokens: list[int] = []
         self.sent = 0
@@ -269,7 +270,7 @@ class _Row:
     def add(self, token: int) -> str:
         if token != self.eos_id:
             self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")
+        text = continuation_text(self.tokenizer, self.prompt_ids, self.tokens).rstrip("\ufffd")
         safe = max(len(text) - self.hold, self.sent)
         delta = text[self.sent : safe]
         self.sent = safe
@@ -702,7 +703,7 @@ class _Request:
         server = self.server
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        rows = {(i, j): _Row(server.tokenizer, self.stop, server.eos_id)
+        rows = {(i, j): _Row(server.tokenizer, self.prompts[i], self.stop, server.eos_id)
                 for i in range(len(self.prompts)) for j in range(self.n)}
         offsets = {k: 0 for k in rows}
 

@@ -346,7 +346,8 @@ class Scheduler:
         job = a.job
         if error is None and self.tokenizer is not None:
             for row in a.rows:
-                row.text = finished_text(self.tokenizer, row.token_ids, row.finish_reason, job.stop_strings)
+                row.text = finished_text(self.tokenizer, row.prompt_ids, row.token_ids, row.finish_reason,
+                                         job.stop_strings)
         job.results, job.error = a.rows, error
         _done(job)
 

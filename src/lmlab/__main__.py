@@ -1,0 +1,7 @@
+"""``python -m lmlab``: the ``lmlab`` command."""
+
+import sys
+
+from lmlab.cli import main
+
+sys.exit(main())
