@@ -313,3 +313,28 @@ def test_chat_completions_equal_lmlab_generation_on_the_template(chat_model_dir)
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="chat", messages=[{"role": "user"}], max_tokens=4)
         assert info.value.body["param"] == "messages"
+
+
+def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
+    """Streamed deltas and whole texts are what the tokens add after the prompt (a leading space
+    for a word tokenizer), as ``lmlab generate`` prints them."""
+    from lmlab.models import build_model, save_model
+    from lmlab.tokenizers import WordTokenizer
+
+    tok = WordTokenizer.train("the cat sat on the mat and the dog ran to the cat")
+    torch.manual_seed(0)
+    model = build_model("transformer", dict(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    save_model(model, tmp_path / "words")
+    tok.save(tmp_path / "words" / "tokenizer.json")
+    expected = lmlab_generate(tmp_path / "words", "the cat", "--max-new-tokens", "6", "--seed", "2",
+                              "--logit-bias", f"{tok.eos_id}:-100")[0]
+    assert expected["text"].startswith(" ")
+    model, tokenizer = load_checkpoint(str(tmp_path / "words"))
+    with live_server(create_app(model, tokenizer, "words")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        options = dict(model="words", prompt="the cat", max_tokens=6, seed=2, logit_bias={str(tok.eos_id): -100})
+        assert client.completions.create(**options).choices[0].text == expected["text"]
+        assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **options)) == expected["text"]
