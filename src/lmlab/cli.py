@@ -416,6 +416,17 @@ def cmd_eval_generation(args) -> int:
     return run_eval_generation(args)
 
 
+# ------------------------------------------------------------------ serve
+
+
+def cmd_serve(args) -> int:
+    from lmlab.serve.app import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_tokens_limit=args.max_tokens_limit, device=args.device)
+    return 0
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -542,6 +553,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fill", help="fill masked tokens in a text with a masked LM (lmlab masked-transformer or hf:DIR)")
     add_fill_arguments(p)
     p.set_defaults(func=run_fill)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, and a playground")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or hf:DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
+    p.add_argument("--max-tokens-limit", type=int,
+                   help="most new tokens per request (n x max_tokens; default: the model's context)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")

@@ -218,10 +218,16 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
         r.finish_reason = reasons[finish_cpu[i]]
     if tokenizer is not None:
         for r in results:
-            ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
-            text = continuation_text(tokenizer, r.prompt_ids, ids)
-            if r.finish_reason == "stop":
-                cut = min(text.index(s) for s in stop_strings if s in text)
-                text = text[:cut]
-            r.text = text
+            r.text = finished_text(tokenizer, r.prompt_ids, r.token_ids, r.finish_reason, stop_strings)
     yield results
+
+
+def finished_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int], finish_reason: str,
+                  stop_strings: Sequence[str] = ()) -> str:
+    """The text a finished row adds after its prompt (``continuation_text``): without its <eos>
+    ("eos"), cut before the first stop string ("stop")."""
+    ids = list(token_ids[:-1]) if finish_reason == "eos" else list(token_ids)
+    text = continuation_text(tokenizer, prompt_ids, ids)
+    if finish_reason == "stop":
+        text = text[: min(text.index(s) for s in stop_strings if s in text)]
+    return text

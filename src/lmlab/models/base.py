@@ -4,7 +4,9 @@
 
 ``state=None`` starts at the beginning of the sequence; passing the returned
 state continues it. A state can be re-indexed along the batch with
-``state.select(index)`` so that beam search can reorder and prune hypotheses.
+``state.select(index)`` so that beam search can reorder and prune hypotheses,
+and ``model.merge_states([s1, s2, ...])`` stacks the rows of states at different
+positions into one batch (continuous batching in ``lmlab.serve``).
 
 Families register a config dataclass and a model class with ``register``;
 ``build_model`` makes a model from a config and ``save_model``/``load_model``
@@ -33,28 +35,52 @@ from torch import nn
 class State:
     """Per-row memory of a model; every tensor has the batch on dim 0.
 
-    ``length`` is the number of tokens consumed so far (the same for all rows).
+    ``length`` is the number of token slots of the state, the same for all rows.
     Families put what they need in ``tensors``: a KV cache, hidden vectors,
-    the last n-1 tokens, a running sum and count.
+    the last n-1 tokens, a running sum.
+
+    Rows that joined a batch at different steps (``LanguageModel.merge_states``)
+    have not filled the first slots: ``offsets`` (B,) int64 counts those empty
+    slots per row (None: every row filled every slot), so row b has consumed
+    ``positions[b] = length - offsets[b]`` tokens. A family whose output depends on
+    the position (the transformer, the context average) reads ``positions``;
+    every family carries ``offsets`` forward.
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     length: int = 0
+    offsets: torch.Tensor | None = field(default=None, kw_only=True)
 
     def select(self, index: torch.Tensor) -> "State":
         """Rows ``index`` (a (B',) int64 tensor) of every tensor, in that order."""
-        return State({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.length)
+        offsets = None if self.offsets is None else self.offsets.index_select(0, index.to(self.offsets.device))
+        return State({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.length, offsets=offsets)
 
     def clone(self) -> "State":
         """An independent copy. Models may update a state's buffers in place
         (the KV cache does), so clone a state before branching from it twice."""
-        return State({k: v.clone() for k, v in self.tensors.items()}, self.length)
+        offsets = None if self.offsets is None else self.offsets.clone()
+        return State({k: v.clone() for k, v in self.tensors.items()}, self.length, offsets=offsets)
 
     @property
     def batch_size(self) -> int:
         for v in self.tensors.values():
             return v.shape[0]
         return 0
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(B,) int64 tokens consumed per row, or None when all rows are at ``length``."""
+        return None if self.offsets is None else self.length - self.offsets
+
+
+def _merged_offsets(states: "list[State]", length: int) -> torch.Tensor:
+    """(sum B,) empty slots per row once every state is padded at the start to ``length`` slots."""
+    parts = []
+    for s in states:
+        base = torch.zeros(s.batch_size, dtype=torch.long) if s.offsets is None else s.offsets.cpu()
+        parts.append(base + (length - s.length))
+    return torch.cat(parts)
 
 
 class LanguageModel(nn.Module):
@@ -99,6 +125,33 @@ class LanguageModel(nn.Module):
         logits, state = self(ids, state)
         return logits[:, -1], state
 
+    def merge_states(self, states: "list[State]") -> State:
+        """One state holding the rows of ``states`` in order; each may be at a different length.
+
+        Every row keeps its own position: a shorter state's rows get empty slots at the start
+        (``State.offsets``), and slots no row fills are dropped, so ``merge_states([s.select(i)])``
+        also compacts a batch after rows leave it. The default concatenates every tensor along
+        the batch, which is right for states that summarise a row (hidden vectors, the last
+        tokens, a running sum); families with a time axis (the KV cache) override it. A state of
+        another kind (a Hugging Face cache, RAG's) raises NotImplementedError: such models
+        decode one request at a time.
+        """
+        states = [s for s in states if s.batch_size]
+        if not states:
+            raise ValueError("merge_states needs at least one state with rows")
+        if any(type(s) is not State for s in states):
+            kinds = sorted({type(s).__name__ for s in states})
+            raise NotImplementedError(f"states of kind {kinds} cannot be merged; decode their requests one at a time")
+        keys = sorted(states[0].tensors)
+        for s in states:
+            if sorted(s.tensors) != keys:
+                raise ValueError(f"states hold different tensors: {keys} and {sorted(s.tensors)}")
+        length = max(s.length for s in states)
+        offsets = _merged_offsets(states, length)
+        trim = int(offsets.min())
+        tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in keys}
+        return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))
+
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """(B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state), the log-probabilities
         scoring reads. Default: log_softmax of ``forward``; a family whose scores are
@@ -117,6 +170,15 @@ class LanguageModel(nn.Module):
         position never makes a token special (a family whose config names its
         specials, such as the n-gram model's ``bos_id``/``eos_id``/``unk_id``, says so)."""
         return {}
+
+
+def _or_none(offsets: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``offsets`` on the states' device, or None when every row filled every slot."""
+    if not bool(offsets.any()):
+        return None
+    for v in tensors.values():
+        return offsets.to(v.device)
+    return offsets
 
 
 def require_causal(model: Any, purpose: str) -> None:

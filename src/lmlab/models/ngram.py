@@ -1061,7 +1061,8 @@ class NGramModel(LanguageModel):
                 out[s:s + step] = tables.dist10(flat[s:s + step]) * LN10
         device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
         logits = torch.from_numpy(out).view(B, T, V).to(device)
-        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(device)}, length + T)
+        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(device)}, length + T,
+                          offsets=None if state is None else state.offsets)
         return logits, new_state
 
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:

@@ -346,7 +346,7 @@ class RecurrentLM(LanguageModel):
         out = drop(out, p_output, self.training)
         if c.output_size is not None:
             out = self.projection(out)
-        return out, State(new, state.length + T)
+        return out, State(new, state.length + T, offsets=state.offsets)
 
 
 @register("rnn", RNNConfig)
