@@ -59,11 +59,11 @@ def torch_gradients(model, ids, targets, h0, c0, window):
     c0 = torch.tensor(c0, requires_grad=True) if c0 is not None else None
     embedded = []
 
-    def keep(module, args, out):
-        out.retain_grad()
-        embedded.append(out)
+    def keep(module, args):  # the recurrent stack's input: the embedded ids (no dropout in eval mode)
+        args[0].retain_grad()
+        embedded.append(args[0])
 
-    hook = model.encoder.register_forward_hook(keep)
+    hook = model.rnn.register_forward_pre_hook(keep)
     ids_t, targets_t = torch.tensor(ids), torch.tensor(targets)
     B, T = ids.shape
     window = window or T
