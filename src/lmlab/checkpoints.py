@@ -59,8 +59,29 @@ def _load_converted_tokenizer(directory: Path) -> Tokenizer:
     return load_tokenizer(directory)
 
 
-def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree."""
+def add_precision_arguments(p) -> None:
+    """``--dtype`` and ``--quantize`` for a command that loads a model for inference."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="run the model in this float dtype (default: float32; the float32 path is exact)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers at load (int8 per row, int4 groups of 32)")
+
+
+def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, dtype: str | torch.dtype | None = None,
+                    quantize: str | int | None = None):
+    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree.
+
+    ``quantize`` ('int8' | 'int4') and ``dtype`` ('float32' | 'bfloat16' | 'float16') set the
+    inference precision (:func:`lmlab.quantize.prepare_model`); None keeps the model as saved."""
+    model, tokenizer = _load_checkpoint(spec, device)
+    if dtype is not None or quantize is not None:
+        from lmlab.quantize import prepare_model
+
+        prepare_model(model, dtype=dtype, quantize=quantize)
+    return model, tokenizer
+
+
+def _load_checkpoint(spec: str | Path, device: str | torch.device):
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         from lmlab.hf import load_hf
 
@@ -85,3 +106,28 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
         )
     model.eval()
     return model, tokenizer
+
+
+def write_quantized(spec: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None) -> Path:
+    """Quantize the model named by ``spec`` (:func:`lmlab.quantize.quantize_model`) and write it,
+    with its tokenizer files, as a new checkpoint directory ``out_dir`` (complete or not at all)."""
+    import shutil
+
+    from lmlab.models.base import save_model, staged_directory
+    from lmlab.quantize import quantize_model
+
+    if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        raise ValueError(f"{spec!r} is a Hugging Face model; convert a GPT-2 or Llama directory into an lmlab "
+                         "checkpoint first (lmlab.hf.convert_hf_dir), then quantize that, or quantize at load "
+                         "with --quantize")
+    model, _ = load_checkpoint(spec)
+    quantize_model(model, bits, group_size)
+    out = Path(out_dir)
+    source = None if isinstance(spec, str) and ":" in spec and not Path(spec).exists() else resolve_checkpoint_dir(spec)
+    with staged_directory(out) as tmp:
+        save_model(model, tmp)
+        if source is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+    return out

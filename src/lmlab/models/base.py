@@ -207,6 +207,8 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"family": model.family, **dataclasses.asdict(model.config)}
+    if getattr(model, "quantization", None):  # lmlab.quantize: integer codes + scales in the weights
+        config["quantization"] = model.quantization
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
@@ -240,7 +242,12 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
 
     directory = Path(directory)
     family, values = read_config(directory)
+    quantization = values.pop("quantization", None)
     model = build_model(family, values)
+    if quantization is not None:
+        from lmlab.quantize import apply_quantization_layout
+
+        apply_quantization_layout(model, quantization)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}")
