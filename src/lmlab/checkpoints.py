@@ -5,6 +5,8 @@ A model spec is one of:
 - a directory written by lmlab (``config.json`` + ``model.safetensors`` +
   ``tokenizer.json``, e.g. ``runs/demo/best``),
 - a run directory (its ``best`` checkpoint is used),
+- ``gguf:<file>``: a Llama-architecture GGUF file, read into lmlab's
+  Transformer (Q4_1 matrices stay 4-bit; :mod:`lmlab.gguf_file`),
 - ``hf:<path>``: a local Hugging Face model directory (or ``.gguf`` file),
   loaded as it is with transformers and wrapped in the lmlab interface
   (:class:`lmlab.hf.HFModel`, family ``"hf"``) with its HFTokenizer.
@@ -27,6 +29,7 @@ from lmlab.models.base import LanguageModel, load_model
 from lmlab.tokenizers import BPETokenizer, Tokenizer, load_tokenizer
 
 HF_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
 
 
 def resolve_checkpoint_dir(spec: str | Path) -> Path:
@@ -82,6 +85,13 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, dty
 
 
 def _load_checkpoint(spec: str | Path, device: str | torch.device):
+    if isinstance(spec, str) and spec.startswith(GGUF_PREFIX):
+        from lmlab.gguf_file import load_gguf
+
+        if not spec[len(GGUF_PREFIX):]:
+            raise ValueError("the model spec 'gguf:' names no file; accepted: 'gguf:/path/to/model.gguf'")
+        model, tokenizer = load_gguf(spec[len(GGUF_PREFIX):], device=device)
+        return model.eval(), tokenizer
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         from lmlab.hf import load_hf
 
