@@ -18,6 +18,10 @@ from lmlab.gguf_file import read_gguf_model  # noqa: E402
 from lmlab.quantize import QuantizedLinear  # noqa: E402
 
 V, C, FF, L, H, HKV = 64, 64, 128, 2, 4, 2
+# A byte-level BPE vocabulary of 64: 3 special tokens, the characters, "t0".."t9" (one merge each), more letters.
+TOKENS = (["<|endoftext|>", "<s>", "</s>"] + list("t0123456789") + [f"t{d}" for d in "0123456789"]
+          + list("abcdefghijklmnopqrsuvwxyzABCDEFGHIJKLMNO"))
+assert len(TOKENS) == V
 
 
 def _llama(tie: bool):
@@ -49,9 +53,13 @@ def write_gguf(hf_model, path, matrix_type: str) -> None:
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(V)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(V)])
+    writer.add_token_list(TOKENS)
     writer.add_token_types([1] * V)
-    writer.add_token_merges([])
+    writer.add_token_merges([f"t {d}" for d in "0123456789"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -121,3 +129,23 @@ def test_errors_name_the_file(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="holds a 'gpt2' model; accepted: 'llama'"):
         read_gguf_model(tmp_path / "gpt2.gguf")
+
+
+def test_gguf_spec_loads_with_its_tokenizer_and_quantizes(tmp_path):
+    from lmlab.checkpoints import load_checkpoint, write_quantized
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(_llama(False), path, "Q4_1")
+    model, tokenizer = load_checkpoint(f"gguf:{path}")
+    assert tokenizer.vocab_size == V and model.quantization["bits"] == 4
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ids = torch.tensor([tokenizer.encode("t1t2t3 ab")])
+    assert ids[0].tolist() == reference.encode("t1t2t3 ab", add_special_tokens=False)
+    out = write_quantized(f"gguf:{path}", tmp_path / "int8", bits=8)
+    again, tok2 = load_checkpoint(str(out))
+    assert again.quantization["bits"] == 8 and tok2.encode("t1t2t3 ab") == ids[0].tolist()
+    with torch.no_grad():
+        a, b = again(ids)[0], model(ids)[0]
+    assert ((a - b).norm() / b.norm()).item() < 0.05  # int8 of the same weights: the bound of test_quantize
+    with pytest.raises(ValueError, match="names no file"):
+        load_checkpoint("gguf:")

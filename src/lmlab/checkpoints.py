@@ -130,13 +130,21 @@ def write_quantized(spec: str | Path, out_dir: str | Path, bits: int, group_size
         raise ValueError(f"{spec!r} is a Hugging Face model; convert a GPT-2 or Llama directory into an lmlab "
                          "checkpoint first (lmlab.hf.convert_hf_dir), then quantize that, or quantize at load "
                          "with --quantize")
-    model, _ = load_checkpoint(spec)
+    from_gguf = isinstance(spec, str) and spec.startswith(GGUF_PREFIX)
+    if from_gguf:  # from the file's weights de-quantized, so that every layer gets the scheme asked for
+        from lmlab.gguf_file import load_gguf
+
+        model, tokenizer = load_gguf(spec[len(GGUF_PREFIX):], keep_quantized=False)
+    else:
+        model, tokenizer = load_checkpoint(spec)
     quantize_model(model, bits, group_size)
     out = Path(out_dir)
-    source = None if isinstance(spec, str) and ":" in spec and not Path(spec).exists() else resolve_checkpoint_dir(spec)
+    source = None if from_gguf else resolve_checkpoint_dir(spec)
     with staged_directory(out) as tmp:
         save_model(model, tmp)
-        if source is not None:
+        if source is None:  # a GGUF file: its tokenizer, in Hugging Face's files
+            tokenizer.hf.save_pretrained(str(tmp))
+        else:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if (source / name).is_file():
                     shutil.copy2(source / name, tmp / name)
