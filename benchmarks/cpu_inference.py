@@ -1,7 +1,8 @@
 """SmolLM2-135M on the CPU: prefill and decode tokens/s and WikiText-2 perplexity per precision.
 
     python benchmarks/cpu_inference.py                       # full: batch 1 and 8, prompt 32 and 512, 64 new tokens
-    python benchmarks/cpu_inference.py --batch-sizes 1 --prompt-lengths 32 --new-tokens 16 --ppl-windows 1
+    python benchmarks/cpu_inference.py --batch-sizes 1 --prompt-lengths 32 --new-tokens 8 --ppl-windows 1
+    python benchmarks/cpu_inference.py --paths --ppl-windows 0 --compare-load   # load times only
 
 Paths, one process, one machine, side by side (one path after another, the same prompts):
 
@@ -34,8 +35,6 @@ import torch
 
 from lmlab.gguf_file import read_gguf_model
 from lmlab.quantize import quantize_model, set_dtype
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def smollm2_gguf() -> Path:
@@ -103,9 +102,11 @@ def main() -> None:
     ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 512])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ppl-windows", type=int, default=8, help="512-token windows of WikiText-2 test (0: none)")
-    ap.add_argument("--paths", nargs="+", default=["float32", "bfloat16", "int8", "int4", "hf-float32"])
+    ap.add_argument("--compare-load", action="store_true",
+                    help="also time transformers' own GGUF loader (AutoModelForCausalLM, de-quantizes to float32)")
+    ap.add_argument("--paths", nargs="*", default=["float32", "bfloat16", "int8", "int4", "hf-float32"])
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/wikitext-2/test.txt"))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_inference.json")
+    ap.add_argument("--out", type=Path, default=Path("runs/cpu_inference.json"))
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. 'machine loaded')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,6 +118,15 @@ def main() -> None:
     start = time.perf_counter()
     int4 = read_gguf_model(path, keep_quantized=True)
     load_int4 = time.perf_counter() - start
+    load = {"lmlab float32": load_float, "lmlab int4 (Q4_1 kept)": load_int4}
+    if args.compare_load:
+        import transformers
+
+        start = time.perf_counter()
+        transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        load["transformers float32"] = time.perf_counter() - start
+    for name, seconds in load.items():
+        print(f"load {name}: {seconds:.1f} s", flush=True)
 
     def build(name: str):
         if name == "float32":
@@ -169,7 +179,7 @@ def main() -> None:
               f"{'' if p is None else f'{p:.3f}'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"gguf": str(path), "threads": args.threads, "note": args.note,
-                                    "load_s": {"float32": load_float, "int4": load_int4},
+                                    "load_s": load,
                                     "speed": rows, "perplexity": ppl, "ppl_tokens": args.ppl_windows * 511}, indent=2))
     print(f"wrote {args.out}")
 
