@@ -11,6 +11,7 @@ Paths, one process, one machine, side by side (one path after another, the same 
 - ``bfloat16``: the same weights cast with ``lmlab.quantize.set_dtype``;
 - ``int8``: the float32 weights quantized per row (``lmlab.quantize.quantize_model(..., 8)``);
 - ``int4``: the file's own Q4_1 codes kept 4-bit (``read_gguf_model(keep_quantized=True)``);
+- ``int8+bfloat16``, ``int4+bfloat16``: the same codes with bfloat16 activations (``set_dtype``);
 - ``hf-float32``: the float32 weights as a ``transformers.LlamaForCausalLM``
   (``lmlab.hf.lmlab_to_llama``) and its ``generate``.
 
@@ -60,6 +61,22 @@ def lmlab_speed(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float
     return B * P / prefill, B * new_tokens / decode
 
 
+PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
+           "Once upon a time, in a small village,"]
+
+
+@torch.no_grad()
+def greedy_tokens(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """The greedy continuation (token ids) of one prompt (1, P) with lmlab's KV cache."""
+    logits, state = model.next_token_logits(ids)
+    out = []
+    for _ in range(new_tokens):
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token))
+        logits, state = model.next_token_logits(token, state)
+    return out
+
+
 @torch.no_grad()
 def hf_speed(hf, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     B, P = ids.shape
@@ -104,7 +121,10 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=8, help="512-token windows of WikiText-2 test (0: none)")
     ap.add_argument("--compare-load", action="store_true",
                     help="also time transformers' own GGUF loader (AutoModelForCausalLM, de-quantizes to float32)")
-    ap.add_argument("--paths", nargs="*", default=["float32", "bfloat16", "int8", "int4", "hf-float32"])
+    ap.add_argument("--paths", nargs="*",
+                    default=["float32", "bfloat16", "int8", "int4", "int8+bfloat16", "int4+bfloat16", "hf-float32"])
+    ap.add_argument("--greedy-tokens", type=int, default=0,
+                    help="also the greedy continuations of 3 prompts, this many tokens, compared with float32's")
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/wikitext-2/test.txt"))
     ap.add_argument("--out", type=Path, default=Path("runs/cpu_inference.json"))
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. 'machine loaded')")
@@ -137,24 +157,29 @@ def main() -> None:
             return quantize_model(copy.deepcopy(float32), 8)
         if name == "int4":
             return int4
+        if name == "int8+bfloat16":
+            return set_dtype(quantize_model(copy.deepcopy(float32), 8), "bfloat16")
+        if name == "int4+bfloat16":
+            return set_dtype(copy.deepcopy(int4), "bfloat16")
         if name == "hf-float32":
             from lmlab.hf import lmlab_to_llama
 
             return lmlab_to_llama(float32, bos_id=1, eos_id=2)
         raise SystemExit(f"unknown path {name!r}")
 
-    windows = None
-    if args.ppl_windows:
+    windows = tok = None
+    if args.ppl_windows or args.greedy_tokens:
         from lmlab.tokenizers import HFTokenizer
 
         tok = HFTokenizer.from_pretrained_dir(path.parent, gguf_file=path.name)
+    if args.ppl_windows:
         ids = tok.encode(args.data.read_text(encoding="utf-8")[:200_000])
         need = args.ppl_windows * 512
         if len(ids) < need:
             raise SystemExit(f"{args.data} gives only {len(ids)} tokens; {need} needed")
         windows = torch.tensor(ids[:need]).reshape(args.ppl_windows, 512)
 
-    rows, ppl = [], {}
+    rows, ppl, greedy = [], {}, {}
     for name in args.paths:  # one model in memory at a time (besides the float32 source)
         model = build(name)
         generator = torch.Generator().manual_seed(0)  # the same prompts for every path
@@ -170,6 +195,12 @@ def main() -> None:
         if windows is not None:
             ppl[name] = perplexity(HFAsLM(model) if name == "hf-float32" else model, windows)
             print(f"{name:>10}  perplexity {ppl[name]:.3f}  ({args.ppl_windows * 511} tokens)", flush=True)
+        if args.greedy_tokens and name != "hf-float32":
+            greedy[name] = [greedy_tokens(model, torch.tensor([tok.encode(p)]), args.greedy_tokens) for p in PROMPTS]
+            for i, (prompt, ids) in enumerate(zip(PROMPTS, greedy[name])):
+                reference = greedy.get("float32", greedy[name])[i]
+                same = next((j for j, (a, b) in enumerate(zip(ids, reference)) if a != b), len(ids))
+                print(f"{name:>10}  {prompt!r} -> {tok.decode(ids)!r}  (first {same} tokens as float32's)", flush=True)
         del model
 
     print("\n| path | batch | prompt | prefill tok/s | decode tok/s | perplexity |\n|---|---|---|---|---|---|")
@@ -180,7 +211,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"gguf": str(path), "threads": args.threads, "note": args.note,
                                     "load_s": load,
-                                    "speed": rows, "perplexity": ppl, "ppl_tokens": args.ppl_windows * 511}, indent=2))
+                                    "speed": rows, "perplexity": ppl,
+                                    "greedy": {n: [{"prompt": p, "ids": ids, "text": tok.decode(ids)}
+                                                   for p, ids in zip(PROMPTS, v)] for n, v in greedy.items()}, "ppl_tokens": args.ppl_windows * 511}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -277,8 +277,6 @@ def set_dtype(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
         for name, b in list(module._buffers.items()):
             if b is not None and b.is_floating_point():
                 module._buffers[name] = b.to(dtype)
-    if hasattr(model, "hf") and hasattr(model.hf, "config"):
-        model.hf.config.dtype = dtype
     return model
 
 
