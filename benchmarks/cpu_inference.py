@@ -12,6 +12,8 @@ Paths, one process, one machine, side by side (one path after another, the same 
 - ``int8``: the float32 weights quantized per row (``lmlab.quantize.quantize_model(..., 8)``);
 - ``int4``: the file's own Q4_1 codes kept 4-bit (``read_gguf_model(keep_quantized=True)``);
 - ``int8+bfloat16``, ``int4+bfloat16``: the same codes with bfloat16 activations (``set_dtype``);
+- ``llama.cpp`` (only when asked, needs ``pip install llama-cpp-python``): the GGUF file in llama.cpp,
+  batch 1 only, no perplexity;
 - ``hf-float32``: the float32 weights as a ``transformers.LlamaForCausalLM``
   (``lmlab.hf.lmlab_to_llama``) and its ``generate``.
 
@@ -59,6 +61,21 @@ def lmlab_speed(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float
         token = logits.argmax(-1, keepdim=True)
     decode = time.perf_counter() - start
     return B * P / prefill, B * new_tokens / decode
+
+
+@torch.no_grad()
+def llamacpp_speed(llm, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """llama.cpp (llama-cpp-python) on the GGUF file itself: batch 1 only, greedy."""
+    if ids.shape[0] != 1:
+        return float("nan"), float("nan")
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids[0].tolist())
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    return ids.shape[1] / prefill, new_tokens / (time.perf_counter() - start)
 
 
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
@@ -165,6 +182,10 @@ def main() -> None:
             from lmlab.hf import lmlab_to_llama
 
             return lmlab_to_llama(float32, bos_id=1, eos_id=2)
+        if name == "llama.cpp":  # pip install llama-cpp-python (builds llama.cpp; not a test dependency)
+            from llama_cpp import Llama
+
+            return Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, n_batch=512, verbose=False)
         raise SystemExit(f"unknown path {name!r}")
 
     windows = tok = None
@@ -186,16 +207,16 @@ def main() -> None:
         for B in args.batch_sizes:
             for P in args.prompt_lengths:
                 ids = torch.randint(100, float32.vocab_size, (B, P), generator=generator)
-                speed = hf_speed if name == "hf-float32" else lmlab_speed
+                speed = {"hf-float32": hf_speed, "llama.cpp": llamacpp_speed}.get(name, lmlab_speed)
                 prefill, decode = speed(model, ids, args.new_tokens)
                 rows.append({"path": name, "batch": B, "prompt": P, "new_tokens": args.new_tokens,
                              "prefill_tok_s": prefill, "decode_tok_s": decode})
                 print(f"{name:>10}  batch {B:>2}  prompt {P:>4}  prefill {prefill:8.1f} tok/s  "
                       f"decode {decode:7.1f} tok/s", flush=True)
-        if windows is not None:
+        if windows is not None and name != "llama.cpp":
             ppl[name] = perplexity(HFAsLM(model) if name == "hf-float32" else model, windows)
             print(f"{name:>10}  perplexity {ppl[name]:.3f}  ({args.ppl_windows * 511} tokens)", flush=True)
-        if args.greedy_tokens and name != "hf-float32":
+        if args.greedy_tokens and name not in ("hf-float32", "llama.cpp"):
             greedy[name] = [greedy_tokens(model, torch.tensor([tok.encode(p)]), args.greedy_tokens) for p in PROMPTS]
             for i, (prompt, ids) in enumerate(zip(PROMPTS, greedy[name])):
                 reference = greedy.get("float32", greedy[name])[i]
