@@ -100,3 +100,81 @@ def test_ngram_is_estimated_by_train_and_scored(tmp_path, corpus, capsys):
     score = json.loads(capsys.readouterr().out)
     assert score["tokens"] == len(TEXT) - 1 and 1 < score["perplexity"] < 3  # the text repeats: KN learns it
     assert main(["generate", "--model", str(run), "--prompt", "to be", "--max-new-tokens", "10", "--seed", "1"]) == 0
+
+
+def _records(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def test_resume_restores_the_run_settings_from_the_out_directory_alone(tmp_path, corpus, capsys, monkeypatch):
+    import torch
+
+    from lmlab.data import StreamBatches
+    from lmlab.models.base import load_model
+
+    options = ["--corpus", str(corpus), *TRAIN, "--log-interval", "2", "--lr-decay-iters", "12", "--lr", "0.003",
+               "--set", "positions=sinusoidal"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(["train", "--out", str(reference), *options]) == 0
+    real_sample, steps = StreamBatches.sample, []
+
+    def dies_at_step_9(self, generator, device):
+        if generator.initial_seed() == 1337:  # the training stream (evaluations use their own seed)
+            steps.append(len(steps))
+            if steps[-1] == 9:
+                raise KeyboardInterrupt
+        return real_sample(self, generator, device)
+
+    monkeypatch.setattr(StreamBatches, "sample", dies_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--out", str(run), *options])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # the README's command, nothing else
+    assert json.loads(capsys.readouterr().out)["steps"] == 12
+    assert _records(run) == _records(reference)
+    done, expected = load_model(run / "last"), load_model(reference / "last")
+    assert done.config.positions == "sinusoidal"
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(tensor, done.state_dict()[name]), name
+    # options given again: equal ones and the changeable ones are accepted ...
+    assert main(["train", "--out", str(run), "--resume", "--n-layer", "1", "--lr", "0.003", "--max-iters", "14"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 14
+    assert json.loads((run / "settings.json").read_text())["max_iters"] == 14  # the next resume goes on to 14
+    # ... any other difference is an error naming both values
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT)
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.01", "--corpus", str(other), "--tokenizer", "char",
+                 "--warmup-iters", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot resume")
+    assert f"--corpus {str(other)!r} (the run has {str(corpus)!r})" in err and "--lr 0.01 (the run has 0.003)" in err
+    assert "--tokenizer" not in err and "--warmup-iters" not in err  # equal to the recorded (default) values
+    assert "only --max-iters" in err
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps({**settings, "bogus": 1}))
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    assert "records option(s) --bogus" in capsys.readouterr().err
+
+
+def test_an_ngram_estimate_is_written_whole_or_not_at_all(tmp_path, corpus, capsys, monkeypatch):
+    import errno
+
+    from lmlab.tokenizers import Tokenizer
+
+    run = tmp_path / "kn"
+    args = ["train", "--model", "ngram", "--set", "order=3", "--corpus", str(corpus), "--out", str(run)]
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Tokenizer, "save", full_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: cannot write {run / 'best'}: No space left on device; nothing was kept"
+    assert not (run / "best").exists() and list(run.iterdir()) == []  # no half-written checkpoint to load
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 2
+    assert "no run to resume" in capsys.readouterr().err

@@ -151,8 +151,20 @@ def test_unknown_target_lists_the_layers_that_exist(tok):
 
 
 def test_unsupported_model_for_classification(tok):
-    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints and Hugging Face"):
-        build_classifier(build_model("gru", dict(vocab_size=tok.vocab_size)), ["a", "b"], "probe")
+    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints.*and Hugging Face"):
+        build_classifier(build_model("mlp", dict(vocab_size=tok.vocab_size)), ["a", "b"], "probe")
+
+
+def test_recurrent_nets_classify_from_their_top_layer(tok):
+    """A recurrent net's features are the vectors its output layer reads (n_hidden wide, not n_embd)."""
+    torch.manual_seed(0)
+    gru = build_model("gru", dict(vocab_size=tok.vocab_size, n_embd=8, n_hidden=12)).eval()
+    clf = build_classifier(gru, ["a", "b"], "probe")
+    assert clf.head.in_features == 12
+    ids = torch.tensor([tok.encode("the cat")])
+    with torch.no_grad():
+        feats = clf.features(ids, torch.ones_like(ids, dtype=torch.bool))
+        torch.testing.assert_close(feats[0], gru.hidden_states(ids)[0][0, -1])
 
 
 # ---------------------------------------------------------------- LoRA: train, merge, save, load
@@ -458,3 +470,42 @@ def test_cli_classify_end_to_end_and_bad_input(tok, tmp_path, capsys):
         with pytest.raises(err, match=match):
             _run(["--model", base_dir, *args])
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- encoders: [CLS] pooling, LoRA targets
+
+
+def _masked(vocab, seed=0):
+    torch.manual_seed(seed)
+    return build_model("masked-transformer", dict(vocab_size=vocab, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_masked_transformer_has_default_lora_targets(tok):
+    model = _masked(tok.vocab_size)
+    assert default_target_modules(model) == ["q", "k", "v", "o"]
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in add_lora(model, LoraSettings()).named_parameters() if "lora_A" in n}
+    assert adapted == {f"base_model.model.body.blocks.{i}.attn.{m}" for i in range(2) for m in "qkvo"}
+
+
+def test_an_encoder_pools_its_first_cls_token_and_ignores_padding(tok):
+    from lmlab.finetune import cls_id, default_pooling, encode_texts
+
+    model = _masked(tok.vocab_size)
+    assert default_pooling(model) == "first" and default_pooling(tiny(tok.vocab_size)) == "last"
+    clf = build_classifier(model, ["x", "y"], "probe")
+    assert clf.pooling == "first" and cls_id(tok) == tok.bos_id
+    seqs = encode_texts(tok, ["the cat", "a dog ran in"], 6, prefix_id=cls_id(tok))
+    assert seqs == [[tok.bos_id, *tok.encode("the cat")[:5]], [tok.bos_id, *tok.encode("a dog ran in")[:5]]]
+    short = [tok.bos_id, *tok.encode("the")]
+    with torch.no_grad():
+        batched = clf.features(*pad_batch([short, seqs[1]], tok.pad_id))
+        alone = model.hidden_states(torch.tensor([short]))[0][0, 0]
+    # A bidirectional encoder would read the padding; each row is read at its own length instead.
+    torch.testing.assert_close(batched[0], alone, atol=1e-6, rtol=0)
+
+
+def test_an_encoder_classifier_trains_and_predicts_with_cls_pooling(tok):
+    clf = build_classifier(_masked(tok.vocab_size), ["a-text", "b-text"], "probe")
+    s = train_classifier(clf, tok, _ab_data(), ClassifyConfig(epochs=8, batch_size=8, head_lr=0.05, progress=False))
+    assert s["val_accuracy"] == 1.0
+    assert predict(clf, tok, ["aaaa", "bbbbbbb"]) == ["a-text", "b-text"]

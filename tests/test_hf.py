@@ -351,3 +351,9 @@ def test_settings_that_cannot_convert_exactly_are_refused():
         lmlab_to_gpt2(rotary)
     with pytest.raises(ValueError, match="activation='gelu' \\(Llama needs 'swiglu'\\)"):
         lmlab_to_llama(rotary)
+    adaptive = build_model("transformer", dict(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                                               adaptive_cutoffs=[8], tie_weights=False))
+    with pytest.raises(ValueError, match="adaptive_cutoffs=\\[8\\] \\(GPT-2 has a full softmax"):
+        lmlab_to_gpt2(adaptive)
+    with pytest.raises(ValueError, match="adaptive_cutoffs=\\[8\\] \\(Llama has a full softmax"):
+        lmlab_to_llama(adaptive)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from pathlib import Path
@@ -345,3 +346,17 @@ def test_hf_oracle_with_bpe_boundary_merges(tmp_path):
     assert score.per_text[0] == (pytest.approx(nll, rel=1e-5), len(ids) - start)
     alone = oracle_perplexity(oracle, ["a language"], [" model"], batch_size=1)
     assert score.per_text[1][0] == pytest.approx(alone.nll, rel=1e-5)  # right padding changed nothing
+
+
+def test_fluency_classifier_with_remote_code_or_pickles_is_refused(tmp_path):
+    from lmlab.metrics import load_classifier
+
+    path, _, _ = _tiny_cola(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))
+    with pytest.raises(ValueError, match=r"config.json has an auto_map"):
+        load_classifier(path)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin \(pickled weights\)"):
+        load_classifier(path)

@@ -548,3 +548,233 @@ def test_stream_mode_without_boundaries():
     assert m.logprob10(np.array([[-1]]), np.array([0]))[0] == pytest.approx(math.log10(4 / 12))
     lg, st = m(torch.tensor([[0, 1]]))
     assert st.tensors["context"].tolist() == [[1]] and torch.isfinite(lg[0, 0, 1])
+
+
+# ---------------------------------------------------------------- scale: data structures, file formats, whitespace
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lmlab import arpa as arpa_mod  # noqa: E402
+from lmlab import tokenizers  # noqa: E402
+from lmlab.arpa import KENLM_BINARY_MAGIC  # noqa: E402
+from lmlab.tokenizers import ASCII_WHITESPACE, split_words  # noqa: E402
+from lmlab.models import ngram as ngram_mod  # noqa: E402
+
+
+def buffers_equal(a, b):
+    return all(torch.equal(x, y) for (_, x), (_, y) in zip(a.named_buffers(), b.named_buffers()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=300))
+def test_unique_inverse_counts_equals_np_unique(values):
+    q = np.array(values, dtype=np.int64)
+    uniq, inv, cnt = ngram_mod._unique_inverse_counts(q)
+    u2, i2, c2 = np.unique(q, return_inverse=True, return_counts=True)
+    assert np.array_equal(uniq, u2) and np.array_equal(inv, i2) and np.array_equal(cnt, c2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**50), max_size=400, unique=True), st.lists(st.integers(0, 2**50), max_size=200))
+def test_hash_index_finds_exactly_the_keys(keys, queries):
+    keys = np.array(sorted(keys), dtype=np.int64)
+    q = np.array(queries + keys[::3].tolist(), dtype=np.int64)
+    found = ngram_mod._HashIndex(keys).find(q)
+    pos = np.searchsorted(keys, q)
+    present = (pos < keys.size) & (keys[np.minimum(pos, max(keys.size - 1, 0))] == q) if keys.size else np.zeros(q.size, bool)
+    assert np.array_equal(found, np.where(present, pos, -1))
+
+
+def test_counts_equal_a_plain_reference():
+    # <s> inside a sequence (add_bos_eos=False) starts a new sentence; counts, left-less counts and prefixes exact
+    seqs = [[1, 3, 4, 3, 4, 5, 2], [1, 4, 4, 2, 1, 3, 2], [3, 3, 3]]
+    tok, seg = ngram_mod._flatten(seqs, 6, 1, 2, False, None)
+    N = 4
+    C = ngram_mod._count(tok, seg, N, 6, 1)
+    runs = []
+    for s in seqs:
+        cur = []
+        for t in s:
+            if t == 1 and cur:
+                runs.append(cur)
+                cur = []
+            cur.append(t)
+        runs.append(cur)
+    raw, nonext = [Counter() for _ in range(N + 1)], [Counter() for _ in range(N + 1)]
+    for r in runs:
+        for j, t in enumerate(r):
+            if t == 1:
+                continue
+            for k in range(1, min(N, j + 1) + 1):
+                g = tuple(r[j - k + 1:j + 1])
+                raw[k][g] += 1
+                nonext[k][g] += j - k + 1 == 0
+    words_of = {1: {w: (w,) for w in range(6)}}  # node -> word tuple, per order
+    for k in range(2, N + 1):
+        words_of[k] = {}
+        for i, key in enumerate(C.keys[k - 1].tolist()):
+            node, first = divmod(key, 6)  # key = node(suffix) * V + first word
+            words_of[k][i] = (first,) + words_of[k - 1][node]
+        got = {g: (int(C.raw[k - 1][i]), int(C.nonext[k - 1][i])) for i, g in words_of[k].items()}
+        assert got == {g: (raw[k][g], nonext[k][g]) for g in raw[k]}
+        for i, g in words_of[k].items():  # the prefix node is the (k-1)-gram without the last word
+            assert words_of[k - 1][int(C.prefix[k - 1][i])] == g[:-1]
+    assert C.raw[0].tolist() == [raw[1][(w,)] for w in range(6)]
+    assert C.nonext[0].tolist() == [nonext[1][(w,)] for w in range(6)]
+
+
+def test_from_text_streams_a_file_with_the_same_result(tmp_path):
+    lines = markov_corpus(n_sent=200) + ["", "w1 <unk> w2"]
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    m1, v1 = quiet_fit(lines, order=4)
+    with open(path) as f:
+        m2, v2 = quiet_fit(f, order=4)
+    assert v1 == v2 and buffers_equal(m1, m2)
+    m3 = NGramModel(m1.config.__class__(**{**m1.config.__dict__, "sizes": None, "discounts_used": None}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiscountWarning)
+        m3.fit([m1.encode(s) for s in lines])
+    assert buffers_equal(m1, m3)
+
+
+def test_arpa_sections_build_the_same_tables_as_the_closing_path(tmp_path):
+    m, vocab = quiet_fit(markov_corpus(n_sent=300), order=4)
+    path = tmp_path / "m.arpa"
+    m.write_arpa(path)
+    loaded, _ = NGramModel.from_arpa(path)  # order by order, as the file is parsed
+    cfg = loaded.config
+    ref = NGramModel(NGramConfig(**{**cfg.__dict__, "sizes": None}))
+    ref._set_tables(*ngram_mod._tables_from_arpa(read_arpa(path), cfg, path))
+    assert buffers_equal(loaded, ref)
+
+
+IRREGULAR = """junk before the header
+
+\\data\\
+ngram 1=6
+ngram 2=4
+
+\\1-grams:
+-1.0\t<unk>
+-99\t<s>\t-0.30103
+-0.7  </s>   0
+-5E-01\ta\t+1.5e-1\r
+-0.6\tb\t-0
+-1.25e+00\tc d
+
+\\2-grams:
+-0.3\t<s> a
+-0.2\ta\tb
+-0.1 b </s>
+-0.0625\tc d a
+
+\\end\\
+"""
+
+
+def test_vectorized_parser_equals_the_line_parser(tmp_path, monkeypatch):
+    path = tmp_path / "irregular.arpa"
+    path.write_bytes(IRREGULAR.replace("c d a", "c\u00a0d a").replace("c d\n", "c\u00a0d\n").encode())
+    fast = read_arpa(path)
+    assert fast.vocab[-1] == "c\u00a0d" and fast.backoffs[0][3] == pytest.approx(0.15)
+    monkeypatch.setattr(arpa_mod, "_parse_block_fast", lambda *a: None)
+    slow = read_arpa(path)
+    assert fast.vocab == slow.vocab
+    for k in range(2):
+        for a, b in [(fast.ngrams, slow.ngrams), (fast.probs, slow.probs), (fast.backoffs, slow.backoffs), (fast.lines, slow.lines)]:
+            assert np.array_equal(a[k], b[k])
+
+
+def test_vectorized_parser_on_a_real_model(tmp_path, monkeypatch):
+    m, vocab = quiet_fit(markov_corpus(n_sent=300), order=3)
+    path = tmp_path / "m.arpa"
+    m.write_arpa(path)
+    monkeypatch.setattr(arpa_mod, "_BLOCK_BYTES", 4096)  # many blocks, lines cut across reads
+    fast, _ = NGramModel.from_arpa(path)
+    monkeypatch.setattr(arpa_mod, "_parse_block_fast", lambda *a: None)
+    slow, _ = NGramModel.from_arpa(path)
+    assert buffers_equal(fast, slow) and buffers_equal(fast, NGramModel.from_arpa(path)[0])
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "bz2", "xz"])
+def test_compressed_arpa_is_read(tmp_path, fmt):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[fmt]
+    path = tmp_path / "m.arpa.any"  # detected by content, not by name
+    with opener(path, "wt") as f:
+        f.write(GOOD)
+    plain = tmp_path / "m.arpa"
+    plain.write_text(GOOD)
+    m, v = NGramModel.from_arpa(path)
+    m2, v2 = NGramModel.from_arpa(plain)
+    assert v == v2 and buffers_equal(m, m2)
+    if fmt == "gzip":
+        kenlm = pytest.importorskip("kenlm")
+        km = kenlm.Model(str(path))  # KenLM reads gzip too
+        assert m.score_words("a b c") == pytest.approx(km.score("a b c"), abs=1e-5)
+    truncated = tmp_path / "cut.arpa.gz"
+    truncated.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ArpaFormatError, match="cut.arpa.gz"):
+        NGramModel.from_arpa(truncated)
+
+
+def test_positive_log_probability_is_an_error_naming_the_line(tmp_path):
+    lines = GOOD.split("\n")
+    assert lines[16].startswith("-")
+    lines[16] = "0.25" + lines[16][lines[16].index("\t"):]
+    path = tmp_path / "pos.arpa"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ArpaFormatError, match="line 17: log10 probability 0.25 is positive") as e:
+        NGramModel.from_arpa(path)
+    assert e.value.line == 17
+    lines[16] = "0" + lines[16][lines[16].index("\t"):]  # log10 p = 0 (p = 1) is allowed, as a positive backoff is
+    lines[8] = lines[8].rsplit("\t", 1)[0] + "\t0.5"
+    path.write_text("\n".join(lines))
+    NGramModel.from_arpa(path)
+    kenlm = pytest.importorskip("kenlm")
+    lines[16] = "0.25" + lines[16][lines[16].index("\t"):]
+    path.write_text("\n".join(lines))
+    with pytest.raises(Exception, match="Positive log probability"):
+        kenlm.Model(str(path))
+
+
+def test_kenlm_binary_file_gets_an_error_saying_what_it_is(tmp_path):
+    # lm/binary_format.cc: every KenLM binary starts with "mmap lm http://kheafield.com/code format version 5\n\0"
+    path = tmp_path / "model.binary"
+    path.write_bytes(KENLM_BINARY_MAGIC + b" format version 5\n\0" + bytes(range(256)) * 4)
+    with pytest.raises(ArpaFormatError, match="KenLM binary model.*build_binary.*ARPA") as e:
+        NGramModel.from_arpa(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(ArpaFormatError, match="KenLM binary model"):
+        read_arpa(path)
+
+
+def test_split_words_is_ascii_whitespace_only():
+    import sys
+
+    other = {chr(i) for i in range(sys.maxunicode + 1) if chr(i).isspace()} - set(ASCII_WHITESPACE)
+    assert other == {c for c in map(chr, range(sys.maxunicode + 1)) if tokenizers._OTHER_SPACE.match(c)}
+    for c in other:
+        assert split_words(f" a{c}b \t c\n") == [f"a{c}b", "c"]
+    assert split_words("a\x0bb\x0cc\rd") == ["a", "b", "c", "d"] == "a\x0bb\x0cc\rd".encode().decode().split()
+
+
+def test_nbsp_word_scores_like_kenlm(tmp_path):
+    word = "a\u00a0b"
+    lines = TINY + [f"{word} c a", f"b {word}"]
+    m, vocab = quiet_fit(lines, order=3)
+    assert word in vocab and m.encode(f"{word} c").tolist() == [vocab.index(word), vocab.index("c")]
+    path = tmp_path / "nbsp.arpa"
+    m.write_arpa(path)
+    m2, v2 = NGramModel.from_arpa(path)
+    assert v2 == vocab and buffers_equal(m, m2)
+    kenlm = pytest.importorskip("kenlm")
+    km = kenlm.Model(str(path))
+    for s in [f"{word} c a", f"b {word}", "a b", f"a {word}\u00a0b"]:
+        assert m2.score_words(s) == pytest.approx(km.score(s), abs=1e-5), s
+    assert m2.score_words(f"{word} c") != pytest.approx(m2.score_words("a b c"), abs=1e-3)

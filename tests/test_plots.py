@@ -95,3 +95,20 @@ def test_plot_loss_curves(tmp_path):
     records += [{"step": 9, "train_eval_loss": 2.1, "val_eval_loss": 2.3}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert is_png(plot_loss_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png"))
+
+
+def test_gradient_flow_curves_and_the_plot_command(tmp_path, capsys):
+    """The tanh RNN's gradient dies out faster than the LSTM's (forget bias +1); the command writes a PNG."""
+    from lmlab.cli import main
+    from lmlab.plots import gradient_flow
+
+    curves = gradient_flow(steps=30, hidden=16, seed=0)
+    (rnn_label, rnn), (lstm_label, lstm) = curves.items()
+    assert rnn_label == "tanh RNN" and lstm_label.startswith("LSTM") and rnn.shape == lstm.shape == (30,)
+    # from the last step back to the first, the RNN loses far more of the gradient than the LSTM
+    assert rnn[0] / rnn[-1] < 1e-3 * (lstm[0] / lstm[-1])
+    out = tmp_path / "flow.png"
+    assert main(["plot", "gradient-flow", "--out", str(out), "--steps", "20", "--hidden", "8"]) == 0
+    assert is_png(out) and capsys.readouterr().out.strip() == str(out)
+    assert main(["plot", "gradient-flow", "--out", str(out), "--steps", "0"]) == 2
+    assert "steps=0" in capsys.readouterr().err

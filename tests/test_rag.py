@@ -295,3 +295,11 @@ def test_dense_retriever_mean_pools_and_normalizes(tmp_path):
     assert np.allclose(s.diagonal(), s.max(1), atol=1e-6)  # (a random encoder: near-ties elsewhere)
     hits = r.search([DOCS[2], DOCS[3]], k=2, temperature=0.05)
     assert np.allclose(hits.scores, np.sort(s[[2, 3]], 1)[:, ::-1][:, :2]) and np.allclose(hits.probs.sum(1), 1.0)
+
+
+def test_dense_retriever_refuses_an_encoder_with_remote_code(tmp_path):
+    _tiny_sentence_model(tmp_path / "st")
+    (tmp_path / "st" / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "st" / "tokenizer_config.json").read_text()), "auto_map": {"AutoTokenizer": ["x.T", None]}}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json has an auto_map"):
+        DenseRetriever(DOCS, tmp_path / "st", use_sentence_transformers=False)

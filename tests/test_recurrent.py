@@ -170,7 +170,7 @@ def test_per_layer_widths_config():
         LSTMConfig(vocab_size=5, n_hidden=[8, 4])
     with pytest.raises(ValueError, match=r"n_hidden=\[8, 0\] must be a positive integer or a list"):
         LSTMConfig(vocab_size=5, n_layer=2, n_hidden=[8, 0])
-    with pytest.raises(ValueError, match=r"tie_weights needs n_embd == n_hidden \(the top layer's width\)"):
+    with pytest.raises(ValueError, match=r"reads the top layer's 4 units \(n_hidden=\[8, 4\]\).*output_size=8"):
         LSTMConfig(vocab_size=5, n_embd=8, n_layer=2, n_hidden=[8, 4], tie_weights=True)
 
 
@@ -221,7 +221,7 @@ def test_dropout_between_layers_only_in_training():
 
 
 def test_config_errors_name_the_bad_value():
-    with pytest.raises(ValueError, match="tie_weights needs n_embd == n_hidden"):
+    with pytest.raises(ValueError, match="tie_weights needs the output layer.s input width to equal n_embd=4"):
         LSTMConfig(vocab_size=5, n_embd=4, n_hidden=8, tie_weights=True)
     with pytest.raises(ValueError, match="gru_variant='reset_before'"):
         GRUConfig(vocab_size=5, gru_variant="reset_before")
@@ -281,3 +281,81 @@ def test_gru_reaches_the_entropy_rate_of_an_order2_chain():
     bigram = (pi[..., None] * chain.transitions).sum(0) / pi.sum(0)[:, None]
     bigram_ce = -np.mean(np.log(bigram[test_ids[:, 1:-1], test_ids[:, 2:]]))
     assert bigram_ce - oracle_ce > 0.1
+
+
+# ---------------------------------------------------------------- word-level regularisation
+
+
+@pytest.mark.parametrize("name,widths", [("rnn", 10), ("rnn-relu", 10), ("gru", 10), ("lstm", 10),
+                                         ("gru-classic", 10), ("lstm", [10, 6])])
+def test_variational_layers_compute_what_the_stacked_module_computes(name, widths):
+    """Dropout off: the layer-by-layer path (used for locked dropout) equals torch's stacked module,
+    in training mode too, with the same weights."""
+    n_layer = CONFIGS[name][1]["n_layer"]
+    n_hidden = widths if isinstance(widths, list) else [widths] * n_layer
+    plain = make(name, n_hidden=n_hidden)
+    variational = make(name, n_hidden=n_hidden, variational_dropout=True)
+    assert variational.rnn.locked
+    variational.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
+    for mode in (False, True):
+        plain.train(mode)
+        variational.train(mode)
+        a, sa = chunked(plain, ids, [3, 4])
+        b, sb = chunked(variational, ids, [3, 4])
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for key in sa.tensors:
+            torch.testing.assert_close(sa.tensors[key], sb.tensors[key], atol=1e-5, rtol=1e-5)
+
+
+def test_locked_and_embedding_dropout_masks():
+    from lmlab.models.dropout import embedding_dropout, locked_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(4, 6, 5)
+    y = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(y, y[:, :1].expand_as(y))          # one mask for every time step
+    assert set(y.unique().tolist()) <= {0.0, 2.0} and (y == 0).any() and (y == 2).any()
+    assert torch.equal(locked_dropout(x, 0.5, training=False), x)
+    w = torch.ones(20, 3)
+    d = embedding_dropout(w, 0.5, training=True)
+    assert torch.equal(d, d[:, :1].expand_as(d))          # whole rows (word types) kept or dropped
+    assert set(d[:, 0].tolist()) == {0.0, 2.0}
+    # the model drops word types: every occurrence of a dropped word gets the same zero vector
+    model = make("lstm", embed_dropout=0.5, dropout=0.0).train()
+    ids = torch.tensor([[1, 1, 1, 2, 2, 2]])
+    torch.manual_seed(3)
+    rows = embedding_dropout(model.encoder.weight, 0.5, True)[ids[0]]
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[3], rows[5])
+
+
+def test_variational_dropout_masks_are_shared_over_time(monkeypatch):
+    """With input dropout only, a token's embedding is dropped in the same features at every step:
+    feeding one repeated token, the inputs the first layer sees are equal at all steps."""
+    model = make("lstm", n_layer=1, dropout=0.0, input_dropout=0.5, variational_dropout=True).train()
+    seen = []
+    original = torch.lstm
+
+    def spy(x, *rest):
+        seen.append(x.detach().clone())
+        return original(x, *rest)
+
+    monkeypatch.setattr(torch, "lstm", spy)
+    torch.manual_seed(1)
+    model(torch.full((2, 5), 4))
+    (x,) = seen
+    assert torch.equal(x, x[:, :1].expand_as(x)) and (x == 0).any()
+
+
+def test_tying_through_an_output_projection():
+    model = make("lstm", n_embd=6, n_hidden=10, output_size=6, tie_weights=True)
+    assert model.decoder.weight is model.encoder.weight
+    assert model.projection.weight.shape == (6, 10)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    full, _ = model(ids)
+    steps, _ = chunked(model, ids, [1, 1, 1, 1, 1])
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="set output_size=6 to add a projection"):
+        LSTMConfig(vocab_size=V, n_embd=6, n_hidden=10, tie_weights=True)
+    with pytest.raises(ValueError, match="input_dropout=1.0 must be in"):
+        LSTMConfig(vocab_size=V, input_dropout=1.0)

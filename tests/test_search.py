@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lmlab.decode.processors import RepetitionPenalty, TopK, apply_processors
+from lmlab.decode.processors import (
+    FrequencyPenalty,
+    LogitBias,
+    NoRepeatNGram,
+    RepetitionPenalty,
+    TopK,
+    apply_processors,
+)
 from lmlab.decode.search import beam_search, greedy_pick, sample_pick
 from lmlab.models.base import LanguageModel, State
 
@@ -47,14 +54,15 @@ class TrigramTable(LanguageModel):
 
 
 def token_logprobs(model, prompt, tokens, processors=None):
-    """Per-token log-probs of ``tokens`` after ``prompt``, recomputed with full forwards."""
+    """Per-token scores of ``tokens`` after ``prompt`` as beam search ranks them (recomputed with
+    full forwards): ``processors(log_softmax(logits))``, Hugging Face's beam order."""
     seq = torch.tensor([prompt + tokens])
     logits, _ = model(seq)
     out = []
     for j, t in enumerate(tokens):
         pos = len(prompt) + j - 1
-        row = apply_processors(processors, logits[:, pos], seq[:, : pos + 1], num_generated=j)
-        out.append(float(torch.log_softmax(row.float(), -1)[0, t]))
+        logp = torch.log_softmax(logits[:, pos].float(), -1)
+        out.append(float(apply_processors(processors, logp, seq[:, : pos + 1], num_generated=j)[0, t]))
     return out
 
 
@@ -71,12 +79,15 @@ def reference_beam(model, prompt, K, steps):
     return beams
 
 
-def greedy_loop(model, prompt, steps, eos=None, processors=None):
+def greedy_loop(model, prompt, steps, eos=None, processors=None, on_logprobs=False):
+    """Greedy with ``processors`` on the logits (the generation loop's order) or, with
+    ``on_logprobs``, on ``log_softmax(logits)`` (beam search's order)."""
     ids = torch.tensor([prompt])
     logits, state = model(ids)
     out = []
     for j in range(steps):
-        tok = greedy_pick(apply_processors(processors, logits[:, -1], ids, num_generated=j))
+        scores = torch.log_softmax(logits[:, -1], -1) if on_logprobs else logits[:, -1]
+        tok = greedy_pick(apply_processors(processors, scores, ids, num_generated=j))
         out.append(int(tok))
         if out[-1] == eos:
             break
@@ -145,7 +156,16 @@ def test_width_one_is_greedy(eos):
         assert h.finished == (eos is not None and h.tokens[-1] == eos)
     procs = [RepetitionPenalty(3.0)]
     out = beam_search(model, prompts, num_beams=1, max_new_tokens=12, eos_id=eos, processors=procs)
+    differs = 0
     for p, (h,) in zip(prompts, out):
+        assert h.tokens == greedy_loop(model, p, 12, eos, procs, on_logprobs=True)
+        assert h.token_logprobs == pytest.approx(token_logprobs(model, p, h.tokens, procs), abs=1e-5)
+        differs += h.tokens != greedy_loop(model, p, 12, eos, procs)
+    # the repetition penalty scales by sign: on log-probs (all < 0) it is another rule than on logits
+    assert differs > 0
+    procs = [NoRepeatNGram(2), LogitBias({1: -1.5, 3: 0.7}), FrequencyPenalty(0.4)]
+    out = beam_search(model, prompts, num_beams=1, max_new_tokens=12, eos_id=eos, processors=procs)
+    for p, (h,) in zip(prompts, out):  # shifts and bans: the same argmax in either order
         assert h.tokens == greedy_loop(model, p, 12, eos, procs)
         assert h.token_logprobs == pytest.approx(token_logprobs(model, p, h.tokens, procs), abs=1e-5)
 
@@ -155,7 +175,8 @@ def test_truncated_beams_die_and_top_k_1_is_greedy():
     (hyps,) = beam_search(model, [[1, 2]], num_beams=3, max_new_tokens=6, processors=[TopK(1)], num_return_sequences=3)
     assert len(hyps) == 1  # the other beams have probability 0
     assert hyps[0].tokens == greedy_loop(model, [1, 2], 6)
-    assert hyps[0].sum_logprob == 0.0
+    # not renormalised after the cut (Hugging Face's order): the model's own log-probs
+    assert hyps[0].token_logprobs == pytest.approx(token_logprobs(model, [1, 2], hyps[0].tokens), abs=1e-5)
 
 
 # ---------------------------------------------------------------- batching

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import BigramTable
-from lmlab.metrics import Oracle
+from lmlab.metrics import Oracle, distinct_n, repetition_rate, self_bleu
 from lmlab.models import build_model, save_model
 from lmlab.models.transformer import TransformerConfig
 from lmlab.study import (
@@ -113,12 +113,11 @@ def test_study_rows_metrics_and_files(generator, oracle, tmp_path):
     assert greedy.deterministic and beam.deterministic and not topk.deterministic
     for r in study.results:
         assert len(r.continuations) == 3 and all(len(t) == 3 for t in r.continuations)
-        assert r.diversity.texts == 9
+        assert r.diversity.texts == (3 if r.deterministic else 9)  # one text per prompt for greedy and beams
         runs = [row[:1] if r.deterministic else row for row in r.token_counts]
         assert r.generated_tokens == sum(n for row in runs for n in row) and r.tokens_per_second > 0
     # a deterministic setup is run once and its text counted k times
     assert all(len(set(t)) == 1 for t in greedy.continuations)
-    assert greedy.diversity.self_bleu == pytest.approx(100.0) or not any(greedy.continuations[0][0].split())
     # oracle perplexity over the generated texts, re-tokenized with the oracle's own tokenizer
     assert greedy.oracle.tokens == sum(len(t[0]) for t in greedy.continuations)
     assert topk.oracle.tokens == sum(len(x) for t in topk.continuations for x in t)
@@ -128,7 +127,10 @@ def test_study_rows_metrics_and_files(generator, oracle, tmp_path):
     paths = study.write(tmp_path / "out")
     assert set(paths) == {"markdown", "csv", "json", "generations", "plot"}
     md = paths["markdown"].read_text()
-    assert md.startswith("| setup | oracle PPL | distinct-1") and md.count("\n") == 2 + len(setups)
+    assert md.startswith("| setup | oracle PPL | distinct-1") and md.count("\n") == 2 + len(setups) + 2
+    assert md.endswith("- greedy, beam 2: deterministic (one continuation per prompt); diversity (distinct-n, "
+                       "repetition, self-BLEU) computed across the 3 prompts, over that one continuation each "
+                       "(the sampling rows pool their 3 continuations per prompt)\n")
     rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
     assert [r["setup"] for r in rows] == setups
     report = json.loads(paths["json"].read_text())
@@ -140,6 +142,27 @@ def test_study_rows_metrics_and_files(generator, oracle, tmp_path):
     assert first["setup"] == "greedy" and first["prompt"] == "romeo:" and "oracle_ppl" in first
     assert gens[1]["copy_of_sample"] == 0 and gens[1]["continuation"] == first["continuation"]
     assert paths["plot"].stat().st_size > 0
+
+
+def test_deterministic_rows_measure_diversity_across_prompts(generator):
+    """Greedy's distinct-n is that of its one continuation per prompt, pooled across prompts:
+    the same whatever num_continuations, never divided by the number of copies."""
+    model, tok = generator
+    prompts = ["romeo:", "juliet:", "king:", "ab"]
+    one, five = (run_study(model, tok, prompts, ["greedy", "beam 2"], num_continuations=k, max_new_tokens=12,
+                           unit="char", progress=False) for k in (1, 5))
+    for r1, r5 in zip(one.results, five.results):
+        texts = [t[0] for t in r5.continuations]
+        assert [t[0] for t in r1.continuations] == texts
+        for n in (1, 2, 3, 4):
+            by_hand = distinct_n(texts, n, "char")
+            assert (r5.diversity.distinct[n].unique, r5.diversity.distinct[n].total) == (by_hand.unique, by_hand.total)
+            assert r5.row()[f"distinct_{n}"] == r1.row()[f"distinct_{n}"] == by_hand.ratio
+        assert r5.diversity.self_bleu == pytest.approx(self_bleu(texts))  # across prompts, not 100 from copies
+        assert r5.diversity.repetition == pytest.approx(repetition_rate(texts, 4, "char"))
+        assert r5.diversity.texts == len(prompts)
+    assert "–" not in five.markdown().split("\n")[2]  # the greedy row has every diversity number
+    assert five.to_json()["notes"] == five.notes() and "across the 4 prompts" in five.notes()[0]
 
 
 def test_study_is_seeded_and_reproducible(generator):

@@ -10,6 +10,7 @@ from lmlab.decode.processors import LogitBias
 from lmlab.decode.tasks import complete, next_n_nll, predict
 from lmlab.models import build_model
 from lmlab.models.transformer import TransformerConfig
+from lmlab.tokenizers import CharTokenizer
 
 
 def tiny_transformer(block_size=32, V=13):
@@ -59,9 +60,10 @@ def test_predict_on_a_table_model_follows_the_greedy_path(bigram_table):
 
 def test_complete_gives_exactly_n_ordinary_tokens():
     model = tiny_transformer()
+    tok = CharTokenizer(list("abcdefghi"))  # <pad> <bos> <eos> <unk> then 9 letters: V = 13
     prompts = [[4, 5, 6], [7]]
     push = LogitBias({0: 40.0, 1: 40.0, 2: 40.0, 3: 40.0})  # specials would win every draw
-    out = complete(model, prompts, 25, seed=0, processors=[push])
+    out = complete(model, prompts, 25, seed=0, processors=[push], tokenizer=tok)
     for p, seq in zip(prompts, out):
         assert seq[: len(p)] == p and len(seq) == len(p) + 25
         assert min(seq[len(p):]) >= 4
@@ -71,11 +73,26 @@ def test_complete_gives_exactly_n_ordinary_tokens():
     assert not {7, 8} & set(complete(model, [[5]], 30, seed=0, special_ids=[7, 8])[0][1:])
 
 
+def test_complete_without_a_tokenizer_bans_only_declared_specials():
+    """No tokenizer and no declared specials: ids 0..3 are ordinary tokens like any other."""
+    model = tiny_transformer()
+    push = LogitBias({0: 40.0, 1: 40.0})
+    (seq,) = complete(model, [[4]], 20, seed=0, processors=[push])
+    assert set(seq[1:]) <= {0, 1} and {0, 1} <= set(seq[1:])
+
+    class Declared(type(model)):
+        special_ids = {"bos": 0, "eos": 1}
+
+    model.__class__ = Declared  # the same weights, now declaring <bos> 0 and <eos> 1
+    (seq,) = complete(model, [[4]], 20, seed=0, processors=[push])
+    assert min(seq[1:]) >= 2
+
+
 def test_complete_draws_from_the_renormalised_distribution(bigram_table):
-    # token 4 follows 5 with probability p(4|5) / (1 - p(specials|5)) once specials are removed
+    # token 4 follows 5 with probability p(4|5) / (1 - p(banned|5)) once the specials 0..3 are removed
     logits = bigram_table.table[5]
     probs = torch.softmax(logits[4:], -1)
-    out = complete(bigram_table, [[5]] * 4000, 1, seed=0)
+    out = complete(bigram_table, [[5]] * 4000, 1, seed=0, special_ids=[0, 1, 2, 3])
     freq = torch.bincount(torch.tensor([s[1] for s in out]), minlength=6)[4:].float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
 

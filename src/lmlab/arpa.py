@@ -22,28 +22,65 @@ order, a log10 backoff weight::
 This module only moves the table between a file and numpy arrays; the
 meaning of the numbers (backoff querying) lives in ``lmlab.models.ngram``.
 
-Conventions:
+Conventions (KenLM's where they differ from SRILM's):
 
+* Words are separated by ASCII whitespace only (space, tab, newline,
+  carriage return, vertical tab, form feed), as KenLM splits them: a word may
+  contain U+00A0 or any other non-ASCII space
+  (:func:`lmlab.tokenizers.split_words` is that rule for text).
 * A log10 value of -99 or less means probability 0 (SRILM's convention);
   :func:`read_arpa` turns it into ``-inf`` and :func:`write_arpa` writes
   ``-inf`` back as ``-99``.
+* A positive log10 probability is an error (KenLM refuses it too); a backoff
+  weight may be positive.
+* Files compressed with gzip, bzip2 or xz are read (detected by their first
+  bytes, as KenLM does). A KenLM binary model (``build_binary``) is refused
+  with an error that says so.
 * Every malformed or truncated file raises :class:`ArpaFormatError`, whose
   message names the file and the line number (1-based) where it went wrong.
+
+Reading is vectorized: the file is read in blocks of whole lines, words are
+found by a 64-bit hash of their bytes and length (as KenLM's vocabulary
+does) and numbers by numpy's correctly rounded parser; any block that is not
+perfectly regular is parsed again line by line, which names the bad line.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ArpaFormatError", "ArpaTables", "read_arpa", "write_arpa", "LOG10_ZERO"]
+from lmlab.tokenizers import ASCII_WHITESPACE
+
+__all__ = [
+    "ArpaFormatError",
+    "ArpaTables",
+    "ArpaSection",
+    "iter_arpa",
+    "read_arpa",
+    "write_arpa",
+    "KENLM_BINARY_MAGIC",
+    "LOG10_ZERO",
+]
 
 LOG10_ZERO = -99.0  # what ARPA files write for log10(0)
+KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"  # start of every KenLM binary file (lm/binary_format.cc)
+
+_ASCII_SPACE = re.compile(f"[{re.escape(ASCII_WHITESPACE)}]")
+_COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
+_BLOCK_BYTES = 1 << 20  # bytes read and parsed at a time
+_HASH_MUL = np.uint64(0x100000001B3)
+_HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
 
 
 class ArpaFormatError(ValueError):
@@ -81,11 +118,232 @@ class ArpaTables:
         return len(self.ngrams)
 
 
-def _parse_float(token: str, path, lineno: int, what: str) -> float:
+@dataclass
+class ArpaSection:
+    """One ``\\k-grams:`` section as :func:`iter_arpa` yields it: ``ids``
+    int32 (count, k) word ids, ``probs``/``backoffs`` float64 (count,) log10
+    values, entry r on line ``first_line + r``. ``vocab`` (the words, id =
+    position) is set for the unigram section only."""
+
+    order: int
+    ids: np.ndarray
+    probs: np.ndarray
+    backoffs: np.ndarray
+    first_line: int
+    vocab: list[str] | None = None
+
+
+# ---------------------------------------------------------------- the byte stream
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when it starts with a gzip, bzip2 or xz
+    magic number; a KenLM binary model is refused."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(KENLM_BINARY_MAGIC))
+    except OSError as e:
+        raise ArpaFormatError(path, None, f"cannot read the file ({e.strerror or e})") from None
+    for magic, opener, _ in _COMPRESSED:
+        if head.startswith(magic):
+            return opener(path, "rb")
+    return open(path, "rb")
+
+
+def _kenlm_binary_error(path) -> ArpaFormatError:
+    return ArpaFormatError(
+        path, None,
+        "this is a KenLM binary model (written by build_binary), not an ARPA file; lmlab reads ARPA text, "
+        "plain or compressed with gzip, bzip2 or xz: give the ARPA file the binary was built from",
+    )
+
+
+class _LineReader:
+    """Lines of a byte stream with their 1-based numbers, one at a time or in
+    blocks of whole lines."""
+
+    def __init__(self, f: BinaryIO, path):
+        self.f, self.path = f, path
+        self.buf = b""
+        self.pos = 0
+        self.eof = False
+        self.lineno = 0  # lines handed out so far
+        self.pushed: tuple[int, bytes] | None = None
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            data = self.f.read(_BLOCK_BYTES)
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise ArpaFormatError(self.path, self.lineno + 1, f"cannot decompress the file: {e}") from None
+        if not data:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+        return True
+
+    def readline(self) -> tuple[int, bytes] | None:
+        if self.pushed is not None:
+            out, self.pushed = self.pushed, None
+            return out
+        while True:
+            j = self.buf.find(b"\n", self.pos)
+            if j >= 0:
+                line = self.buf[self.pos:j]
+                self.pos = j + 1
+                break
+            if not self._more():
+                if self.pos == len(self.buf):
+                    return None
+                line = self.buf[self.pos:]
+                self.pos = len(self.buf)
+                break
+        self.lineno += 1
+        return self.lineno, line
+
+    def push_back(self, item: tuple[int, bytes]) -> None:
+        self.pushed = item
+
+    def next_nonblank(self) -> tuple[int, bytes] | None:
+        while True:
+            item = self.readline()
+            if item is None or item[1].strip():
+                return item
+
+    def block(self, max_lines: int) -> tuple[int, bytes, int]:
+        """(number of its first line, up to ``max_lines`` whole lines as one
+        bytes object, how many); 0 lines only at the end of the file."""
+        assert self.pushed is None
+        while len(self.buf) - self.pos < _BLOCK_BYTES and self._more():
+            pass
+        end = self.buf.rfind(b"\n", self.pos) + 1
+        while end == 0 and not self.eof:  # a line longer than a block
+            self._more()
+            end = self.buf.rfind(b"\n", self.pos) + 1
+        n = self.buf.count(b"\n", self.pos, end) if end else 0
+        if self.eof and len(self.buf) > max(end, self.pos):
+            end, n = len(self.buf), n + 1  # a last line without a newline
+        if n > max_lines:
+            nl = np.flatnonzero(np.frombuffer(self.buf, dtype=np.uint8, count=end - self.pos, offset=self.pos) == 10)
+            end, n = self.pos + int(nl[max_lines - 1]) + 1, max_lines
+        first = self.lineno + 1
+        blk = self.buf[self.pos:end]
+        self.pos = end
+        self.lineno += n
+        return first, blk, n
+
+
+# ---------------------------------------------------------------- words
+
+
+def _u64_at(blk: bytes) -> np.ndarray:
+    """A view whose element i is the 8 bytes of ``blk`` from byte i on (little
+    endian, zero-padded past the end): one gather reads 8 bytes of a word."""
+    padded = blk + bytes(8)
+    return np.ndarray(shape=(len(blk) + 1,), dtype="<u8", buffer=padded, strides=(1,))
+
+
+_LOW_BYTES = np.array([(1 << (8 * i)) - 1 for i in range(8)] + [2**64 - 1], dtype=np.uint64)
+
+
+def _hash_tokens(at: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """64-bit hash (uint64) of each token: bytes ``starts[i]`` to
+    ``starts[i] + lengths[i]`` of the buffer ``at`` views (see ``_u64_at``).
+    Words of up to 8 bytes and equal length never collide."""
+    h = lengths.astype(np.uint64) * _HASH_SEED
+    live = np.arange(starts.size)
+    for j in range(0, int(lengths.max()) if lengths.size else 0, 8):
+        if j:
+            live = live[lengths[live] > j]
+        rest = np.minimum(lengths[live] - j, 8)
+        chunk = at[starts[live] + j] & _LOW_BYTES[rest]
+        h[live] = (h[live] ^ chunk) * _HASH_MUL
+    return h
+
+
+class _Vocab:
+    """The unigram words: id by exact bytes (dict) and by hash (vectorized)."""
+
+    def __init__(self):
+        self.words: list[str] = []
+        self.index: dict[bytes, int] = {}
+        self._hashes: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+        self.table_hash = None
+
+    def add(self, word: bytes, path, lineno: int) -> int:
+        if word in self.index:
+            raise ArpaFormatError(path, lineno, f"duplicate unigram {_show(word)!r} (first given on line "
+                                  f"{self._first_line + self.index[word]})")
+        try:
+            text = word.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ArpaFormatError(path, lineno, f"word {word!r} is not valid UTF-8 ({e.reason})") from None
+        i = len(self.words)
+        self.index[word] = i
+        self.words.append(text)
+        return i
+
+    def freeze(self) -> None:
+        """Build the hash table the vectorized lookup uses (open addressing,
+        linear probing, at most half full)."""
+        words = list(self.index)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        starts = np.cumsum(lengths) - lengths
+        h = _hash_tokens(_u64_at(b"".join(words)), starts, lengths)
+        if np.unique(h).size != h.size:
+            self.table_hash = None  # two words share a hash: look words up one by one
+            return
+        self.bits = max(4, int(math.ceil(math.log2(2 * len(words) + 1))))
+        size = 1 << self.bits
+        self.table_hash = np.zeros(size, dtype=np.uint64)
+        self.table_id = np.full(size, -1, dtype=np.int32)
+        self.table_len = np.zeros(size, dtype=np.int64)
+        todo, slot = np.arange(h.size), self._home(h)
+        while todo.size:  # place each word in its first free slot
+            free = self.table_id[slot] < 0
+            place, first = np.unique(slot[free], return_index=True)
+            ids = todo[free][first]
+            self.table_hash[place], self.table_id[place], self.table_len[place] = h[ids], ids, lengths[ids]
+            placed = np.zeros(todo.size, dtype=bool)
+            placed[np.flatnonzero(free)[first]] = True
+            todo, slot = todo[~placed], (slot[~placed] + 1) & (size - 1)
+
+    def _home(self, h: np.ndarray) -> np.ndarray:
+        return (h * _HASH_SEED >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def lookup(self, at: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """int32 ids of the tokens, or None if one is not a word of the vocabulary."""
+        if self.table_hash is None:
+            return None
+        h = _hash_tokens(at, starts, lengths)
+        out = np.empty(h.size, dtype=np.int32)
+        todo, slot = np.arange(h.size), self._home(h)
+        mask = self.table_id.size - 1
+        while todo.size:
+            hit = (self.table_hash[slot] == h[todo]) & (self.table_len[slot] == lengths[todo]) & (self.table_id[slot] >= 0)
+            out[todo[hit]] = self.table_id[slot[hit]]
+            go = ~hit
+            if (self.table_id[slot[go]] < 0).any():
+                return None  # an empty slot reached: not a word of the vocabulary
+            todo, slot = todo[go], (slot[go] + 1) & mask
+        return out
+
+
+def _show(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------- entries
+
+
+def _parse_float(token: bytes, path, lineno: int, what: str) -> float:
     try:
         value = float(token)
     except ValueError:
-        raise ArpaFormatError(path, lineno, f"{what} {token!r} is not a number") from None
+        raise ArpaFormatError(path, lineno, f"{what} {_show(token)!r} is not a number") from None
     if math.isnan(value):
         raise ArpaFormatError(path, lineno, f"{what} is NaN; a log10 probability or backoff must be a number")
     if value == math.inf:
@@ -95,184 +353,254 @@ def _parse_float(token: str, path, lineno: int, what: str) -> float:
     return value
 
 
-def read_arpa(path: str | os.PathLike) -> ArpaTables:
-    """Parse an ARPA file (plain text, UTF-8).
+def _tokens_per_line(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int, widths) -> np.ndarray | None:
+    """Number of tokens on each of the n lines of the block (None if a line
+    has none); checked per line cheaply when every line has the same width."""
+    newlines = np.flatnonzero(x == 10)[: n - 1]  # the end of every line but the last
+    for w in widths:
+        if starts.size == n * w:
+            if (ends[w - 1::w][: n - 1] <= newlines).all() and (starts[w::w] > newlines).all():
+                return np.full(n, w, dtype=np.int64)
+            break
+    line_of = np.searchsorted(newlines, starts)
+    per_line = np.bincount(line_of, minlength=n)
+    return per_line if per_line.size == n else None
 
-    Raises :class:`ArpaFormatError` naming the line for: a missing ``\\data\\``
-    header, a bad ``ngram k=count`` line, sections out of order, an entry with
-    the wrong number of fields, a probability or backoff that is not a number
-    (or NaN), a word missing from the unigram section, a duplicate n-gram, a
-    section whose number of entries differs from the header, and a file that
-    ends before ``\\end\\`` (truncated).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        # find the line of the bad byte
-        data = path.read_bytes()
-        line = data[: e.start].count(b"\n") + 1
-        raise ArpaFormatError(path, line, f"not valid UTF-8 ({e.reason})") from None
-    lines = text.split("\n")
-    n_lines = len(lines)
-    if lines and lines[-1] == "":
-        n_lines -= 1  # trailing newline
 
-    i = 0
-    # -- header: skip anything before \data\ (SRILM and KenLM may write comments)
-    while i < n_lines and lines[i].strip() != "\\data\\":
-        i += 1
-    if i == n_lines:
-        raise ArpaFormatError(path, n_lines if n_lines else 1, "no \\data\\ header found; this is not an ARPA file")
-    i += 1
-    counts: list[int] = []
-    while i < n_lines:
-        s = lines[i].strip()
-        if not s:
-            i += 1
-            if counts:
-                break
-            continue
-        if not s.startswith("ngram "):
-            if s.startswith("\\") and counts:
-                break
-            raise ArpaFormatError(path, i + 1, f"expected 'ngram K=COUNT' in the \\data\\ section, got {s[:60]!r}")
+def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Vocab):
+    """Vectorized parse of n whole lines of the k-grams section: (ids or
+    word tokens, probs, backoffs), or None at the first doubt."""
+    x = np.frombuffer(blk, dtype=np.uint8)
+    edge = np.ones(x.size + 2, dtype=bool)
+    ws = edge[1:-1]
+    np.less(x - np.uint8(9), np.uint8(5), out=ws)  # \t \n \v \f \r (uint8 wraps below 9)
+    ws |= x == 32
+    t = np.flatnonzero(edge[1:] != edge[:-1])  # token starts and ends, alternating
+    starts, ends = t[0::2], t[1::2]
+    del edge, t
+    per_line = _tokens_per_line(x, starts, ends, n, (k + 2, k + 1) if has_backoff else (k + 1,))
+    if per_line is None:
+        return None
+    with_bo = per_line == k + 2
+    if not ((per_line == k + 1) | (with_bo & has_backoff)).all():
+        return None
+    first = np.cumsum(per_line) - per_line  # token index of each line's probability
+    # the numbers: every other byte blanked, then numpy's (correctly rounded) parser
+    num = np.concatenate([first, first[with_bo] + k + 1])
+    mark = np.zeros(x.size + 1, dtype=np.int8)
+    mark[starts[num]] = 1
+    mark[ends[num]] = -1
+    keep = np.cumsum(mark[:-1], dtype=np.int8).view(bool)
+    text = np.where(keep, x, np.uint8(32)).tobytes()
+    del mark, keep, num
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
         try:
-            lhs, rhs = s[6:].split("=")
-            k, c = int(lhs), int(rhs)
-        except ValueError:
-            raise ArpaFormatError(path, i + 1, f"expected 'ngram K=COUNT' with integers, got {s[:60]!r}") from None
-        if k != len(counts) + 1:
-            raise ArpaFormatError(path, i + 1, f"expected 'ngram {len(counts) + 1}=...', got order {k}")
-        if c < 0:
-            raise ArpaFormatError(path, i + 1, f"negative n-gram count {c}")
-        counts.append(c)
-        i += 1
-    if not counts:
-        raise ArpaFormatError(path, i, "the \\data\\ section lists no 'ngram K=COUNT' lines")
-    if counts[0] == 0:
-        raise ArpaFormatError(path, i, "the model has no unigrams (ngram 1=0)")
-    order = len(counts)
-
-    vocab: list[str] = []
-    index: dict[str, int] = {}
-    ngrams: list[np.ndarray] = []
-    probs: list[np.ndarray] = []
-    backoffs: list[np.ndarray] = []
-    where: list[np.ndarray] = []
-
-    for k in range(1, order + 1):
-        # find the section header, skipping blank lines
-        while i < n_lines and not lines[i].strip():
-            i += 1
-        if i >= n_lines:
-            raise ArpaFormatError(path, n_lines, f"file ends before the \\{k}-grams: section (truncated?)")
-        header = lines[i].strip()
-        if header != f"\\{k}-grams:":
-            raise ArpaFormatError(path, i + 1, f"expected '\\{k}-grams:', got {header[:60]!r}")
-        i += 1
-        count = counts[k - 1]
-        has_backoff = k < order
-        # unigrams (they define the vocabulary) and any doubtful section: line by line
-        fast = _parse_section_fast(lines[i:i + count], k, count, has_backoff, index) if k > 1 else None
-        if fast is not None:
-            ids, pr, bo = fast
-            ln = np.arange(i + 1, i + 1 + count, dtype=np.int64)
-            i += count
-        else:
-            ids = np.empty((count, k), dtype=np.int64)
-            pr = np.empty(count, dtype=np.float64)
-            bo = np.zeros(count, dtype=np.float64)
-            ln = np.empty(count, dtype=np.int64)
-        for r in range(0 if fast is not None else count):
-            if i >= n_lines:
-                raise ArpaFormatError(
-                    path, n_lines, f"file ends after {r} of the {count} {k}-grams the header announces (truncated?)"
-                )
-            raw = lines[i]
-            fields = raw.split()
-            if not fields or fields[0].startswith("\\"):
-                raise ArpaFormatError(
-                    path, i + 1, f"the \\{k}-grams: section has {r} entries, the header announces {count}"
-                )
-            nf = len(fields)
-            if nf == k + 1:
-                b = 0.0
-            elif nf == k + 2 and has_backoff:
-                b = _parse_float(fields[-1], path, i + 1, "backoff")
-            else:
-                expect = f"{k + 1} or {k + 2}" if has_backoff else f"{k + 1}"
-                raise ArpaFormatError(
-                    path, i + 1, f"a {k}-gram entry needs {expect} fields (log10 prob, {k} word(s)"
-                    f"{', backoff' if has_backoff else ''}), got {nf}: {raw[:80]!r}"
-                )
-            p = _parse_float(fields[0], path, i + 1, "log10 probability")
-            if k == 1:
-                w = fields[1]
-                if w in index:
-                    raise ArpaFormatError(path, i + 1, f"duplicate unigram {w!r}")
-                index[w] = len(vocab)
-                vocab.append(w)
-                ids[r, 0] = index[w]
-            else:
-                for j in range(k):
-                    w = fields[1 + j]
-                    wid = index.get(w)
-                    if wid is None:
-                        raise ArpaFormatError(path, i + 1, f"word {w!r} is not in the \\1-grams: section")
-                    ids[r, j] = wid
-            pr[r] = p
-            bo[r] = b
-            ln[r] = i + 1
-            i += 1
-        # the section must end here (blank line or next header / \end\)
-        while i < n_lines and not lines[i].strip():
-            i += 1
-        if i < n_lines and not lines[i].strip().startswith("\\"):
-            raise ArpaFormatError(
-                path, i + 1, f"the \\{k}-grams: section has more entries than the {count} the header announces"
-            )
-        if k > 1 and count > 1:
-            _check_duplicates(ids, ln, path, k)
-        ngrams.append(ids)
-        probs.append(pr)
-        backoffs.append(bo)
-        where.append(ln)
-
-    while i < n_lines and not lines[i].strip():
-        i += 1
-    if i >= n_lines:
-        raise ArpaFormatError(path, n_lines, "file ends without '\\end\\' (truncated?)")
-    if lines[i].strip() != "\\end\\":
-        raise ArpaFormatError(path, i + 1, f"expected '\\end\\', got {lines[i].strip()[:60]!r}")
-    return ArpaTables(vocab, ngrams, probs, backoffs, where)
-
-
-def _parse_section_fast(section: list[str], k: int, count: int, has_backoff: bool, index: dict):
-    """Bulk parse of a well-formed section (every line: prob, k words and,
-    below the highest order, a backoff). Returns None at the first doubt; the
-    line-by-line parser then finds and names the bad line."""
-    if len(section) != count:
-        return None
-    toks = "\n".join(section).split()
-    if len(toks) != count * (k + 2):
-        if has_backoff or len(toks) != count * (k + 1):
+            values = np.fromstring(text, dtype=np.float64, sep=" ")
+        except (ValueError, DeprecationWarning):
             return None
-    width = len(toks) // count if count else k + 1
-    cols = [toks[j::width] for j in range(width)]
-    try:
-        pr = np.array(cols[0], dtype=np.float64)
-        bo = np.array(cols[k + 1], dtype=np.float64) if width == k + 2 else np.zeros(count)
-        ids = np.empty((count, k), dtype=np.int64)
-        for j in range(k):
-            ids[:, j] = [index[w] for w in cols[1 + j]]
-    except (ValueError, KeyError):
+    per = 1 + with_bo
+    if values.size != int(per.sum()):
         return None
-    if np.isnan(pr).any() or np.isnan(bo).any() or (pr == np.inf).any() or (bo == np.inf).any():
+    at = np.cumsum(per) - per
+    pr = values[at]
+    bo = np.zeros(n)
+    bo[with_bo] = values[at[with_bo] + 1]
+    if np.isnan(values).any() or (values == np.inf).any() or (pr > 0).any():
         return None
     pr[pr <= LOG10_ZERO] = -np.inf
     bo[bo <= LOG10_ZERO] = -np.inf
+    wt = (first[:, None] + np.arange(1, k + 1)[None, :]).reshape(-1)
+    ws, wl = starts[wt], ends[wt] - starts[wt]
+    if k == 1:
+        return (x, ws, wl), pr, bo
+    ids = vocab.lookup(_u64_at(blk), ws, wl)
+    if ids is None:
+        return None
+    return ids.reshape(n, k), pr, bo
+
+
+def _parse_block_slow(blk: bytes, first_line: int, done: int, count: int, k: int, has_backoff: bool,
+                      vocab: _Vocab, path):
+    """Line-by-line parse of a block; raises ArpaFormatError naming the bad line."""
+    lines = blk.split(b"\n")
+    if blk.endswith(b"\n"):
+        lines.pop()
+    n = len(lines)
+    ids = np.empty((n, k), dtype=np.int32)
+    pr = np.empty(n, dtype=np.float64)
+    bo = np.zeros(n, dtype=np.float64)
+    for r, raw in enumerate(lines):
+        lineno = first_line + r
+        fields = raw.split()
+        if not fields or fields[0].startswith(b"\\"):
+            raise ArpaFormatError(path, lineno, f"the \\{k}-grams: section has {done + r} entries, the header announces {count}")
+        nf = len(fields)
+        if nf == k + 1:
+            b = 0.0
+        elif nf == k + 2 and has_backoff:
+            b = _parse_float(fields[-1], path, lineno, "backoff")
+        else:
+            expect = f"{k + 1} or {k + 2}" if has_backoff else f"{k + 1}"
+            raise ArpaFormatError(
+                path, lineno, f"a {k}-gram entry needs {expect} fields (log10 prob, {k} word(s)"
+                f"{', backoff' if has_backoff else ''}), got {nf}: {_show(raw[:80])!r}"
+            )
+        p = _parse_float(fields[0], path, lineno, "log10 probability")
+        if p > 0:
+            raise ArpaFormatError(
+                path, lineno, f"log10 probability {_show(fields[0])} is positive (a probability above 1); "
+                "KenLM refuses such files too (IRSTLM writes them): fix the file"
+            )
+        if k == 1:
+            ids[r, 0] = vocab.add(fields[1], path, lineno)
+        else:
+            for j in range(k):
+                wid = vocab.index.get(fields[1 + j])
+                if wid is None:
+                    raise ArpaFormatError(path, lineno, f"word {_show(fields[1 + j])!r} is not in the \\1-grams: section")
+                ids[r, j] = wid
+        pr[r] = p
+        bo[r] = b
     return ids, pr, bo
+
+
+# ---------------------------------------------------------------- reading
+
+
+def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
+    """Parse an ARPA file section by section: yields the list of n-gram
+    counts of the ``\\data\\`` header first, then one :class:`ArpaSection`
+    per order, so a reader can build order k before order k+1 is parsed.
+    Raises :class:`ArpaFormatError` as :func:`read_arpa` describes (duplicate
+    n-grams above the unigrams are left to the caller)."""
+    path = Path(path)
+    with _open_binary(path) as f:
+        reader = _LineReader(f, path)
+        first = reader.readline()
+        if first is not None and first[1].startswith(KENLM_BINARY_MAGIC):
+            raise _kenlm_binary_error(path)
+        if first is not None:
+            reader.push_back(first)
+        # -- header: skip anything before \data\ (SRILM and KenLM may write comments)
+        while True:
+            item = reader.readline()
+            if item is None:
+                raise ArpaFormatError(path, max(reader.lineno, 1), "no \\data\\ header found; this is not an ARPA file")
+            if item[1].strip() == b"\\data\\":
+                break
+        counts: list[int] = []
+        while True:
+            item = reader.readline()
+            if item is None:
+                break
+            lineno, line = item
+            s = line.strip()
+            if not s:
+                if counts:
+                    break
+                continue
+            if not s.startswith(b"ngram "):
+                if s.startswith(b"\\") and counts:
+                    reader.push_back(item)
+                    break
+                raise ArpaFormatError(path, lineno, f"expected 'ngram K=COUNT' in the \\data\\ section, got {_show(s[:60])!r}")
+            try:
+                lhs, rhs = s[6:].split(b"=")
+                k, c = int(lhs), int(rhs)
+            except ValueError:
+                raise ArpaFormatError(path, lineno, f"expected 'ngram K=COUNT' with integers, got {_show(s[:60])!r}") from None
+            if k != len(counts) + 1:
+                raise ArpaFormatError(path, lineno, f"expected 'ngram {len(counts) + 1}=...', got order {k}")
+            if c < 0:
+                raise ArpaFormatError(path, lineno, f"negative n-gram count {c}")
+            counts.append(c)
+        if not counts:
+            raise ArpaFormatError(path, max(reader.lineno, 1), "the \\data\\ section lists no 'ngram K=COUNT' lines")
+        if counts[0] == 0:
+            raise ArpaFormatError(path, reader.lineno, "the model has no unigrams (ngram 1=0)")
+        yield list(counts)
+        order = len(counts)
+        vocab = _Vocab()
+        for k in range(1, order + 1):
+            item = reader.next_nonblank()
+            if item is None:
+                raise ArpaFormatError(path, reader.lineno, f"file ends before the \\{k}-grams: section (truncated?)")
+            lineno, header = item
+            if header.strip() != f"\\{k}-grams:".encode():
+                raise ArpaFormatError(path, lineno, f"expected '\\{k}-grams:', got {_show(header.strip()[:60])!r}")
+            yield _read_section(reader, path, k, counts[k - 1], k < order, vocab)
+            item = reader.next_nonblank()  # the section must end here (blank lines, then a header or \end\)
+            if item is not None:
+                if not item[1].strip().startswith(b"\\"):
+                    raise ArpaFormatError(
+                        path, item[0], f"the \\{k}-grams: section has more entries than the {counts[k - 1]} the header announces"
+                    )
+                reader.push_back(item)
+        item = reader.next_nonblank()
+        if item is None:
+            raise ArpaFormatError(path, reader.lineno, "file ends without '\\end\\' (truncated?)")
+        if item[1].strip() != b"\\end\\":
+            raise ArpaFormatError(path, item[0], f"expected '\\end\\', got {_show(item[1].strip()[:60])!r}")
+
+
+def _read_section(reader: _LineReader, path, k: int, count: int, has_backoff: bool, vocab: _Vocab) -> ArpaSection:
+    ids = np.empty((count, k), dtype=np.int32)
+    pr = np.empty(count, dtype=np.float64)
+    bo = np.empty(count, dtype=np.float64)
+    first_line = reader.lineno + 1
+    done = 0
+    while done < count:
+        start, blk, n = reader.block(count - done)
+        if n == 0:
+            raise ArpaFormatError(
+                path, reader.lineno, f"file ends after {done} of the {count} {k}-grams the header announces (truncated?)"
+            )
+        fast = _parse_block_fast(blk, n, k, has_backoff, vocab)
+        if fast is not None and k == 1:
+            (x, ws, wl), p, b = fast
+            for r, (s, ln) in enumerate(zip(ws.tolist(), wl.tolist())):
+                ids[done + r, 0] = vocab.add(blk[s:s + ln], path, start + r)
+        elif fast is not None:
+            ids[done:done + n], p, b = fast
+        else:
+            ids[done:done + n], p, b = _parse_block_slow(blk, start, done, count, k, has_backoff, vocab, path)
+        pr[done:done + n] = p
+        bo[done:done + n] = b
+        done += n
+    if k == 1:
+        vocab._first_line = first_line
+        vocab.freeze()
+    return ArpaSection(k, ids, pr, bo, first_line, list(vocab.words) if k == 1 else None)
+
+
+def read_arpa(path: str | os.PathLike) -> ArpaTables:
+    """Parse an ARPA file (UTF-8 text, plain or compressed with gzip, bzip2 or xz).
+
+    Raises :class:`ArpaFormatError` naming the line for: a KenLM binary file,
+    a missing ``\\data\\`` header, a bad ``ngram k=count`` line, sections out
+    of order, an entry with the wrong number of fields, a probability or
+    backoff that is not a number (or NaN), a positive log10 probability, a
+    word missing from the unigram section (or a unigram that is not UTF-8),
+    a duplicate n-gram, a section whose number of entries differs from the
+    header, and a file that ends before ``\\end\\`` (truncated).
+    """
+    vocab: list[str] = []
+    ngrams, probs, backoffs, where = [], [], [], []
+    for item in iter_arpa(path):
+        if isinstance(item, list):
+            continue
+        if item.vocab is not None:
+            vocab = item.vocab
+        ids = item.ids.astype(np.int64)
+        ln = np.arange(item.first_line, item.first_line + ids.shape[0], dtype=np.int64)
+        if item.order > 1 and ids.shape[0] > 1:
+            _check_duplicates(ids, ln, path, item.order)
+        ngrams.append(ids)
+        probs.append(item.probs)
+        backoffs.append(item.backoffs)
+        where.append(ln)
+    return ArpaTables(vocab, ngrams, probs, backoffs, where)
 
 
 def _check_duplicates(ids: np.ndarray, ln: np.ndarray, path, k: int) -> None:
@@ -283,6 +611,9 @@ def _check_duplicates(ids: np.ndarray, ln: np.ndarray, path, k: int) -> None:
         j = int(np.flatnonzero(same)[0])
         a, b = sorted((int(ln[order[j]]), int(ln[order[j + 1]])))
         raise ArpaFormatError(path, b, f"duplicate {k}-gram (first given on line {a})")
+
+
+# ---------------------------------------------------------------- writing
 
 
 def _format_values(values: np.ndarray) -> list[str]:
@@ -302,14 +633,17 @@ def write_arpa(
 
     ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab``;
     ``probs[k]``/``backoffs[k]`` are log10 values (``-inf`` is written as -99).
-    Backoffs of the highest order are not written. Written atomically.
+    Backoffs of the highest order are not written. Words may contain any
+    character but ASCII whitespace. Written atomically.
     """
     from lmlab.models.base import atomic_write_text
 
     vocab = list(vocab)
     for w in vocab:
-        if not w or any(c.isspace() for c in w):
-            raise ValueError(f"vocabulary entry {w!r} cannot be written to ARPA: words must be non-empty without whitespace")
+        if not w or _ASCII_SPACE.search(w):
+            raise ValueError(
+                f"vocabulary entry {w!r} cannot be written to ARPA: words must be non-empty without ASCII whitespace"
+            )
     if len(set(vocab)) != len(vocab):
         seen: set[str] = set()
         dup = next(w for w in vocab if w in seen or seen.add(w))

@@ -56,10 +56,17 @@ def _load_converted_tokenizer(directory: Path) -> Tokenizer:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads((directory / "tokenizer_config.json").read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{directory / 'tokenizer_config.json'} is not a readable JSON file: {e}") from None
         names = {f"{role}_token": _special_name(cfg.get(f"{role}_token")) for role in ("pad", "bos", "eos", "unk")}
         return BPETokenizer.from_file(directory / "tokenizer.json", **{k: v for k, v in names.items() if v})
     return load_tokenizer(directory)
+
+
+TRUST_REMOTE_CODE_HELP = ("let an hf:<dir> model run the Python code its directory ships (an auto_map in "
+                          "config.json or tokenizer_config.json); off by default, and never for lmlab checkpoints")
 
 
 def add_precision_arguments(p) -> None:
@@ -70,13 +77,15 @@ def add_precision_arguments(p) -> None:
                    help="weight-only quantization of the linear layers at load (int8 per row, int4 groups of 32)")
 
 
-def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, dtype: str | torch.dtype | None = None,
-                    quantize: str | int | None = None):
-    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree.
+def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False,
+                    dtype: str | torch.dtype | None = None, quantize: str | int | None = None):
+    """(model, tokenizer) from a checkpoint directory, ``gguf:<file>`` or ``hf:<path>``; the vocabularies must agree.
 
+    ``trust_remote_code`` applies to ``hf:`` directories only: an lmlab checkpoint never runs
+    code from its directory (a tokenizer file there with an ``auto_map`` is refused).
     ``quantize`` ('int8' | 'int4') and ``dtype`` ('float32' | 'bfloat16' | 'float16') set the
     inference precision (:func:`lmlab.quantize.prepare_model`); None keeps the model as saved."""
-    model, tokenizer = _load_checkpoint(spec, device)
+    model, tokenizer = _load_checkpoint(spec, device, trust_remote_code)
     if dtype is not None or quantize is not None:
         from lmlab.quantize import prepare_model
 
@@ -84,7 +93,7 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, dty
     return model, tokenizer
 
 
-def _load_checkpoint(spec: str | Path, device: str | torch.device):
+def _load_checkpoint(spec: str | Path, device: str | torch.device, trust_remote_code: bool):
     if isinstance(spec, str) and spec.startswith(GGUF_PREFIX):
         from lmlab.gguf_file import load_gguf
 
@@ -98,7 +107,7 @@ def _load_checkpoint(spec: str | Path, device: str | torch.device):
         path = spec[len(HF_PREFIX):]
         if not path:
             raise ValueError("the model spec 'hf:' names no path; accepted: 'hf:/path/to/hf-model-dir'")
-        model, tokenizer = load_hf(path, device=device)
+        model, tokenizer = load_hf(path, device=device, trust_remote_code=trust_remote_code)
         return model.eval(), tokenizer
     directory = resolve_checkpoint_dir(spec)
     model: LanguageModel = load_model(directory, map_location=device)

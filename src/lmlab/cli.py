@@ -1,4 +1,4 @@
-"""The ``lmlab`` command: prepare, train, score, generate, plot, demo."""
+"""The ``lmlab`` command: prepare, train, score, interpolate, generate, plot, demo."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from lmlab import data as data_mod
-from lmlab.checkpoints import add_precision_arguments
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
 from lmlab.finetune import add_finetune_arguments, run_finetune
 from lmlab.study import add_eval_generation_arguments
-from lmlab.train import TrainConfig
+from lmlab.train import CHANGEABLE_ON_RESUME, TrainConfig
 
 
 def _parse_value(text: str):
@@ -190,6 +190,8 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     import time
 
     from lmlab.models import build_model, save_model
+    from lmlab.models.base import staged_directory
+    from lmlab.rundir import RunDirectoryError
 
     values = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
               "unk_id": tokenizer.unk_id, **key_values(args.set)}
@@ -202,16 +204,86 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"run directory {str(out)!r} already exists; choose a new directory")
-    save_model(model, out / "best")
-    tokenizer.save(out / "best" / "tokenizer.json")
+    try:
+        with staged_directory(out / "best") as tmp:  # complete or absent, even with another process on --out
+            save_model(model, tmp)
+            tokenizer.save(tmp / "tokenizer.json")
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        raise RunDirectoryError(f"cannot write {e.filename or out / 'best'}: {e.strerror or e}; nothing was kept") from e
     return {"family": "ngram", "order": model.config.order, "method": model.config.method,
             "ngrams": model.config.sizes, "vocab_size": tokenizer.vocab_size, "seconds": seconds}, model
+
+
+RUN_OPTIONS = ("func", "command_parser", "argv", "out", "resume")  # what a run's settings.json does not keep
+
+
+class _Unset(list):
+    """A default no parsed value is: a list, so that append actions copy it into a new one."""
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str], names) -> set[str]:
+    """Which of the options ``names`` (dests) are written in ``argv``, whatever their values:
+    ``argv`` is parsed again with every default replaced by a marker."""
+    unset = _Unset()
+    defaults = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**{name: unset for name in names})
+    try:
+        parsed = vars(parser.parse_args(argv))
+    finally:
+        parser.set_defaults(**defaults)
+    return {name for name in names if parsed.get(name, unset) is not unset}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def restore_train_settings(args) -> tuple[argparse.Namespace, Path | None]:
+    """``lmlab train --resume``: the run's saved options (settings.json), with the options
+    given again checked against them: equal, or one of CHANGEABLE_ON_RESUME, or an error
+    naming both values. Returns (the options to use, the settings file or None when the run
+    has none: then the command line is used as it is)."""
+    from lmlab.rundir import SETTINGS_FILE
+
+    path = Path(args.out) / SETTINGS_FILE
+    if not path.is_file():
+        return args, None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the run's settings {path}: {e}") from None
+    current = {k: v for k, v in vars(args).items() if k not in RUN_OPTIONS}
+    unknown = sorted(set(saved) - set(current))
+    if unknown:
+        raise ValueError(f"{path} records option(s) {', '.join(map(_flag, unknown))} that `lmlab train` does not have")
+    parser = args.command_parser
+    command = args.argv[args.argv.index("train") + 1:]
+    given = given_options(parser, command, list(current))
+    conflicts = []
+    for name in sorted(given):
+        recorded = saved.get(name, parser.get_default(name))
+        if name not in CHANGEABLE_ON_RESUME and current[name] != recorded:
+            conflicts.append(f"{_flag(name)} {current[name]!r} (the run has {recorded!r})")
+    if conflicts:
+        raise ValueError(
+            f"cannot resume {args.out} with other settings: {'; '.join(conflicts)}, recorded in {path}; "
+            f"only {', '.join(map(_flag, CHANGEABLE_ON_RESUME))} may change on resume"
+        )
+    restored = {**current, **saved, **{name: current[name] for name in given}}
+    return argparse.Namespace(**{**vars(args), **restored}), path
 
 
 def cmd_train(args) -> int:
     from lmlab.train import Trainer
 
+    if args.resume:
+        args, _ = restore_train_settings(args)
     if args.model == "ngram":
+        if args.resume:
+            raise ValueError("an n-gram model is estimated in one pass, so there is no run to resume; "
+                             "estimate it into a new --out")
         tokenizer, train, _, test = load_training_data(args, 1)  # no windows: the whole split is counted
         summary, model = estimate_ngram(args, tokenizer, train, Path(args.out))
         if test is not None:
@@ -226,14 +298,15 @@ def cmd_train(args) -> int:
     if args.sequences:
         block = max(train.block_size, val.block_size if val is not None else 0,
                     *(1 + len(tokenizer.encode(t)) for t in test or ()))
-    if args.resume:
-        from lmlab.models.base import load_model
-        model = load_model(Path(args.out) / "last")
-    else:
-        torch.manual_seed(config.seed)  # the same seed gives the same initial weights
-        model = build_from_args(args, tokenizer.vocab_size, block)
+    torch.manual_seed(config.seed)  # the same seed gives the same initial weights (a resume loads its own)
+    model = build_from_args(args, tokenizer.vocab_size, block)
     print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
-    summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume).fit()
+    # recorded as used: an option left to its default (None) is saved with the value it took
+    effective = {**dataclasses.asdict(model.config), **dataclasses.asdict(config)}
+    settings = {k: effective[k] if v is None and k in effective else v
+                for k, v in vars(args).items() if k not in RUN_OPTIONS}
+    summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume,
+                      settings=settings).fit()
     if test is not None:
         from lmlab.checkpoints import load_checkpoint
 
@@ -252,7 +325,8 @@ def cmd_score(args) -> int:
 
     if args.per_text and not args.sequences:
         raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
-    model, tokenizer = load_checkpoint(args.model, args.device, dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
         if not args.per_text:
@@ -274,6 +348,52 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ interpolate
+
+
+def cmd_interpolate(args) -> int:
+    """Mix trained models (same tokenizer); fit the weights by EM on --valid; save the mixture."""
+    import math
+
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.models.base import staged_directory
+    from lmlab.models.interpolate import (InterpolatedLM, check_same_tokenizer, check_weights,
+                                          component_target_logprobs, fit_weights, mixture_logprobs)
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{str(out)!r} already exists; choose a new directory")
+    if args.weights is not None:
+        check_weights(args.weights, len(args.models))
+    loaded = [load_checkpoint(spec, args.device) for spec in args.models]
+    tokenizers = [tok for _, tok in loaded]
+    check_same_tokenizer(tokenizers, args.models)
+    tokenizer = tokenizers[0]
+    components = [model for model, _ in loaded]
+    if args.sequences:
+        lines = [tokenizer.encode(t) for t in data_mod.read_lines(args.valid)]
+        logps = np.concatenate([component_target_logprobs(components, [tokenizer.bos_id, *s, tokenizer.eos_id])
+                                for s in lines])
+    else:
+        logps = component_target_logprobs(components, tokenizer.encode(data_mod.read_corpus(args.valid)))
+    if args.weights is not None:
+        weights, history = np.asarray(args.weights, dtype=np.float64), []
+    else:
+        weights, history = fit_weights(logps)
+    model = InterpolatedLM.from_models(components, weights.tolist())
+    with staged_directory(out) as tmp:
+        model.save_directory(tmp)
+        tokenizer.save(tmp / "tokenizer.json")
+    nll = [float(-logps[:, k].mean()) for k in range(len(components))]
+    mixed = float(-mixture_logprobs(logps, weights).mean())
+    report = {"out": str(out), "models": args.models, "weights": weights.tolist(), "valid_tokens": int(logps.shape[0]),
+              "valid_nll_per_token": {"components": nll, "interpolated": mixed},
+              "valid_perplexity": {"components": [math.exp(v) for v in nll], "interpolated": math.exp(mixed)},
+              "em_iterations": max(len(history) - 1, 0)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------ plot
 
 
@@ -282,6 +402,9 @@ def cmd_plot(args) -> int:
 
     if args.what == "positions":
         path = plots.plot_position_similarity(args.positions, args.dim, args.layout, args.out)
+    elif args.what == "gradient-flow":
+        curves = plots.gradient_flow(args.steps, args.hidden, seed=args.seed)
+        path = plots.plot_gradient_flow(curves, args.out, title=f"gradient flow, width {args.hidden}, seed {args.seed}")
     else:
         if not args.model or args.text is None:
             raise ValueError("lmlab plot attention needs --model and --text")
@@ -303,6 +426,17 @@ def cmd_eval_generation(args) -> int:
     from lmlab.study import run_eval_generation
 
     return run_eval_generation(args)
+
+
+# ------------------------------------------------------------------ serve
+
+
+def cmd_serve(args) -> int:
+    from lmlab.serve.app import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_tokens_limit=args.max_tokens_limit, device=args.device)
+    return 0
 
 
 # ------------------------------------------------------------------ demo
@@ -355,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=3407)
     add_split_and_tokenizer_arguments(p)
     p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its recorded settings; of those, only "
+                        + ", ".join(map(_flag, CHANGEABLE_ON_RESUME)) + " may change")
     p.add_argument("--block-size", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
@@ -371,10 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name == "time_budget":
                 kind = float
             p.add_argument(flag, type=kind or str, default=None)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, command_parser=p)  # the parser: --resume tells the options given from the defaults
 
     p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
-    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or hf:<dir>")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
     p.add_argument("--per-text", action="store_true",
@@ -393,12 +530,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help="inputs per scale (default: a whole row for 8 bits, 32 for 4)")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("interpolate", help="mix trained models that share a tokenizer; weights fitted by EM on held-out text")
+    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="two or more checkpoints or run directories")
+    p.add_argument("--valid", required=True, help="held-out UTF-8 text the weights are fitted on")
+    p.add_argument("--sequences", action="store_true", help="each line of --valid is a complete sequence (with <eos>)")
+    p.add_argument("--weights", type=float, nargs="+", help="use these weights instead of fitting them")
+    p.add_argument("--out", required=True, help="directory for the interpolated model (must not exist)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_interpolate)
+
     p = sub.add_parser("generate", help="continue prompts with any decoding setup; compare setups; predict/complete tasks")
     add_generate_arguments(p)
     p.set_defaults(func=run_generate)
 
-    p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights")
-    p.add_argument("what", choices=["positions", "attention"])
+    p = sub.add_parser("plot", help="pictures: positional-encoding similarity, attention weights, gradient flow")
+    p.add_argument("what", choices=["positions", "attention", "gradient-flow"])
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--positions", type=int, default=128, help="positions: how many")
     p.add_argument("--dim", type=int, default=128, help="positions: encoding width")
@@ -407,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="attention: the text to look at")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--head", type=int, help="attention: one head (default: all heads in a grid)")
+    p.add_argument("--steps", type=int, default=50, help="gradient-flow: sequence length")
+    p.add_argument("--hidden", type=int, default=32, help="gradient-flow: width of the tanh RNN and the LSTM")
+    p.add_argument("--seed", type=int, default=0, help="gradient-flow: weights and input")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("eval-generation", help="compare decoding setups: oracle perplexity, fluency, diversity")
@@ -425,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_fill_arguments(p)
     p.set_defaults(func=run_fill)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, and a playground")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or hf:DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together")
+    p.add_argument("--max-tokens-limit", type=int,
+                   help="most new tokens per request (n x max_tokens; default: the model's context)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seconds", type=float, default=240.0, help="training time budget")
@@ -435,10 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: FileNotFoundError, a full or read-only disk, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,20 @@ def bundled_corpus_path() -> Path:
     return Path(str(files("lmlab") / "corpora" / "tinyshakespeare.txt"))
 
 
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """Text of the UTF-8 file ``path``; bytes that are not UTF-8 are an error naming the file
+    (as ``what``, e.g. "corpus") and the byte offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {str(path)!r} is not UTF-8: byte {e.start} (0x{data[e.start]:02x}) {e.reason}; "
+            "accepted: UTF-8 text (convert it, e.g. with iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def read_corpus(path: str | Path | None = None) -> str:
     """Text of ``path`` (UTF-8), or of the bundled corpus when ``path`` is None."""
     path = bundled_corpus_path() if path is None else Path(path)
@@ -33,7 +47,7 @@ def read_corpus(path: str | Path | None = None) -> str:
         raise FileNotFoundError(f"corpus {str(path)!r} does not exist; give a UTF-8 text file (or no path for the bundled corpus)")
     if path.is_dir():
         raise IsADirectoryError(f"corpus {str(path)!r} is a directory; give a UTF-8 text file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "corpus")
     if not text.strip():
         raise ValueError(f"corpus {str(path)!r} is empty; it needs at least one non-blank line of text")
     return text
@@ -55,7 +69,7 @@ def read_jsonl(path: str | Path, expected: str) -> list[tuple[int, dict]]:
 
     path = Path(path)
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "JSON-lines file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -77,7 +91,7 @@ def read_prompt_file(path: str | Path, extra: str) -> tuple[list[str], list[str 
         raise FileNotFoundError(
             f"prompt file {str(path)!r} does not exist; give a text file (one prompt per line) or JSONL"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "prompt file").splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = path.suffix == ".jsonl" or first.lstrip().startswith("{")
     prompts: list[str] = [] if jsonl else [line for line in lines if line.strip()]

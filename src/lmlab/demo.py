@@ -18,6 +18,7 @@ from lmlab.data import StreamBatches, read_corpus, split_by_position, ids_dtype
 from lmlab.decode.generate import generate
 from lmlab.decode.processors import build_processors
 from lmlab.models import build_model
+from lmlab.models.base import special_token_ids
 from lmlab.models.transformer import TransformerConfig
 from lmlab.score import stream_nll
 from lmlab.tokenizers import CharTokenizer
@@ -64,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", seconds: float = 240.0, device: str 
     model = trainer.model.eval()
     val_score = stream_nll(model, torch.as_tensor(val_ids.astype(np.int64)), window=64, stride=32, batch_size=256)
     prompts = ["ROMEO:", "JULIET:", "First Citizen:"]
-    specials = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id]  # never in the stream
+    specials = list(special_token_ids(model, tokenizer).values())  # never in the stream
     processors = build_processors(suppress_tokens=specials, temperature=0.8)
     gens = generate(model, [tokenizer.encode(p) for p in prompts], 200, processors=processors,
                     tokenizer=tokenizer, seed=7)

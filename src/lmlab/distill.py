@@ -64,7 +64,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmlab.data import IGNORE, read_jsonl
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.data import IGNORE, read_jsonl, read_text
 from lmlab.models.base import LanguageModel
 from lmlab.train import Batches, TrainConfig, Trainer
 
@@ -572,16 +573,13 @@ def _read_inputs(path: str | Path, limit: int | None = None) -> list[str]:
                                 "'article') field, or a text file of blank-line-separated paragraphs")
     items: list[str] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
+        for n, obj in read_jsonl(path, "an object with an 'input' (or 'text', 'article', 'prompt') string"):
             value = next((obj[k] for k in ("input", "text", "article", "prompt") if isinstance(obj.get(k), str)), None)
             if value is None:
                 raise ValueError(f"{path}:{n} has none of the fields 'input', 'text', 'article', 'prompt'")
             items.append(value)
     else:
-        items = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
+        items = [p.strip() for p in re.split(r"\n\s*\n", read_text(path, "inputs file")) if p.strip()]
     if limit is not None:
         items = items[:limit]
     if not items:
@@ -617,6 +615,7 @@ def _add_student_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=256, help="--new-student's context (default 256)")
     g.add_argument("--tokenizer-from", help="checkpoint or hf:<dir> whose tokenizer --new-student uses")
     p.add_argument("--resume", action="store_true", help="continue the run directory's last checkpoint")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -628,6 +627,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--inputs", required=True, help="JSONL (field input/text/article) or blank-line-separated paragraphs")
     p.add_argument("--out", required=True, help="JSONL file of examples to write")
     p.add_argument("--limit", type=int, help="use the first N inputs")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     fmt = p.add_argument_group("prompt format")
     fmt.add_argument("--chat", action="store_true", help="instruction-tuned teacher: the chat template")
     fmt.add_argument("--system", default=DEFAULT_SYSTEM, help="--chat: system prompt ('' for none)")
@@ -676,16 +676,16 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def _load(spec: str, device: str = "cpu"):
+def _load(spec: str, args, device: str = "cpu"):
     from lmlab.checkpoints import load_checkpoint
 
-    return load_checkpoint(spec, device)
+    return load_checkpoint(spec, device, trust_remote_code=args.trust_remote_code)
 
 
 def _student(args, teacher_tok=None):
     """(model, tokenizer) of --student or --new-student."""
     if args.student:
-        model, tok = _load(args.student)
+        model, tok = _load(args.student, args)
         return model.train(), tok
     from lmlab.models import build_model
     from lmlab.models.base import config_from_dict
@@ -695,7 +695,7 @@ def _student(args, teacher_tok=None):
         raise ValueError("--new-student needs a tokenizer: give --tokenizer-from SPEC (or --teacher)")
     tok = teacher_tok
     if args.tokenizer_from or tok is None:
-        tok = _load(source)[1]
+        tok = _load(source, args)[1]
     values: dict[str, Any] = {"vocab_size": tok.vocab_size}
     if args.new_student == "transformer" or args.new_student in ("rnn", "gru", "lstm"):
         values["block_size"] = args.block_size
@@ -718,7 +718,7 @@ def _split(items: list, val_fraction: float) -> tuple[list, list]:
 
 
 def _cmd_generate(args) -> int:
-    teacher, tok = _load(args.teacher, args.device)
+    teacher, tok = _load(args.teacher, args, args.device)
     if args.chat:
         prompt: ChatPrompt | TextPrompt = ChatPrompt(args.instruction, args.suffix, args.system or None, args.marker or None)
     else:
@@ -755,7 +755,7 @@ def _stream_data(args, tok, block: int, batch_size: int):
 def _cmd_sft(args) -> int:
     teacher_tok = None
     if args.new_student and not args.tokenizer_from and args.teacher:
-        teacher_tok = _load(args.teacher)[1]
+        teacher_tok = _load(args.teacher, args)[1]
     model, tok = _student(args, teacher_tok)
     config = _train_config(args)
     train, val = _sft_data(args, tok, model.max_context, config.batch_size)
@@ -766,7 +766,7 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_kd(args) -> int:
-    teacher, teacher_tok = _load(args.teacher)
+    teacher, teacher_tok = _load(args.teacher, args)
     model, tok = _student(args, teacher_tok)
     check_same_tokenizer(teacher_tok, tok)
     config = _train_config(args)

@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 import torch
 
+from lmlab.models.base import special_token_ids
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+
 ORDERS = ("confidence", "left-to-right", "parallel")
 HF_PREFIX = "hf:"
 LMLAB_MASK_TEXT = "<mask>"
@@ -190,7 +193,7 @@ def filler_from_lmlab(model: Any, tokenizer: Any, mask_text: str = LMLAB_MASK_TE
         token_text=tokenizer.id_to_token,
         mask_id=model.mask_id,
         mask_text=mask_text,
-        forbidden_ids=sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id}),
+        forbidden_ids=sorted(set(special_token_ids(model, tokenizer).values())),
         max_length=model.max_context,
         device=device,
     )
@@ -225,12 +228,15 @@ def filler_from_hf(hf_model: Any, hf_tokenizer: Any, mask_text: str | None = Non
     )
 
 
-def load_filler(spec: str | Path, *, mask_text: str | None = None, device: str = "cpu") -> Filler:
-    """A :class:`Filler` from an lmlab checkpoint/run directory or ``hf:DIR`` (a local HF masked LM)."""
+def load_filler(spec: str | Path, *, mask_text: str | None = None, device: str = "cpu",
+                trust_remote_code: bool = False) -> Filler:
+    """A :class:`Filler` from an lmlab checkpoint/run directory or ``hf:DIR`` (a local HF masked LM;
+    code from its directory runs only with ``trust_remote_code=True``)."""
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         from lmlab.hf import load_hf_masked_lm
 
-        return filler_from_hf(*load_hf_masked_lm(spec[len(HF_PREFIX):], device=device), mask_text=mask_text)
+        loaded = load_hf_masked_lm(spec[len(HF_PREFIX):], device=device, trust_remote_code=trust_remote_code)
+        return filler_from_hf(*loaded, mask_text=mask_text)
     from lmlab.checkpoints import load_checkpoint
 
     model, tokenizer = load_checkpoint(spec, device=device)
@@ -242,6 +248,7 @@ def load_filler(spec: str | Path, *, mask_text: str | None = None, device: str =
 
 def add_fill_arguments(p: Any) -> None:
     p.add_argument("--model", required=True, help="a masked-transformer checkpoint or run directory, or hf:DIR (a masked LM)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--text", required=True, help="text with mask markers (see --mask)")
     p.add_argument("--mask", help=f"the marker of a masked token (default: {LMLAB_MASK_TEXT!r}; for hf: the tokenizer's own)")
     p.add_argument("--order", default="confidence", choices=ORDERS)
@@ -256,7 +263,7 @@ def add_fill_arguments(p: Any) -> None:
 
 
 def run_fill(args: Any) -> int:
-    filler = load_filler(args.model, mask_text=args.mask, device=args.device)
+    filler = load_filler(args.model, mask_text=args.mask, device=args.device, trust_remote_code=args.trust_remote_code)
     text = args.text + filler.mask_text * args.extend if args.extend > 0 else args.text
     result = filler.fill(text, order=args.order, sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)

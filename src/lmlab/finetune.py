@@ -43,6 +43,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import sys
@@ -56,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.data import read_jsonl
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.data import read_jsonl, read_text
 from lmlab.models.base import atomic_write_bytes, atomic_write_text, save_model, staged_directory
 from lmlab.train import TrainConfig, Trainer, learning_rate, make_optimizer, objective_loss, resolve_device
 
@@ -77,6 +79,8 @@ __all__ = [
     "ClassificationData",
     "read_labelled",
     "encode_texts",
+    "cls_id",
+    "default_pooling",
     "pad_batch",
     "hidden_states",
     "pool",
@@ -93,7 +97,7 @@ __all__ = [
 ]
 
 BIASES = ("none", "all", "lora_only")
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "first")
 MODES = ("lora", "full", "probe")
 TASKS = ("lm", "classify")
 TRUNCATION_SIDES = ("right", "left")
@@ -225,7 +229,8 @@ def _output_layer_names(base: nn.Module) -> set[str]:
 
 
 def default_target_modules(model: Any) -> list[str]:
-    """LoRA's default target layers for ``model``: q, k, v, o for lmlab's transformer;
+    """LoRA's default target layers for ``model``: q, k, v, o for lmlab's transformer and
+    masked-transformer;
     q_proj, k_proj, v_proj, o_proj for Llama; c_attn, c_proj for GPT-2 (c_proj is both the
     attention output and the MLP output there); PEFT's own default for other Hugging Face
     model types."""
@@ -242,7 +247,7 @@ def default_target_modules(model: Any) -> list[str]:
             f"no default LoRA target modules for Hugging Face model_type {model_type!r}; pass target_modules "
             f"(--target-modules) from its layers: {', '.join(_layer_names(base))}"
         )
-    if getattr(base, "family", None) == "transformer":
+    if getattr(base, "family", None) in ("transformer", "masked-transformer"):
         return list(_LMLAB_TARGETS)
     raise ValueError(
         f"no default LoRA target modules for lmlab family {getattr(base, 'family', type(base).__name__)!r}; "
@@ -688,10 +693,10 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """(rows, column names) of a CSV/TSV file or JSON lines."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = list(reader)
-            return rows, list(reader.fieldnames or [])
+        text = read_text(path, "labelled-text file")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = list(reader)
+        return rows, list(reader.fieldnames or [])
     if suffix in (".jsonl", ".json"):
         rows = [obj for _, obj in read_jsonl(path, "an object with 'text' and 'label'")]
         columns: list[str] = []
@@ -752,19 +757,45 @@ def read_labelled(path: str | Path, val_fraction: float = 0.2, seed: int = 0) ->
                               [texts[i] for i in val_rows], [ids[i] for i in val_rows])
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int, truncation_side: str = "right") -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int, truncation_side: str = "right",
+                 prefix_id: int | None = None) -> list[list[int]]:
     """Token ids of each text, cut to ``max_length`` tokens (``"right"``: keep the start,
-    ``"left"``: keep the end). A text that encodes to nothing becomes ``[eos]``."""
+    ``"left"``: keep the end). A text that encodes to nothing becomes ``[eos]``. ``prefix_id``
+    (e.g. a [CLS] token) is put first, within the ``max_length``."""
     if max_length < 1:
         raise ValueError(f"max_length={max_length} must be >= 1")
     if truncation_side not in TRUNCATION_SIDES:
         raise ValueError(f"truncation_side={truncation_side!r}; accepted: {', '.join(map(repr, TRUNCATION_SIDES))}")
     out = []
+    room = max_length - (prefix_id is not None)
     for text in texts:
         ids = list(tokenizer.encode(text))
-        ids = ids[:max_length] if truncation_side == "right" else ids[-max_length:]
+        ids = (ids[:room] if truncation_side == "right" else ids[len(ids) - room:]) if room > 0 else []
+        if prefix_id is not None:
+            ids = [prefix_id, *ids]
         out.append(ids or [tokenizer.eos_id])
     return out
+
+
+def cls_id(tokenizer: Any) -> int:
+    """The token a ``pooling="first"`` classifier puts before each text: the tokenizer's [CLS]
+    token when it has one (a BERT-like Hugging Face tokenizer), else its ``bos_id``."""
+    cls = getattr(getattr(tokenizer, "hf", None), "cls_token_id", None)
+    return int(cls) if cls is not None else int(tokenizer.bos_id)
+
+
+def _prefix(clf: Any, tokenizer: Any) -> int | None:
+    return cls_id(tokenizer) if clf.pooling == "first" else None
+
+
+def default_pooling(model: Any) -> str:
+    """``"first"`` ([CLS]) for a bidirectional model (a masked LM), ``"last"`` for a causal one."""
+    return "first" if _bidirectional(model) else "last"
+
+
+def _bidirectional(model: Any) -> bool:
+    base = _base_module(_as_lmlab(model))
+    return getattr(base, "objective", "causal") != "causal" or getattr(getattr(base, "config", None), "causal", True) is False
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -787,7 +818,7 @@ def _check_classifiable(model: Any) -> None:
         return
     raise ValueError(
         f"classification reads a model's final hidden states, which {_describe(model)} does not expose; "
-        "supported: lmlab 'transformer' checkpoints and Hugging Face causal LMs ('hf:<dir>')"
+        "supported: lmlab 'transformer' checkpoints, lmlab 'rnn', 'gru', 'lstm' checkpoints and Hugging Face causal LMs ('hf:<dir>')"
     )
 
 
@@ -796,9 +827,7 @@ def _hidden_size(model: Any) -> int:
     if _is_hf_module(base):
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         return int(cfg.hidden_size)
-    if hasattr(base.config, "n_embd"):
-        return int(base.config.n_embd)
-    with torch.no_grad():  # any other family with hidden_states: ask it
+    with torch.no_grad():  # an lmlab family with hidden_states (n_embd is not a recurrent net's width): ask it
         return int(base.hidden_states(torch.zeros((1, 1), dtype=torch.long, device=base.device))[0].shape[-1])
 
 
@@ -816,7 +845,16 @@ def hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     backbone's ``last_hidden_state`` (no LM head is computed)."""
     base = _base_module(model)
     if not _is_hf_module(base):
-        return base.hidden_states(ids)[0]
+        if not _bidirectional(base):
+            return base.hidden_states(ids)[0]  # right padding never reaches a real token
+        # Bidirectional: every token would attend to the padding, so each row runs at its own length.
+        out = None
+        for row, n in enumerate(mask.long().sum(1).tolist()):
+            h = base.hidden_states(ids[row: row + 1, :n])[0]
+            if out is None:
+                out = h.new_zeros(ids.shape[0], ids.shape[1], h.shape[-1])
+            out[row, :n] = h[0]
+        return out
     backbone = getattr(base, "base_model", base)
     out = backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False)
     h = getattr(out, "last_hidden_state", None)
@@ -826,7 +864,10 @@ def hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, C) -> (B, C): the last real token's vector, or the mean over real tokens."""
+    """(B, T, C) -> (B, C): the last real token's vector, the mean over real tokens, or the
+    first token's vector (``"first"``: the [CLS] token :func:`encode_texts` puts there)."""
+    if pooling == "first":
+        return hidden[:, 0]
     if pooling == "last":
         last = mask.long().sum(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -842,9 +883,10 @@ class SequenceClassifier(nn.Module):
     at zero: every class equally likely (the loss is log K) until it trains.
     """
 
-    def __init__(self, base: Any, labels: Sequence[str], pooling: str = "last", mode: str = "lora",
+    def __init__(self, base: Any, labels: Sequence[str], pooling: str | None = None, mode: str = "lora",
                  max_length: int = 128) -> None:
         super().__init__()
+        pooling = default_pooling(base) if pooling is None else pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}; accepted: {', '.join(map(repr, POOLINGS))}")
         if mode not in MODES:
@@ -869,7 +911,7 @@ class SequenceClassifier(nn.Module):
 
 
 def build_classifier(model: Any, labels: Sequence[str], mode: str = "lora", *, lora: LoraSettings | None = None,
-                     pooling: str = "last", max_length: int | None = None, seed: int = 0) -> SequenceClassifier:
+                     pooling: str | None = None, max_length: int | None = None, seed: int = 0) -> SequenceClassifier:
     """A classifier on ``model`` set up for ``mode``: ``lora`` (adapters + head train),
     ``full`` (every weight trains), ``probe`` (base frozen, only the head trains).
     Texts are cut to ``max_length`` tokens (None: 128, or the model's context if shorter);
@@ -978,8 +1020,9 @@ def train_classifier(clf: SequenceClassifier, tokenizer: Any, data: Classificati
     device = resolve_device(config.device)
     clf.to(device)
     pad = tokenizer.pad_id
-    train_seqs = encode_texts(tokenizer, data.train_texts, clf.max_length, config.truncation_side)
-    val_seqs = encode_texts(tokenizer, data.val_texts, clf.max_length, config.truncation_side)
+    prefix = _prefix(clf, tokenizer)
+    train_seqs = encode_texts(tokenizer, data.train_texts, clf.max_length, config.truncation_side, prefix)
+    val_seqs = encode_texts(tokenizer, data.val_texts, clf.max_length, config.truncation_side, prefix)
     y_train, y_val = torch.tensor(data.train_labels), torch.tensor(data.val_labels)
     probe = clf.mode == "probe"
     lr = config.lr or _DEFAULT_LR.get(clf.mode, 1e-3)
@@ -1056,7 +1099,7 @@ def train_classifier(clf: SequenceClassifier, tokenizer: Any, data: Classificati
 def predict_proba(clf: SequenceClassifier, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
                   truncation_side: str = "right") -> torch.Tensor:
     """Class probabilities (N, K) of ``texts``; column ``i`` is ``clf.labels[i]``."""
-    seqs = encode_texts(tokenizer, texts, clf.max_length, truncation_side)
+    seqs = encode_texts(tokenizer, texts, clf.max_length, truncation_side, _prefix(clf, tokenizer))
     feats = _features(clf, seqs, tokenizer.pad_id, batch_size, clf.head.weight.device)
     return clf.head(feats.to(clf.head.weight.device)).softmax(-1).cpu()
 
@@ -1142,6 +1185,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Add the ``lmlab finetune`` flags to ``parser`` (returns it)."""
     p = parser
     p.add_argument("--model", required=True, help="lmlab checkpoint or run directory, or hf:<dir>")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--task", required=True, choices=TASKS, help="lm: continued training on a corpus; classify: labelled texts")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -1178,7 +1222,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max-length", type=int, help="tokens kept per text (default: 128, or the model's context if shorter)")
     g.add_argument("--truncation-side", choices=TRUNCATION_SIDES, default="right", help="right: keep the start")
-    g.add_argument("--pooling", choices=POOLINGS, default="last", help="last real token, or mean over real tokens")
+    g.add_argument("--pooling", choices=POOLINGS, help="last real token, mean over real tokens, or first ([CLS]) "
+                   "token (default: first for a masked-transformer, else last)")
     g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default 1e-3)")
     return parser
 
@@ -1249,7 +1294,7 @@ def _run_lm(args, out: Path) -> tuple[dict, Any]:
     from lmlab.data import read_corpus
 
     text = read_corpus(args.corpus)
-    model, tok = load_checkpoint(args.model, args.device)
+    model, tok = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     lr = args.lr or (1e-3 if args.lora else 1e-4)
     config = TrainConfig(max_iters=args.max_iters, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
                          warmup_iters=min(args.warmup_iters, args.max_iters), weight_decay=args.weight_decay,
@@ -1267,7 +1312,7 @@ def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
     from lmlab.checkpoints import load_checkpoint
 
     data = read_labelled(args.data, args.val_fraction or 0.2, args.seed)
-    model, tok = load_checkpoint(args.model, args.device)
+    model, tok = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     mode = args.mode or "lora"
     clf = build_classifier(model, data.labels, mode, lora=_lora_settings(args) if mode == "lora" else None,
                            pooling=args.pooling, max_length=args.max_length, seed=args.seed)

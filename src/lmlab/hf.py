@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,9 @@ from typing import Any, Sequence
 
 import torch
 
-from lmlab.models.base import LanguageModel, State, save_model
+from lmlab.models.base import LanguageModel, State, save_model, staged_directory
 from lmlab.models.transformer import Transformer, TransformerConfig
+from lmlab.untrusted import read_safetensors_header, refuse_pickled_weights, refuse_remote_code
 
 __all__ = [
     "HFModel",
@@ -58,6 +60,7 @@ __all__ = [
 #: ``config.model_type`` values that convert into lmlab's transformer.
 CONVERTIBLE_TYPES: tuple[str, ...] = ("gpt2", "llama")
 
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json", "*.bin.index.json")
 
 
@@ -189,6 +192,19 @@ class HFModel(LanguageModel):
         return int(self.config.vocab_size)
 
     @property
+    def special_ids(self) -> dict[str, int]:
+        """The config's ``pad_token_id``, ``bos_token_id``, ``eos_token_id`` (the first of a
+        list) by role; ids outside the vocabulary are left out."""
+        out = {}
+        for role in ("pad", "bos", "eos", "unk"):
+            value = getattr(self.config, f"{role}_token_id", None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int) and 0 <= value < self.vocab_size:
+                out[role] = value
+        return out
+
+    @property
     def max_context(self) -> int | None:
         n = getattr(self.config, "max_position_embeddings", None)
         return int(n) if n else None
@@ -257,9 +273,12 @@ def _check_hf_dir(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
 
 def _model_type(directory: Path) -> str | None:
     try:
-        return json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
+        values = json.loads((directory / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{directory / 'config.json'} is not a readable JSON config: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{directory / 'config.json'} holds a JSON {type(values).__name__}; expected an object")
+    return values.get("model_type")
 
 
 def _check_model_type(directory: Path, mapping: dict, what: str, auto_class: str, examples: str,
@@ -277,26 +296,116 @@ def _check_model_type(directory: Path, mapping: dict, what: str, auto_class: str
         )
 
 
-def _check_causal_lm(directory: Path) -> None:
+def _check_causal_lm(directory: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a model type AutoModelForCausalLM does not load (any type when its code is trusted:
+    the directory's own code says what it is)."""
+    refuse_remote_code(directory, trust_remote_code)
+    if trust_remote_code:
+        return
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     _check_model_type(directory, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model", "AutoModelForCausalLM",
                       "'gpt2', 'llama', 'mistral', 'qwen2'", allow_unknown=True)
 
 
-def load_hf_masked_lm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu"):
+def _check_hf_files(directory: Path, trust_remote_code: bool, auto_class: Any) -> None:
+    """Before transformers reads ``directory``: no code from it unless trusted, no pickled weights,
+    readable safetensors, and no more parameters in config.json than the weights hold."""
+    refuse_remote_code(directory, trust_remote_code)
+    refuse_pickled_weights(directory)
+    shards = sorted(directory.glob("*.safetensors"))
+    headers = {shard: read_safetensors_header(shard) for shard in shards}
+    stored = sum(math.prod(shape) for header in headers.values() for _, shape in header.values())
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{directory / 'config.json'} is not a config transformers can read: {e}") from None
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            skeleton = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"{directory / 'config.json'} does not describe a model transformers can build: {e}") from None
+    implied = sum(p.numel() for p in skeleton.parameters())
+    quantized = getattr(config, "quantization_config", None) is not None  # packed weights: fewer stored values
+    if implied > stored and not quantized:
+        raise ValueError(
+            f"{directory / 'config.json'} implies {implied:,} parameters but the weights "
+            f"({', '.join(p.name for p in shards)}) hold {stored:,} values; the config does not belong to these weights"
+        )
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    for shard, header in headers.items():
+        for name, (_, shape) in header.items():
+            if name in expected and tuple(shape) != expected[name]:
+                raise ValueError(
+                    f"weight {name!r} in {shard} has shape {tuple(shape)}, the config in {directory / 'config.json'} "
+                    f"expects {expected[name]}"
+                )
+
+
+def _masked_types() -> dict:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _from_pretrained(auto_class: Any, directory: Path, **kwargs: Any) -> torch.nn.Module:
+    """``auto_class.from_pretrained`` from safetensors only; its errors as one line naming the directory."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a second per load is not worth a progress bar on stderr
+    try:
+        return auto_class.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the weights in {str(directory)!r} do not load into its config.json: {first}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_causal(model: torch.nn.Module, where: str) -> None:
+    """Refuse ``model`` (a Hugging Face module in eval mode) unless position t's logits do not depend on
+    tokens after t: two sequences (8 tokens, or the model's context if shorter) that differ only in
+    their second half must give the same logits over the first half."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    length = min(8, int(getattr(model.config, "max_position_embeddings", None) or 8))
+    half = length // 2
+    first = torch.arange(length) % vocab
+    second = first.clone()
+    second[half:] = (first[half:] + 1 + torch.arange(length - half)) % vocab
+    ids = torch.stack([first, second]).to(model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False, return_dict=True).logits.float()
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    tolerance = 8 * eps * max(1.0, float(logits.abs().max()))
+    changed = (logits[0, :half] - logits[1, :half]).abs().amax(dim=-1)
+    if bool((changed > tolerance).any()):
+        t = int((changed > tolerance).nonzero()[0])
+        raise ValueError(
+            f"{where} is not a causal language model: position {t}'s logits change when a later token changes "
+            f"(a bidirectional model, e.g. BERT with is_decoder=false); lmlab generates and scores with "
+            f"causal models only; fill masks with `lmlab fill --model hf:{where}` (lmlab.fill)"
+        )
+
+
+def load_hf_masked_lm(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                      trust_remote_code: bool = False):
     """(``AutoModelForMaskedLM``, ``AutoTokenizer``) from a local directory, offline, float32,
-    in eval mode: a BERT-like model for :mod:`lmlab.fill`."""
+    in eval mode: a BERT-like model for :mod:`lmlab.fill`. Code from the directory runs
+    only with ``trust_remote_code=True``."""
     directory, gguf = _check_hf_dir(path)
     if gguf is not None:
         raise ValueError(f"{path} is a GGUF file; masked LMs load from a Hugging Face directory")
     tf = _transformers()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    _check_model_type(directory, MODEL_FOR_MASKED_LM_MAPPING_NAMES, "masked language model", "AutoModelForMaskedLM",
+    refuse_remote_code(directory, trust_remote_code)
+    _check_model_type(directory, _masked_types(), "masked language model", "AutoModelForMaskedLM",
                       "'bert', 'roberta', 'distilbert'", allow_unknown=False)
-    model = tf.AutoModelForMaskedLM.from_pretrained(str(directory), local_files_only=True, **_dtype_kwargs(torch.float32))
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    _check_hf_files(directory, trust_remote_code, tf.AutoModelForMaskedLM)
+    model = _from_pretrained(tf.AutoModelForMaskedLM, directory, use_safetensors=True,
+                             trust_remote_code=trust_remote_code, **_dtype_kwargs(torch.float32))
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
 
 
@@ -305,24 +414,31 @@ def load_hf_model(
     *,
     dtype: torch.dtype | str | None = torch.float32,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode.
 
     ``path`` is a Hugging Face model directory or a ``.gguf`` file (de-quantized
     on load; needs the ``gguf`` package). ``dtype`` defaults to float32
-    (None: transformers' own default).
+    (None: transformers' own default). Refused before anything is allocated: code
+    from the directory (an ``auto_map``) unless ``trust_remote_code=True``, pickled
+    weights, a corrupt ``model.safetensors``, a config implying more parameters than
+    the weights hold. Refused after loading: a model that is not causal.
     """
     directory, gguf = _check_hf_dir(path)
     tf = _transformers()
     if gguf is None:
-        _check_causal_lm(directory)
+        _check_causal_lm(directory, trust_remote_code)
+        _check_hf_files(directory, trust_remote_code, tf.AutoModelForCausalLM)
+        kwargs = {"use_safetensors": True, **kwargs}
     else:
         kwargs = {"gguf_file": gguf, **kwargs}
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        str(directory), local_files_only=True, **_dtype_kwargs(dtype), **kwargs
-    )
-    return model.to(device).eval()
+    model = _from_pretrained(tf.AutoModelForCausalLM, directory, trust_remote_code=trust_remote_code,
+                             **_dtype_kwargs(dtype), **kwargs)
+    model = model.to(device).eval()
+    check_causal(model, str(directory))
+    return model
 
 
 def load_hf(
@@ -330,26 +446,27 @@ def load_hf(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = torch.float32,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ):
-    """(HFModel, HFTokenizer) from a local Hugging Face directory (or ``.gguf`` file)."""
+    """(HFModel, HFTokenizer) from a local Hugging Face directory (or ``.gguf`` file).
+    Code from the directory runs only with ``trust_remote_code=True``."""
     from lmlab.tokenizers import HFTokenizer
 
     directory, gguf = _check_hf_dir(path)
     if gguf is None:
         _transformers()
-        _check_causal_lm(directory)
-    has_tokenizer = gguf is not None or any(
-        (directory / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
-    )
+        _check_causal_lm(directory, trust_remote_code)
+    has_tokenizer = gguf is not None or any((directory / name).is_file() for name in _TOKENIZER_FILES)
     if not has_tokenizer:
         raise FileNotFoundError(
             f"no tokenizer in {str(directory)!r}: expected tokenizer_config.json / tokenizer.json beside the weights "
             "(save it with tokenizer.save_pretrained into the same directory)"
         )
-    model = HFModel(load_hf_model(path, dtype=dtype, device=device, **kwargs), source=str(Path(path).resolve()))
+    model = HFModel(load_hf_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, **kwargs),
+                    source=str(Path(path).resolve()))
     tok_kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = HFTokenizer.from_pretrained_dir(directory, **tok_kwargs)
+    tokenizer = HFTokenizer.from_pretrained_dir(directory, trust_remote_code=trust_remote_code, **tok_kwargs)
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(
             f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's output layer has "
@@ -394,7 +511,8 @@ def gguf_to_hf_dir(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
-    tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    tok = tf.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True,
+                                           trust_remote_code=False)
     tok.save_pretrained(str(out))
     return out
 
@@ -563,6 +681,8 @@ def lmlab_to_gpt2(model: Transformer, *, bos_id: int | None = None, eos_id: int 
         problems.append("lm_head_bias=True (GPT-2's lm_head has no bias)")
     if not c.causal:
         problems.append("causal=False (GPT-2 is a causal decoder)")
+    if c.adaptive_cutoffs is not None:
+        problems.append(f"adaptive_cutoffs={c.adaptive_cutoffs} (GPT-2 has a full softmax output layer)")
     _unsupported("lmlab", problems, "Convert a Llama-style model with lmlab_to_llama")
     hf_cfg = tf.GPT2Config(
         vocab_size=c.vocab_size,
@@ -698,6 +818,8 @@ def lmlab_to_llama(model: Transformer, *, bos_id: int | None = None, eos_id: int
         problems.append("lm_head_bias=True (Llama's lm_head has no bias)")
     if not c.causal:
         problems.append("causal=False (Llama is a causal decoder)")
+    if c.adaptive_cutoffs is not None:
+        problems.append(f"adaptive_cutoffs={c.adaptive_cutoffs} (Llama has a full softmax output layer)")
     _unsupported("lmlab", problems, "Convert a GPT-2-style model with lmlab_to_gpt2")
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     hf_cfg = tf.LlamaConfig(
@@ -755,6 +877,10 @@ def convert_hf_dir(
     + the Hugging Face tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
     chat template), which ``load_checkpoint(out_dir)`` reads as an HFTokenizer
     (or, without transformers, as a BPETokenizer with the same special tokens).
+
+    Refused before anything is written: a source without tokenizer files, a tokenizer
+    without a fast ``tokenizer.json`` form, a tokenizer with more tokens than the model's
+    vocabulary. ``out_dir`` must not exist or be empty; it appears complete or not at all.
     Returns ``out_dir``.
     """
     directory, gguf = _check_hf_dir(src)
@@ -765,23 +891,36 @@ def convert_hf_dir(
                 f"model_type {model_type!r} in {directory / 'config.json'} is not supported for conversion; "
                 f"accepted: {', '.join(map(repr, CONVERTIBLE_TYPES))}"
             )
-    hf_model = load_hf_model(src)
-    model = to_lmlab(hf_model, dtype=dtype)
     out = Path(out_dir)
     if out.resolve() == directory.resolve():
         raise ValueError(f"out_dir {str(out)!r} is the source directory; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"out_dir {str(out)!r} already exists and is not an empty directory; choose a new one")
+    if gguf is None and not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {str(directory)!r} (expected one of {', '.join(_TOKENIZER_FILES)}); "
+            "the conversion needs the model's tokenizer beside its weights"
+        )
     tf = _transformers()
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+        tok = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False,
+                                               **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"no usable tokenizer in {str(directory)!r} ({e}); the conversion needs one") from None
-    tok.save_pretrained(str(out))
-    if not (out / "tokenizer.json").is_file():
+    if not getattr(tok, "is_fast", False):
         raise ValueError(
             f"the tokenizer in {directory} ({type(tok).__name__}) has no fast tokenizer.json form; lmlab needs one"
         )
-    save_model(model, out)
+    hf_model = load_hf_model(src)
+    model = to_lmlab(hf_model, dtype=dtype)
+    if len(tok) > model.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {directory} has {len(tok)} tokens but the model's vocabulary has "
+            f"{model.vocab_size}; they do not belong together"
+        )
+    with staged_directory(out, replace=out.exists()) as tmp:
+        tok.save_pretrained(str(tmp))
+        save_model(model, tmp)
     return out
 
 

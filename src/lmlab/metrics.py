@@ -515,8 +515,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
         import transformers
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("the fluency classifier needs transformers: pip install 'lmlab[hf]'") from e
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from lmlab.untrusted import refuse_pickled_weights, refuse_remote_code
+
+    refuse_remote_code(path)  # no code from the directory runs
+    refuse_pickled_weights(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return Classifier(model.to(device).eval(), tokenizer, name=str(path))
 
 
@@ -616,7 +621,9 @@ def next_tokens_nll(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
     if not prompts:
         raise ValueError("no prompts given; give at least one prompt with its target")
-    p_ids = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(p)) for p in prompts]
+    if add_bos and getattr(tokenizer, "bos_id", None) is None:
+        raise ValueError(f"add_bos=True but the tokenizer {tokenizer!r} has no <bos> id; call without add_bos")
+    p_ids = [([int(tokenizer.bos_id)] if add_bos else []) + list(tokenizer.encode(p)) for p in prompts]
     t_ids = [list(tokenizer.encode(t)) for t in targets]
     for i, (p, t) in enumerate(zip(p_ids, t_ids)):
         if not p:

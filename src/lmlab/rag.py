@@ -80,7 +80,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from lmlab.data import read_jsonl
+from lmlab.data import read_jsonl, read_text
+from lmlab.untrusted import refuse_pickled_weights, refuse_remote_code
 from lmlab.models.base import LanguageModel, State
 
 __all__ = [
@@ -140,14 +141,14 @@ def load_collection(source: str | Path | Sequence[str | Document]) -> list[Docum
             )
         if path.is_dir():
             for f in sorted(path.rglob("*.txt")):
-                docs.append(Document(str(f.relative_to(path)), f.read_text(encoding="utf-8").strip()))
+                docs.append(Document(str(f.relative_to(path)), read_text(f, "document").strip()))
         elif path.suffix == ".jsonl":
             for n, obj in read_jsonl(path, "an object with a 'text' string"):
                 if not isinstance(obj.get("text"), str):
                     raise ValueError(f"{path}:{n} has no string 'text' field; each line must be an object with 'text'")
                 docs.append(Document(str(obj.get("id", n - 1)), obj["text"].strip(), obj.get("title")))
         else:
-            docs = [Document(str(i), p) for i, p in enumerate(_paragraphs(path.read_text(encoding="utf-8")))]
+            docs = [Document(str(i), p) for i, p in enumerate(_paragraphs(read_text(path, "collection file")))]
     else:
         if isinstance(source, (bytes, bytearray)):
             raise ValueError("a collection is a path or a list of strings/Documents, got bytes")
@@ -350,7 +351,8 @@ class SentenceEncoder:
                     raise
         self._st = None
         if st is not None:
-            self._st = st.SentenceTransformer(str(self.dir), device=str(self.device))
+            refuse_remote_code(self.dir)
+            self._st = st.SentenceTransformer(str(self.dir), device=str(self.device), trust_remote_code=False)
             return
         try:
             from transformers import AutoModel, AutoTokenizer
@@ -364,8 +366,11 @@ class SentenceEncoder:
             raise FileNotFoundError(f"no encoder config.json in {str(body)!r}")
         self.pooling = self._pooling(modules)
         self.max_length = max_length or self._max_seq_length(body)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(body), local_files_only=True).to(self.device).eval()
+        refuse_remote_code(body)  # no code from the directory runs
+        refuse_pickled_weights(body)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(str(body), local_files_only=True, trust_remote_code=False,
+                                               use_safetensors=True).to(self.device).eval()
 
     def _modules(self) -> list[dict]:
         path = self.dir / "modules.json"
@@ -470,12 +475,16 @@ def document_prefix(tokenizer, text: str, template: str = "{doc}\n\n", max_token
     return pre + body + post
 
 
-def _default_filler(tokenizer) -> int:
+def _default_filler(tokenizer) -> int | None:
+    """The tokenizer's one token for "\n", else its <bos>; None when it has neither."""
     try:
         ids = tokenizer.encode("\n")
     except Exception:  # pragma: no cover - a tokenizer that cannot encode a newline
         ids = []
-    return int(ids[-1]) if len(ids) == 1 else int(tokenizer.bos_id)
+    if len(ids) == 1:
+        return int(ids[-1])
+    bos = getattr(tokenizer, "bos_id", None)
+    return int(bos) if bos is not None else None
 
 
 def _check_retriever(retriever, k) -> None:
@@ -603,6 +612,11 @@ class RAGTokenModel(LanguageModel):
         if n <= 0:
             return list(prefix)
         if self.pad == "filler" or not prefix:
+            if self.filler_id is None:
+                raise ValueError(
+                    "padding needs a filler token: the tokenizer has no single token for '\\n' and no <bos>; "
+                    "pass filler_id= (a token id) to the RAG model"
+                )
             return [self.filler_id] * n + list(prefix)
         reps = -(-n // len(prefix))
         return (list(prefix) * reps)[len(prefix) * reps - n :] + list(prefix)

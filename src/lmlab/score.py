@@ -195,8 +195,12 @@ def stream_nll(
     window: int | None = None,
     stride: int | None = None,
     batch_size: int = 16,
+    token_logprobs: list[float] | None = None,
 ) -> Score:
     """NLL of tokens 1..N-1 of a stream, each scored once.
+
+    ``token_logprobs``, when given a list, receives log P(token t | its context) of
+    tokens 1..N-1 in order.
 
     ``window`` is the most tokens a forward pass sees (default: the model's
     context, or 1024 for unbounded models). ``stride`` = ``window`` gives
@@ -240,18 +244,42 @@ def stream_nll(
         lp = next_token_logprobs(model, rows.to(device), scored)
         total -= float(lp.sum())
         count += int(scored.sum())
+        if token_logprobs is not None:
+            mask = scored.to(lp.device)
+            for row in range(len(group)):
+                token_logprobs.extend(lp[row][mask[row]].tolist())
     assert count == n - 1, (count, n)
     return Score(nll=total, tokens=count)
 
 
-def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None) -> Score:
+def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
+               token_logprobs: list[float] | None = None) -> Score:
     """Stream score of a long text; bits per character (byte) count the characters
     (bytes) after the first token. For a word tokenizer every newline is a scored
-    ``</s>``, so the per-word figures count one per line, as KenLM."""
+    ``</s>``, so the per-word figures count one per line, as KenLM. ``token_logprobs`` as in
+    ``stream_nll``."""
     ids = tokenizer.encode(text)
-    score = stream_nll(model, ids, window, stride)
+    score = stream_nll(model, ids, window, stride, token_logprobs=token_logprobs)
     first = tokenizer.decode(ids[:1])
     score.characters = max(len(text) - len(first), 0)
     score.bytes = max(len(text.encode("utf-8")) - len(first.encode("utf-8")), 0)
     score.unit = score_unit(tokenizer)
     return score
+
+
+@torch.no_grad()
+def position_logprobs(model: LanguageModel, ids: Sequence[int], top: int = 0) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """For tokens 1..N-1 of ``ids`` (one window, N <= the model's context): log P(ids[t] | ids[:t])
+    and the ``top`` most probable tokens at that position as (id, log-prob), most probable first."""
+    require_causal(model, "scoring")
+    ids = torch.as_tensor(list(ids), dtype=torch.long).flatten()
+    _check_context(model, ids.numel())
+    if ids.numel() < 2:
+        return [], []
+    logits, _ = model(ids[None, :-1].to(model.device))
+    logp = torch.log_softmax(logits[0].float(), dim=-1)  # (N - 1, V)
+    picked = logp.gather(1, ids[1:, None].to(logp.device)).squeeze(1).tolist()
+    if not top:
+        return picked, [[] for _ in picked]
+    values, index = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]

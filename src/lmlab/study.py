@@ -12,10 +12,12 @@ From the command line (``lmlab eval-generation``)::
 
 Every setup continues every prompt ``num_continuations`` times. Greedy and
 beam search are deterministic: they are run once per prompt and their one
-continuation is counted ``num_continuations`` times, so every row of the table
-is computed over the same number of texts (a deterministic method offers no
-variety across draws, and its pooled distinct-n shows it). Tokens/s counts the
-tokens actually generated per second of generation (the run, not the copies).
+continuation stands for all ``num_continuations`` (the generations file lists
+the copies). Their diversity (distinct-n, repetition, self-BLEU) is computed
+across prompts over that single continuation per prompt: copies of one text
+would only divide distinct-n by ``num_continuations`` and make self-BLEU 100,
+saying nothing about the method. Sampling rows pool all their continuations.
+Tokens/s counts the tokens actually generated per second of generation.
 
 Seeded: the same command gives the same generations (sampling draws come from a
 generator seeded from ``seed``, the setup's name and the first prompt of the
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmlab import data
-from lmlab.checkpoints import add_precision_arguments
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.decode.setups import DecodingSetup, run_setup
 from lmlab.metrics import (
     UNITS,
@@ -200,13 +202,31 @@ class Study:
         return [r.row() for r in self.results]
 
     def markdown(self) -> str:
+        """The table, then its notes (how the deterministic rows' diversity is computed)."""
         rows = self.rows()
         keys = list(rows[0])
         lines = ["| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |",
                  "|" + "|".join(":---" if k == "setup" else "---:" for k in keys) + "|"]
         for row in rows:
             lines.append("| " + " | ".join(_cell(k, row[k]) for k in keys) + " |")
+        notes = self.notes()
+        if notes:
+            lines += ["", *(f"- {note}" for note in notes)]
         return "\n".join(lines) + "\n"
+
+    def notes(self) -> list[str]:
+        """What a reader of the table must know to compare its rows."""
+        fixed = [r.setup.name for r in self.results if r.deterministic]
+        if not fixed:
+            return []
+        k = self.config.get("num_continuations")
+        sampled = [r for r in self.results if not r.deterministic]
+        return [
+            f"{', '.join(fixed)}: deterministic (one continuation per prompt); diversity (distinct-n, "
+            f"repetition, self-BLEU) computed across the {len(self.prompts)} prompts, over that one "
+            "continuation each"
+            + (f" (the sampling rows pool their {k} continuations per prompt)" if sampled and k and k > 1 else "")
+        ]
 
     def csv(self) -> str:
         rows = self.rows()
@@ -217,7 +237,8 @@ class Study:
         return buf.getvalue()
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "rows": self.rows(), "details": [r.details() for r in self.results]}
+        return {"config": self.config, "rows": self.rows(), "notes": self.notes(),
+                "details": [r.details() for r in self.results]}
 
     def generations(self) -> list[dict[str, Any]]:
         """One record per continuation: setup, prompt, text and its per-text scores."""
@@ -268,7 +289,8 @@ class Study:
                     transform=ax.transAxes, fontsize=7, va="bottom")
         oracle = self.config.get("oracle")
         ax.set_xlabel("oracle perplexity (per oracle token)" + (f" — {oracle}" if oracle else ""), fontsize=8)
-        ax.set_ylabel(f"distinct-{n} ({self.config.get('unit', 'word')}s, all continuations)")
+        ax.set_ylabel(f"distinct-{n} ({self.config.get('unit', 'word')}s; greedy/beam: one continuation per prompt)",
+                      fontsize=8)
         if shown:
             from matplotlib.ticker import FuncFormatter
 
@@ -431,8 +453,10 @@ def run_study(
         # The texts actually generated (a deterministic setup's copies are scored once: same averages).
         scored = [(prompts[p], t[0]) for p, t in enumerate(texts)] if deterministic else \
                  [(prompts[p], x) for p, t in enumerate(texts) for x in t]
+        # A deterministic setup's diversity: across prompts, one continuation each (see the module docstring).
+        groups = [t[:1] for t in texts] if deterministic else texts
         result = SetupResult(setup, texts, counts, reasons, deterministic, seconds, generated,
-                             diversity(texts, unit=unit))
+                             diversity(groups, unit=unit))
         if oracle is not None:
             result.oracle = oracle_perplexity(oracle, [p for p, _ in scored], [c for _, c in scored],
                                               batch_size=oracle_batch_size)
@@ -458,6 +482,7 @@ def run_study(
 def add_eval_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``lmlab eval-generation``."""
     parser.add_argument("--model", required=True, help="the generator: a checkpoint or run directory, or hf:<dir>")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument("--prompts", required=True,
                         help="prompt file: one prompt per line, or JSONL {\"prompt\": ..., \"reference\": ...}")
     parser.add_argument("--oracle", help="the judge of naturalness: an lmlab checkpoint or run directory, "
@@ -498,7 +523,8 @@ def run_eval_generation(args, out=None) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts, refs = prompts[: args.limit], refs[: args.limit]
-    model, tokenizer = load_checkpoint(args.model, args.device, dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     oracle = load_oracle(args.oracle, args.device, add_bos=args.oracle_bos) if args.oracle else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
     study = run_study(

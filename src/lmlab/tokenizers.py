@@ -343,10 +343,16 @@ _HAS_WHITESPACE = re.compile(r"[ \t\n\r\x0b\x0c]")
 WORD_SPECIALS: dict[str, tuple[str, ...]] = {"unk": ("<unk>",), "bos": ("<s>", "<bos>"), "eos": ("</s>", "<eos>")}
 
 
+#: Characters ``str.split()`` also splits on (Unicode and ASCII separator spaces) that are not ASCII whitespace.
+_OTHER_SPACE = re.compile("[\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+
+
 def split_words(text: str) -> list[str]:
     """The words of ``text``: maximal runs of characters other than ASCII whitespace
     (:data:`ASCII_WHITESPACE`, KenLM's rule). Unicode spaces such as U+00A0 are
     part of words, unlike ``str.split()``."""
+    if _OTHER_SPACE.search(text) is None:
+        return text.split()  # the same words, about 3 times faster than the regular expression
     return _WORD_RUN.findall(text)
 
 
@@ -359,7 +365,9 @@ def read_vocab_file(path: str | os.PathLike[str]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocabulary file {str(path)!r} does not exist; give a text file with one word per line")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    from lmlab.data import read_text  # lmlab.data imports this module
+
+    lines = read_text(path, "vocabulary file").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     words: list[str] = []
@@ -883,8 +891,11 @@ class HFTokenizer(Tokenizer):
     back to ``eos_id`` (GPT-2 style). ``encode`` adds no special tokens and, with
     ``split_special_tokens=True``, treats special-token strings in the text as
     text. ``decode`` skips all special tokens and does no clean-up of spaces.
-    ``vocab_size`` is ``len(tokenizer)`` (added tokens included). ``save`` writes
-    a reference to the source directory, which must stay in place.
+    ``vocab_size`` is ``len(tokenizer)`` (added tokens included). ``save(path)``
+    writes the tokenizer's own files beside ``path`` (a self-contained copy); a
+    reference file (``"pretrained_dir"``) is only followed inside the directory
+    of the file that holds it. No code from a tokenizer directory runs unless
+    ``trust_remote_code=True``.
     """
 
     def __init__(self, tokenizer: Any, *, split_special_tokens: bool = True, source_dir: str | None = None) -> None:
@@ -922,8 +933,12 @@ class HFTokenizer(Tokenizer):
                 "loading a Hugging Face tokenizer needs the optional 'transformers' package: "
                 "pip install 'lmlab[hf]'"
             ) from e
+        from lmlab.untrusted import refuse_remote_code
+
         split = kwargs.pop("split_special_tokens", True)
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+        trust = bool(kwargs.pop("trust_remote_code", False))
+        refuse_remote_code(path, trust)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust, **kwargs)
         return cls(tok, split_special_tokens=split, source_dir=str(path.resolve()))
 
     @property
@@ -957,6 +972,17 @@ class HFTokenizer(Tokenizer):
             },
             indent=1,
         )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """The tokenizer's own files (``save_pretrained``) into ``path``'s directory and, unless that wrote
+        ``path`` itself (a fast tokenizer's ``tokenizer.json``), a reference to that directory at ``path``."""
+        path = Path(path)
+        self.hf.save_pretrained(str(path.parent))
+        if path.name == "tokenizer.json" and path.is_file():
+            return
+        reference = {"type": "hf", "version": _FORMAT_VERSION, "pretrained_dir": ".",
+                     "split_special_tokens": self.split_special_tokens}
+        _atomic_write_text(path, json.dumps(reference, indent=1))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.hf).__name__}, vocab_size={self.vocab_size})"
@@ -997,8 +1023,24 @@ def build_tokenizer(kind: str, text: str, **opts: Any) -> Tokenizer:
     return trainers[kind](text, **opts)
 
 
-def tokenizer_from_json(s: str) -> Tokenizer:
-    """The tokenizer whose :meth:`Tokenizer.to_json` text is ``s``."""
+def _referenced_dir(pretrained_dir: Any, base_dir: Path) -> Path:
+    """``pretrained_dir`` (relative to ``base_dir``, the directory of the file naming it) if it lies
+    inside ``base_dir``; a reference that leaves it is refused."""
+    if not isinstance(pretrained_dir, str) or not pretrained_dir:
+        raise ValueError(f"the 'hf' tokenizer reference in {base_dir} has pretrained_dir={pretrained_dir!r}; expected a directory name")
+    base = base_dir.resolve()
+    target = (base / pretrained_dir).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(
+            f"the tokenizer file in {base_dir} points to {pretrained_dir!r}, outside its own directory; a tokenizer "
+            "reference may only point inside the checkpoint (re-save the tokenizer with HFTokenizer.save)"
+        )
+    return target
+
+
+def tokenizer_from_json(s: str, base_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The tokenizer whose :meth:`Tokenizer.to_json` text is ``s``. ``base_dir``: the directory of the
+    file ``s`` was read from; an ``"hf"`` reference is then resolved against it and must stay inside it."""
     try:
         d = json.loads(s)
     except json.JSONDecodeError as e:
@@ -1015,7 +1057,12 @@ def tokenizer_from_json(s: str) -> Tokenizer:
     if kind == "word":
         return WordTokenizer.from_dict(d)
     if kind == "hf":
-        return HFTokenizer.from_pretrained_dir(d["pretrained_dir"], split_special_tokens=d.get("split_special_tokens", True))
+        target = d.get("pretrained_dir")
+        if base_dir is not None:
+            target = _referenced_dir(target, Path(base_dir))
+        elif not isinstance(target, str) or not target:
+            raise ValueError(f"an 'hf' tokenizer reference needs a pretrained_dir string, got {target!r}")
+        return HFTokenizer.from_pretrained_dir(target, split_special_tokens=d.get("split_special_tokens", True))
     raise ValueError(
         f"unknown tokenizer type {kind!r}; accepted: 'char', 'word', 'regex', 'hf', "
         "or a Hugging Face tokenizer.json (an object with a 'model' entry)"
@@ -1038,4 +1085,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             )
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {str(path)!r}")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    from lmlab.data import read_text  # lmlab.data imports this module
+
+    return tokenizer_from_json(read_text(path, "tokenizer file"), base_dir=path.parent)

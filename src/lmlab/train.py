@@ -4,10 +4,13 @@ periodic evaluation, best/last checkpoints, exact resume, JSON-lines metrics.
 A run lives in its own directory::
 
     run/
-      metrics.jsonl        one JSON object per logged step or evaluation
+      metrics.jsonl        one JSON object per logged step or evaluation, written as logged
       loss.png             train and validation loss curves
+      settings.json        the options the run was started with (written by `lmlab train`)
+      .lock                held (fcntl.flock) by the one process training in the directory
       best/  last/         checkpoints: config.json, model.safetensors, tokenizer.json,
-                           optimizer.safetensors, trainer.json (step, RNG, config)
+                           optimizer.safetensors, rng.safetensors, trainer.json (step, config;
+                           written last, so a checkpoint holding it is complete)
 """
 
 from __future__ import annotations
@@ -26,7 +29,30 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmlab.data import IGNORE
-from lmlab.models.base import LanguageModel, atomic_write_bytes, atomic_write_text, load_model, save_model, staged_directory
+from lmlab.models.base import (
+    LanguageModel,
+    atomic_write_bytes,
+    atomic_write_text,
+    directory_identity,
+    load_model,
+    save_model,
+    staged_directory,
+)
+from lmlab.rundir import (
+    COMPLETE_MARK,
+    LOCK_FILE,
+    METRICS_FILE,
+    SETTINGS_FILE,
+    MetricsLog,
+    RunDirectoryError,
+    RunLock,
+    recover_run,
+    truncate_metrics,
+)
+from lmlab.models.heads import next_token_loss
+
+CHANGEABLE_ON_RESUME = ("max_iters", "time_budget", "device", "compile", "progress")
+"""TrainConfig fields a resumed run may change; every other field must equal the run's own."""
 
 
 class Batches(Protocol):
@@ -86,9 +112,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T)."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+    """Mean cross-entropy over targets that are not IGNORE. x, y: (B, T).
+
+    A model with an adaptive softmax output layer is trained through its adaptive
+    loss (the same value, computed on each target's cluster only)."""
+    return next_token_loss(model, x, y)[0]
 
 
 def masked_lm_loss(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,11 +158,20 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
 class Trainer:
     """Trains ``model`` on ``train`` batches, evaluates on ``val``, checkpoints into ``run_dir``.
 
-    ``run_dir`` must not exist unless ``resume=True``, in which case training
-    continues exactly from ``run_dir/last``. ``loss_fn(model, x, y) -> scalar`` is the
-    loss of one batch, for training and evaluation alike (default: the model's own
-    objective, see :func:`objective_loss`); subclasses may override
-    :meth:`train_loss` to train on something other than what they report.
+    ``run_dir`` must not exist (or be empty) unless ``resume=True``, in which case training
+    continues exactly from the run's newest complete checkpoint (``last/``, or ``best/``
+    or a swap a kill left half done: see :func:`lmlab.rundir.recover_run`); ``config`` must
+    equal the run's except the fields in :data:`CHANGEABLE_ON_RESUME`.
+    ``loss_fn(model, x, y) -> scalar`` is the loss of one batch, for training and
+    evaluation alike (default: the model's own objective, see :func:`objective_loss`);
+    subclasses may override :meth:`train_loss` to train on something other than what they
+    report. ``settings`` (JSON values) is saved as ``run_dir/settings.json`` for a later
+    resume to restore (the ``lmlab train`` options).
+
+    The trainer holds the run directory's lock (:class:`lmlab.rundir.RunLock`) from
+    construction until :meth:`fit` returns or :meth:`close` is called. A write the disk
+    refuses (full, read-only, the directory deleted) raises
+    :class:`lmlab.rundir.RunDirectoryError` naming the path, and what was written stays intact.
     """
 
     def __init__(
@@ -147,6 +184,7 @@ class Trainer:
         tokenizer: Any = None,
         resume: bool = False,
         loss_fn: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         for name, batches in (("train", train), ("val", val)):
             size = getattr(batches, "batch_size", config.batch_size)
@@ -159,25 +197,94 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.train_batches, self.val_batches = train, val
         self.tokenizer = tokenizer
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not resume:
-            raise FileExistsError(
-                f"run directory {str(self.run_dir)!r} already exists; pass resume=True (--resume) "
-                "to continue it, or choose a new directory"
-            )
-        if resume and not (self.run_dir / "last" / "trainer.json").is_file():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {self.run_dir / 'last'}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model = model.to(self.device)
-        self.optimizer = make_optimizer(self.model, config, self.device)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        torch.manual_seed(config.seed)
         self.step = 0
         self.best_val = float("inf")
         self.best_step = -1
         self.elapsed = 0.0
-        if resume:
-            self._load_checkpoint(self.run_dir / "last")
+        self.checkpoint_step: int | None = None  # the step of the newest checkpoint on disk
+        self._evaluated_step: int | None = None  # the step of the last evaluation logged
+        self._lock = RunLock(self.run_dir)
+        resume_from = self._open_run_directory(resume)
+        try:
+            self.model = model.to(self.device)
+            self.optimizer = make_optimizer(self.model, config, self.device)
+            self.generator = torch.Generator().manual_seed(config.seed)
+            torch.manual_seed(config.seed)
+            if resume_from is not None:
+                self._load_checkpoint(resume_from)
+                with self._writing(self.run_dir / METRICS_FILE):
+                    truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            if settings is not None:
+                with self._writing(self.run_dir / SETTINGS_FILE):
+                    atomic_write_text(self.run_dir / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        except BaseException:
+            self.close()
+            raise
         self.forward_model = torch.compile(self.model) if config.compile else self.model
+
+    # ---------------------------------------------------------- the run directory
+
+    def _open_run_directory(self, resume: bool) -> Path | None:
+        """Create or check ``run_dir``, take its lock; on resume, recover and return the
+        checkpoint to continue from."""
+        run_dir = self.run_dir
+        if not resume and run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            if (run_dir / LOCK_FILE).exists():
+                with self._writing(run_dir / LOCK_FILE, check=False):
+                    self._lock.acquire()  # a run in progress: name its process rather than the directory
+                self._lock.release()
+            raise FileExistsError(
+                f"run directory {str(run_dir)!r} already exists; pass resume=True (--resume) "
+                "to continue it, or choose a new directory"
+            )
+        if resume and not run_dir.is_dir():
+            raise FileNotFoundError(f"cannot resume: no run directory at {str(run_dir)!r}")
+        with self._writing(run_dir, check=False):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        self._run_dir_identity = directory_identity(run_dir)
+        if not resume:
+            return None
+        try:
+            with self._writing(run_dir):
+                checkpoint = recover_run(run_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(
+                    f"cannot resume {str(run_dir)!r}: it holds no complete checkpoint "
+                    f"(last/ or best/ with {COMPLETE_MARK}); start a new run directory"
+                )
+        except BaseException:
+            self.close()
+            raise
+        return checkpoint
+
+    def close(self) -> None:
+        """Release the run directory's lock (fit() does it when it returns)."""
+        self._lock.release()
+
+    def _check_run_dir(self) -> None:
+        """Refuse to write once the run directory was deleted (or replaced by another)."""
+        if directory_identity(self.run_dir, missing_ok=True) != self._run_dir_identity:
+            raise RunDirectoryError(
+                f"run directory {str(self.run_dir)!r} was deleted or replaced while training (step {self.step}); "
+                "stopped without writing to it"
+            )
+
+    @contextlib.contextmanager
+    def _writing(self, target: Path, check: bool = True):
+        """Writes to ``target`` in the run directory: an OSError becomes a one-line RunDirectoryError."""
+        if check:
+            self._check_run_dir()
+        try:
+            yield
+        except RunDirectoryError:
+            raise
+        except OSError as e:
+            kept = ("no checkpoint was written yet" if self.checkpoint_step is None
+                    else f"its checkpoints (newest: step {self.checkpoint_step}) and metrics are intact")
+            raise RunDirectoryError(
+                f"cannot write {e.filename or target}: {e.strerror or e}; {kept} in {str(self.run_dir)!r}"
+            ) from e
 
     # ---------------------------------------------------------- evaluation
 
@@ -223,16 +330,26 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_iters`` (or the time budget); return a summary."""
+        try:
+            if not self._lock.held:
+                with self._writing(self.run_dir):
+                    self._lock.acquire()
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict[str, Any]:
         c = self.config
         self.model.train()
-        metrics = (self.run_dir / "metrics.jsonl").open("a")
+        with self._writing(self.run_dir / METRICS_FILE):
+            metrics = MetricsLog(self.run_dir / METRICS_FILE)
         bar = tqdm(total=c.max_iters, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
         tokens = 0
         t0 = time.perf_counter() - self.elapsed
         stop_reason = "max_iters"
         try:
             while self.step < c.max_iters:
-                if self.step % c.eval_interval == 0:
+                if self.step % c.eval_interval == 0 and self.step != self._evaluated_step:
                     self._evaluate(metrics, time.perf_counter() - t0)
                 lr = learning_rate(self.step, c)
                 for group in self.optimizer.param_groups:
@@ -252,18 +369,22 @@ class Trainer:
                 self.step += 1
                 elapsed = time.perf_counter() - t0
                 if self.step % c.log_interval == 0:
-                    metrics.write(json.dumps({"step": self.step, "train_loss": loss_sum, "lr": lr, "time": elapsed}) + "\n")
+                    self._log(metrics, {"step": self.step, "train_loss": loss_sum, "lr": lr, "time": elapsed})
                     bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if c.time_budget is not None and elapsed >= c.time_budget:
                     stop_reason = "time_budget"
                     break
             self.elapsed = time.perf_counter() - t0
-            final = self._evaluate(metrics, self.elapsed)
+            if self.step != self._evaluated_step:
+                final = self._evaluate(metrics, self.elapsed)
+            else:  # resumed where the run had stopped: already logged and checkpointed
+                final = self.estimate_loss()
         finally:
             bar.close()
             metrics.close()
-        self._plot()
+        with self._writing(self.run_dir / "loss.png"):
+            self._plot()
         return {
             "steps": self.step,
             "stop_reason": stop_reason,
@@ -277,17 +398,24 @@ class Trainer:
             "device": str(self.device),
         }
 
-    def _evaluate(self, metrics, elapsed: float) -> dict[str, float]:
+    def _log(self, metrics: MetricsLog, record: dict[str, Any]) -> None:
+        with self._writing(metrics.path):
+            metrics.write(record)
+
+    def _evaluate(self, metrics: MetricsLog, elapsed: float) -> dict[str, float]:
         losses = self.estimate_loss()
-        record = {"step": self.step, "time": elapsed, **{f"{k}_eval_loss": v for k, v in losses.items()}}
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        self._log(metrics, {"step": self.step, "time": elapsed, **{f"{k}_eval_loss": v for k, v in losses.items()}})
+        self._evaluated_step = self.step
         self.elapsed = elapsed
         val = losses.get("val", losses.get("train"))
         if val is not None and val < self.best_val:
             self.best_val, self.best_step = val, self.step
-            self.save_checkpoint(self.run_dir / "best")
-        self.save_checkpoint(self.run_dir / "last")
+            with self._writing(self.run_dir / "best"):
+                self.save_checkpoint(self.run_dir / "best")
+            self.checkpoint_step = self.step
+        with self._writing(self.run_dir / "last"):
+            self.save_checkpoint(self.run_dir / "last")
+        self.checkpoint_step = self.step
         return losses
 
     def _plot(self) -> None:
@@ -301,7 +429,7 @@ class Trainer:
         """Write the checkpoint to a temporary directory, then swap it in (never half-written)."""
         from safetensors.torch import save
 
-        with staged_directory(directory, replace=True) as tmp:
+        with staged_directory(directory, replace=True, parents=False) as tmp:
             save_model(self.model, tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / "tokenizer.json")
@@ -330,8 +458,14 @@ class Trainer:
                 f"the checkpoint at {directory} has config {dataclasses.asdict(saved.config)}, "
                 f"which does not match the model being trained {dataclasses.asdict(self.model.config)}"
             )
+        state = json.loads((directory / COMPLETE_MARK).read_text())
+        check_resumed_config(self.config, state.get("train_config", {}), directory / COMPLETE_MARK)
+        saved_tokenizer = directory / "tokenizer.json"
+        if self.tokenizer is not None and saved_tokenizer.is_file():
+            if json.loads(saved_tokenizer.read_text(encoding="utf-8")) != json.loads(self.tokenizer.to_json()):
+                raise ValueError(f"the tokenizer given differs from the run's {saved_tokenizer}; "
+                                 "resume with the data and tokenizer settings the run was started with")
         self.model.load_state_dict(saved.state_dict())
-        state = json.loads((directory / "trainer.json").read_text())
         opt = _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), state["optimizer"])
         self.optimizer.load_state_dict(opt)
         rng = load_file(str(directory / "rng.safetensors"))
@@ -341,6 +475,21 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         self.step, self.best_val, self.best_step = state["step"], state["best_val"], state["best_step"]
         self.elapsed = state["elapsed"]
+        self.checkpoint_step = self._evaluated_step = self.step
+
+
+def check_resumed_config(config: TrainConfig, saved: dict[str, Any], source: Path | str) -> None:
+    """Refuse a resume whose ``config`` differs from the run's ``saved`` one in a field
+    that may not change (every field but :data:`CHANGEABLE_ON_RESUME`)."""
+    current = dataclasses.asdict(config)
+    differ = [(k, saved[k], current[k]) for k in current
+              if k in saved and k not in CHANGEABLE_ON_RESUME and saved[k] != current[k]]
+    if differ:
+        listed = ", ".join(f"{k}={old!r} (given {new!r})" for k, old, new in differ)
+        raise ValueError(
+            f"cannot resume with a different training config: the run has {listed} in {source}; "
+            f"only {', '.join(CHANGEABLE_ON_RESUME)} may change on resume"
+        )
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -25,7 +25,7 @@ from typing import TextIO
 import torch
 
 from lmlab import data
-from lmlab.checkpoints import add_precision_arguments
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.tokenizers import continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
@@ -34,9 +34,11 @@ from lmlab.decode.setups import (
     _FLOAT_FIELDS,
     _INT_FIELDS,
     _fmt,
+    _encode_prompts,
     _logit_bias,
     run_setup,
 )
+from lmlab.models.base import special_token_ids
 
 __all__ = ["add_generate_arguments", "run_generate", "setup_from_args", "read_prompt_file", "format_columns"]
 
@@ -71,7 +73,8 @@ _FIELD_HELP = {
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``lmlab generate`` option to ``parser`` (returns it)."""
-    parser.add_argument("--model", required=True, help="checkpoint or run directory")
+    parser.add_argument("--model", required=True, help="checkpoint or run directory, or hf:<dir>")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     g = parser.add_argument_group("prompts and output")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a newline")
     g.add_argument("--prompt-file", help="prompts, one per line (blank lines skipped), or JSONL with a \"prompt\" "
@@ -232,7 +235,8 @@ def run_generate(args, out: TextIO | None = None) -> int:
     # Validate the setups before loading the model: bad values fail fast.
     setups = [setup_from_args(args, s) for s in args.compare] if args.compare else [setup_from_args(args)]
     prompts, targets = _prompts(args)
-    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device), dtype=args.dtype, quantize=args.quantize)
+    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device), trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     for s in setups:
         s.check_vocab(model.vocab_size)
     if args.task == "predict":
@@ -419,14 +423,16 @@ def format_columns(headers: list[str], cells: list[list[tuple[str, str]]], width
 # ---------------------------------------------------------------- tasks
 
 
+def _prompt_ids(model, tokenizer, prompts: list[str], bos: bool) -> list[list[int]]:
+    """The prompts' ids, each after the declared <bos> when ``bos`` (an error when none is declared)."""
+    return _encode_prompts(prompts, tokenizer, bos, special_token_ids(model, tokenizer).get("bos"))
+
+
 def _run_predict(args, model, tokenizer, prompts, targets, out) -> int:
     from lmlab.decode.tasks import next_n_nll, predict, split_prompt
 
     prompts, targets = map(list, zip(*(split_prompt(p, t) for p, t in zip(prompts, targets))))
-    ids = [([tokenizer.bos_id] if args.bos else []) + tokenizer.encode(p) for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise ValueError(f"prompt {i} is empty ({prompts[i]!r}); give some text or add --bos")
+    ids = _prompt_ids(model, tokenizer, prompts, args.bos)
     reports = []
     for i, (prompt, p, target) in enumerate(zip(prompts, ids, targets)):
         true = tokenizer.encode(target) if target is not None else None
@@ -472,10 +478,7 @@ def _run_complete(args, model, tokenizer, prompts, setup, out) -> int:
         raise ValueError(f"--task complete samples from the model; the setup {setup.name!r} is {setup.search} "
                          "(drop --greedy/--num-beams/temperature 0)")
     n_samples = args.num_return_sequences or setup.num_return_sequences
-    ids = [([tokenizer.bos_id] if args.bos else []) + tokenizer.encode(p) for p in prompts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise ValueError(f"prompt {i} is empty ({prompts[i]!r}); give some text or add --bos")
+    ids = _prompt_ids(model, tokenizer, prompts, args.bos)
     rows = [p for p in ids for _ in range(n_samples)]
     procs = setup.processors(eos_id=tokenizer.eos_id)
     seqs = complete(model, rows, args.max_new_tokens, seed=args.seed, tokenizer=tokenizer, processors=procs,

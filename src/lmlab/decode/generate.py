@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmlab.decode.processors import apply_processors
+from lmlab.decode.search import greedy_pick, sample_pick
 from lmlab.models.base import LanguageModel, State, require_causal
 from lmlab.tokenizers import continuation_text
 
@@ -93,7 +94,10 @@ def generate(
     """Extend each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     ``processors`` transform the (B, V) next-token logits in order; then the
-    token is the argmax (``do_sample=False``) or a draw from the softmax.
+    token is the argmax (``do_sample=False``) or a draw from the softmax
+    (``lmlab.decode.search.greedy_pick`` / ``sample_pick``). A row that must
+    choose a token when every logit is -inf (everything banned) or one is NaN
+    or +inf raises ValueError naming the row.
     A row stops at ``eos_id``, at a stop string (needs ``tokenizer``), or at the
     budget. ``on_token(row, token_id)`` is called for every new token as it is chosen.
     """
@@ -165,6 +169,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     finish = torch.full((B,), 2, dtype=torch.long, device=device)  # 1 eos, 2 length, 3 stop
     last_position = longest + max_new_tokens - 1
     position = common  # column of the token chosen this step
+    may_skip = track or longest != common  # can a row not be choosing at some step?
     if max_new_tokens > 0:
         logits, state = window.step(seq[:, :0], None, seq[:, :common])
     while max_new_tokens > 0:
@@ -174,16 +179,19 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
             scores = apply_processors(processors, next_logits, seq[:, :position], num_generated=num_generated)
         else:
             scores = next_logits
-        if do_sample:
-            chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            chosen = scores.argmax(dim=-1)
+        # Rows still reading their prompt, finished or past their budget discard their pick: only
+        # the rows that choose a token now must have one to choose (the picks raise otherwise).
+        # With prompts of one length and no early end, every row chooses at every step.
+        if may_skip:
+            choosing = (position >= lengths) & (position < limit) & ~done
+            scores = torch.where(choosing[:, None], scores, 0.0)
+        chosen = sample_pick(scores, generator) if do_sample else greedy_pick(scores)
         if position < longest:
             chosen = torch.where(position < lengths, prompt_cols[:, position], chosen)
         seq[:, position] = chosen
         logps[:, position] = torch.log_softmax(next_logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
         if track:
-            generating = (position >= lengths) & (position < limit) & ~done
+            generating = choosing
             if eos_id is not None:
                 hit = generating & (chosen == eos_id)
                 finish = torch.where(hit, 1, finish)
@@ -210,10 +218,16 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
         r.finish_reason = reasons[finish_cpu[i]]
     if tokenizer is not None:
         for r in results:
-            ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
-            text = continuation_text(tokenizer, r.prompt_ids, ids)
-            if r.finish_reason == "stop":
-                cut = min(text.index(s) for s in stop_strings if s in text)
-                text = text[:cut]
-            r.text = text
+            r.text = finished_text(tokenizer, r.prompt_ids, r.token_ids, r.finish_reason, stop_strings)
     yield results
+
+
+def finished_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int], finish_reason: str,
+                  stop_strings: Sequence[str] = ()) -> str:
+    """The text a finished row adds after its prompt (``continuation_text``): without its <eos>
+    ("eos"), cut before the first stop string ("stop")."""
+    ids = list(token_ids[:-1]) if finish_reason == "eos" else list(token_ids)
+    text = continuation_text(tokenizer, prompt_ids, ids)
+    if finish_reason == "stop":
+        text = text[: min(text.index(s) for s in stop_strings if s in text)]
+    return text

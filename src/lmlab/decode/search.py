@@ -30,23 +30,35 @@ __all__ = ["Hypothesis", "greedy_pick", "sample_pick", "beam_search"]
 # ---------------------------------------------------------------- picks
 
 
-def _check_pickable(logits: Tensor) -> None:
+def _check_pickable(logits: Tensor, rows: Tensor | None = None, best: Tensor | None = None) -> None:
+    """ValueError naming the rows (of those where ``rows`` is True; default all) that have
+    no token to pick: every entry -inf, or a NaN or +inf entry. ``best``: the rows' maxima
+    when already computed (a row is pickable exactly when its max is finite: max propagates NaN)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (B, V), got shape {tuple(logits.shape)}")
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
+    if best is None:
+        best = logits.amax(dim=-1)
+    if rows is not None:
+        best = torch.where(rows, best, 0.0)
+    if math.isfinite(float(best.float().sum())):  # the usual case, in one reduction and one read
+        return
+    bad = ~torch.isfinite(best)
+    if bool(bad.any()):  # (else the sum overflowed and every row is fine)
         raise ValueError(
-            f"rows {rows[:10]} of the logits have no token to pick (all -inf, or NaN/+inf entries); "
-            "every row needs at least one finite logit and no NaN or +inf — check the processors' bans"
+            f"rows {bad.nonzero().flatten().tolist()[:10]} of the logits have no token to pick (all -inf, or "
+            "NaN/+inf entries); every row needs at least one finite logit and no NaN or +inf — check the "
+            "processors' bans"
         )
 
 
 def greedy_pick(logits: Tensor) -> Tensor:
     """logits (B, V) -> (B,) int64 argmax per row (first index on a tie).
     Rows with no finite logit or with NaN raise ValueError."""
-    _check_pickable(logits)
-    return logits.argmax(dim=-1)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, V), got shape {tuple(logits.shape)}")
+    best, index = logits.max(dim=-1)
+    _check_pickable(logits, best=best)
+    return index
 
 
 def sample_pick(logits: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -66,8 +78,10 @@ class Hypothesis:
     """One finished beam.
 
     tokens: the generated ids (prompt excluded), EOS last when ``finished``.
-    token_logprobs: log-prob of each token under the search distribution
-        ``log_softmax(processors(logits))`` (the model's own with no processors).
+    token_logprobs: the search's score of each token, ``processors(log_softmax(logits))``
+        at that token (Hugging Face's order: the processors act on the model's
+        log-probabilities, which are not renormalised afterwards); the model's own
+        log-probability with no processors, and wherever only bans act.
     sum_logprob: sum of token_logprobs.
     score: sum_logprob / len(tokens) ** length_penalty (the ranking key).
     finished: ended with EOS (False: stopped at max_new_tokens).
@@ -160,15 +174,19 @@ def beam_search(
         ranks candidates by score - diversity_penalty * (times the token was
         chosen at this step by groups < g). The penalty steers the choice only:
         scores and sum_logprob stay true log-probabilities.
-    processors: applied to each step's logits (rows = prompt + generated ids,
-        ``num_generated`` passed) before log_softmax.
+    processors: applied to each step's log-probabilities ``log_softmax(logits)``
+        (rows = prompt + generated ids, ``num_generated`` passed), as Hugging Face's
+        beam search does; the result is not renormalised. A live beam left with no
+        allowed token (every score -inf) raises ValueError, as greedy and sampling do.
 
     As in Hugging Face, each step keeps the (1 + #eos) * beams-per-group best
     candidates per group; an EOS candidate among the first beams-per-group
     becomes a hypothesis, the best non-EOS ones become the next beams. Beams
     whose probability is 0 (e.g. cut by top-k) are dropped, so a prompt may get
     fewer than num_return_sequences hypotheses. With num_beams=1 (and the
-    default early_stopping) the result is the greedy continuation.
+    default early_stopping) the result is the greedy continuation (with processors:
+    greedy on the processed log-probabilities, which differs from greedy on processed
+    logits only for ``RepetitionPenalty``, whose effect depends on the sign of what it scales).
     """
     require_causal(model, "beam search")
     if isinstance(num_beams, bool) or not isinstance(num_beams, Integral) or num_beams < 1:
@@ -266,8 +284,12 @@ def beam_search(
             generating = [p <= L for p in plen]
             plen_t = torch.tensor(plen, device=device)
             num_gen = (L - plen_t).repeat_interleave(K)
-            processed = apply_processors(processors, next_logits, hist, num_generated=num_gen)
-            logprobs = torch.log_softmax(processed.float(), dim=-1)
+            # Hugging Face's order: the processors act on the model's log-probabilities (no renormalisation).
+            logprobs = torch.log_softmax(next_logits.float(), dim=-1)
+            if processors:
+                logprobs = apply_processors(processors, logprobs, hist, num_generated=num_gen)
+                choosing = (scores > NEG_INF).reshape(A, K) & torch.tensor(generating, device=device)[:, None]
+                _check_pickable(logprobs, choosing.reshape(-1))  # a live beam with nothing allowed
             logprobs = torch.where(torch.isnan(logprobs), NEG_INF, logprobs).view(A, G, Kg, V)
             total = scores.unsqueeze(-1) + logprobs  # (A, G, Kg, V) cumulative log-probs
             chosen = torch.zeros(A, V, device=device) if G > 1 and diversity_penalty > 0 else None

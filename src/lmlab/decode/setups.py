@@ -13,7 +13,9 @@ the same ``Result`` either way.
 Search. ``num_beams=None`` (the default) runs the generation loop: argmax when
 ``do_sample`` is False, a draw from the processed distribution otherwise. An
 integer ``num_beams`` (1 included) runs ``beam_search``; ``beam 1`` is therefore
-a second, independent route to the greedy continuation. ``do_sample=None``
+a second, independent route to the greedy continuation (except with
+``repetition_penalty``: beam search, as Hugging Face's, applies the processors
+to the log-probabilities, the loop to the logits). ``do_sample=None``
 resolves to False for beams and temperature 0, True otherwise.
 
 Special tokens. ``suppress_specials`` decides which special tokens can never
@@ -22,9 +24,13 @@ token: padding is never a training target and ``<bos>`` only starts a
 sequence) but keeps ``<eos>`` (it ends a generation) and ``<unk>`` (a real
 word of word-level corpora such as PTB); ``"all"`` also bans ``<eos>`` and
 ``<unk>``, so every row gets exactly ``max_new_tokens`` ordinary tokens;
-``"none"`` bans nothing. The ids come from the tokenizer; an id shared with
-``<eos>`` (Hugging Face tokenizers without a pad token reuse it) is banned only
-by ``"all"``.
+``"none"`` bans nothing. The ids come from the tokenizer, or without one from
+the model's declared specials (``model.special_ids``: an n-gram model's
+``<s>``/``</s>``/``<unk>``, a Hugging Face config's ``*_token_id``); a model that
+declares none (a bigram table over a Markov chain's symbols) has no special
+token, so nothing is banned: an id is never special because of its position.
+An id shared with ``<eos>`` (Hugging Face tokenizers without a pad token reuse
+it) is banned only by ``"all"``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 from lmlab.decode.generate import generate
 from lmlab.decode.processors import build_processors
 from lmlab.decode.search import beam_search
+from lmlab.models.base import special_token_ids
 from lmlab.tokenizers import continuation_text
 
 __all__ = [
@@ -470,9 +477,10 @@ class Result:
     finish_reason: "eos", "length" or "stop".
     setup: the name of the setup that produced it.
     Beams also have ``score`` (the ranking score, sum_logprob / len ** length_penalty),
-    ``sum_logprob`` and ``search_logprobs`` (log-probs under the processed
-    distribution the beam search ranks by; equal to ``logprobs`` with no
-    processors); they are None for greedy and sampling.
+    ``sum_logprob`` and ``search_logprobs`` (the scores the beam search ranks by,
+    ``processors(log_softmax(logits))`` at each token, not renormalised; equal to
+    ``logprobs`` with no processors and where only bans act); they are None for
+    greedy and sampling.
     """
 
     prompt_ids: list[int]
@@ -495,20 +503,17 @@ class Result:
 
 
 def special_ids_to_suppress(policy: str, tokenizer=None, vocab_size: int | None = None,
-                            eos_id: int | None = None) -> list[int]:
+                            eos_id: int | None = None, *, model=None) -> list[int]:
     """Token ids banned by ``suppress_specials=policy`` (see the module docstring).
 
-    With no tokenizer lmlab's reserved ids are used (<pad> 0, <bos> 1, <eos> 2,
-    <unk> 3). Ids outside ``vocab_size`` are left out. ``eos_id`` is the id that
-    ends generations; it is banned only by "all"."""
+    The specials are the tokenizer's, or without one the model's declared
+    ``special_ids`` (``lmlab.models.base.special_token_ids``); with neither, none:
+    no id is special because of its position. Ids outside ``vocab_size`` are
+    left out. ``eos_id`` is the id that ends generations; it is banned only by "all"."""
     if policy not in SPECIALS_POLICIES:
         raise ValueError(f"suppress_specials={policy!r}; accepted: {', '.join(SPECIALS_POLICIES)}")
-    if tokenizer is None:
-        from lmlab.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-        pad, bos, eos, unk = PAD_ID, BOS_ID, EOS_ID, UNK_ID
-    else:
-        pad, bos, eos, unk = (getattr(tokenizer, a, None) for a in ("pad_id", "bos_id", "eos_id", "unk_id"))
+    specials = special_token_ids(model, tokenizer)
+    pad, bos, eos, unk = (specials.get(role) for role in ("pad", "bos", "eos", "unk"))
     if eos_id is not None:
         eos = eos_id
     if policy == "none":
@@ -522,7 +527,7 @@ def special_ids_to_suppress(policy: str, tokenizer=None, vocab_size: int | None 
     return list(dict.fromkeys(int(t) for t in ids))
 
 
-def _encode_prompts(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
+def _encode_prompts(prompts, tokenizer, add_bos: bool, bos_id: int | None = None) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, torch.Tensor):
         raise ValueError(f"prompts must be a list of strings or a list of token-id lists, got {prompts!r}")
     if isinstance(prompts, torch.Tensor):
@@ -533,12 +538,11 @@ def _encode_prompts(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
     kinds = {isinstance(p, str) for p in prompts}
     if len(kinds) > 1:
         raise ValueError("prompts mix strings and token-id lists; give all strings or all id lists")
-    bos = None
-    if add_bos:
-        if tokenizer is None:
-            from lmlab.tokenizers import BOS_ID as bos
-        else:
-            bos = tokenizer.bos_id
+    if add_bos and bos_id is None:
+        raise ValueError(
+            "add_bos=True but no <bos> id is declared (neither the tokenizer nor the model names one); "
+            "give the prompts without add_bos, or start them with the id you mean"
+        )
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -548,7 +552,7 @@ def _encode_prompts(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
         else:
             ids = [int(t) for t in p]
         if add_bos:
-            ids = [bos, *ids]
+            ids = [bos_id, *ids]
         if not ids:
             raise ValueError(
                 f"prompt {i} is empty ({p!r}); every prompt needs at least one token: give some text, "
@@ -603,8 +607,10 @@ def run_setup(
     prompts: strings (encoded with ``tokenizer``) or token-id lists; lengths may differ.
     setup: a DecodingSetup or a string for ``DecodingSetup.parse``.
     num_return_sequences: overrides the setup's.
-    eos_id: the id that ends a row (default: ``tokenizer.eos_id``; None without a tokenizer).
-    add_bos: prepend <bos> to every prompt (for models trained on complete sequences).
+    eos_id: the id that ends a row (default: the tokenizer's <eos>, or without a
+        tokenizer the model's declared one; None when neither names one).
+    add_bos: prepend <bos> (the tokenizer's, or the model's declared one) to every
+        prompt (for models trained on complete sequences).
     context_policy: "slide" or "error" for prompts + new tokens beyond the model's
         context (beam search always refuses).
     on_token(row, token_id): called as tokens are chosen (greedy and sampling only;
@@ -627,19 +633,20 @@ def run_setup(
         raise ValueError(f"stop strings must be non-empty strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text; pass tokenizer")
-    ids = _encode_prompts(prompts, tokenizer, add_bos)
+    specials = special_token_ids(model, tokenizer)
+    ids = _encode_prompts(prompts, tokenizer, add_bos, specials.get("bos"))
     V = int(model.vocab_size)
     for i, p in enumerate(ids):
         bad = [t for t in p if not 0 <= t < V]
         if bad:
             raise ValueError(f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary 0..{V - 1}")
     setup.check_vocab(V)
-    if eos_id is None and tokenizer is not None:
-        eos_id = tokenizer.eos_id
+    if eos_id is None:
+        eos_id = specials.get("eos")
     beam = setup.search == "beam"
     _check_context(model, ids, max_new_tokens, context_policy, beam)
-    specials = special_ids_to_suppress(setup.suppress_specials, tokenizer, V, eos_id)
-    processors = setup.processors(eos_id=eos_id, special_ids=specials)
+    banned = special_ids_to_suppress(setup.suppress_specials, tokenizer, V, eos_id, model=model)
+    processors = setup.processors(eos_id=eos_id, special_ids=banned)
     if beam:
         if on_token is not None:
             raise ValueError("on_token (streaming) needs greedy or sampling; beam search returns whole hypotheses")

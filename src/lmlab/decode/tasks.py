@@ -37,6 +37,7 @@ import torch
 
 from lmlab.decode.generate import ContextWindow, generate
 from lmlab.decode.processors import SuppressTokens
+from lmlab.models.base import special_token_ids
 
 __all__ = ["predict", "complete", "next_n_nll", "step_logits", "split_prompt"]
 
@@ -150,14 +151,10 @@ def predict(model, prompts: Sequence[Sequence[int]], n: int, context_policy: str
     return step_logits(model, prompts, n, lambda logits, step: logits.argmax(dim=-1), context_policy)
 
 
-def _specials(model_vocab: int, tokenizer=None, special_ids: Sequence[int] | None = None) -> list[int]:
+def _specials(model, tokenizer=None, special_ids: Sequence[int] | None = None) -> list[int]:
+    model_vocab = int(model.vocab_size)
     if special_ids is None:
-        if tokenizer is not None:
-            special_ids = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id]
-        else:
-            from lmlab.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-            special_ids = [PAD_ID, BOS_ID, EOS_ID, UNK_ID]
+        special_ids = list(special_token_ids(model, tokenizer).values())
     ids = sorted({int(t) for t in special_ids if t is not None and 0 <= int(t) < model_vocab})
     if len(ids) >= model_vocab:
         raise ValueError(
@@ -183,7 +180,8 @@ def complete(
     returns ``prompt + n new ids`` per prompt.
 
     special_ids: the banned ids (default: <pad>, <bos>, <eos>, <unk> of
-        ``tokenizer``, or lmlab's reserved ids 0..3 without one).
+        ``tokenizer``, or without one the model's declared ``special_ids``;
+        none when neither declares any).
     processors: more logits processors, applied before the ban (e.g.
         ``[Temperature(0.8)]``).
     seed / generator: the randomness (same seed, same completions).
@@ -191,7 +189,7 @@ def complete(
     n = _check_n(n)
     V = int(model.vocab_size)
     prompts = _prompt_lists(prompts, V)
-    banned = _specials(V, tokenizer, special_ids)
+    banned = _specials(model, tokenizer, special_ids)
     procs = [*processors, SuppressTokens(tuple(banned))] if banned else list(processors)
     gens = generate(model, prompts, n, processors=procs, do_sample=True, eos_id=None, seed=seed,
                     generator=generator, context_policy=context_policy)

@@ -4,7 +4,9 @@
 
 ``state=None`` starts at the beginning of the sequence; passing the returned
 state continues it. A state can be re-indexed along the batch with
-``state.select(index)`` so that beam search can reorder and prune hypotheses.
+``state.select(index)`` so that beam search can reorder and prune hypotheses,
+and ``model.merge_states([s1, s2, ...])`` stacks the rows of states at different
+positions into one batch (continuous batching in ``lmlab.serve``).
 
 Families register a config dataclass and a model class with ``register``;
 ``build_model`` makes a model from a config and ``save_model``/``load_model``
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import json
 import os
 import shutil
@@ -31,28 +35,52 @@ from torch import nn
 class State:
     """Per-row memory of a model; every tensor has the batch on dim 0.
 
-    ``length`` is the number of tokens consumed so far (the same for all rows).
+    ``length`` is the number of token slots of the state, the same for all rows.
     Families put what they need in ``tensors``: a KV cache, hidden vectors,
-    the last n-1 tokens, a running sum and count.
+    the last n-1 tokens, a running sum.
+
+    Rows that joined a batch at different steps (``LanguageModel.merge_states``)
+    have not filled the first slots: ``offsets`` (B,) int64 counts those empty
+    slots per row (None: every row filled every slot), so row b has consumed
+    ``positions[b] = length - offsets[b]`` tokens. A family whose output depends on
+    the position (the transformer, the context average) reads ``positions``;
+    every family carries ``offsets`` forward.
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     length: int = 0
+    offsets: torch.Tensor | None = field(default=None, kw_only=True)
 
     def select(self, index: torch.Tensor) -> "State":
         """Rows ``index`` (a (B',) int64 tensor) of every tensor, in that order."""
-        return State({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.length)
+        offsets = None if self.offsets is None else self.offsets.index_select(0, index.to(self.offsets.device))
+        return State({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.length, offsets=offsets)
 
     def clone(self) -> "State":
         """An independent copy. Models may update a state's buffers in place
         (the KV cache does), so clone a state before branching from it twice."""
-        return State({k: v.clone() for k, v in self.tensors.items()}, self.length)
+        offsets = None if self.offsets is None else self.offsets.clone()
+        return State({k: v.clone() for k, v in self.tensors.items()}, self.length, offsets=offsets)
 
     @property
     def batch_size(self) -> int:
         for v in self.tensors.values():
             return v.shape[0]
         return 0
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(B,) int64 tokens consumed per row, or None when all rows are at ``length``."""
+        return None if self.offsets is None else self.length - self.offsets
+
+
+def _merged_offsets(states: "list[State]", length: int) -> torch.Tensor:
+    """(sum B,) empty slots per row once every state is padded at the start to ``length`` slots."""
+    parts = []
+    for s in states:
+        base = torch.zeros(s.batch_size, dtype=torch.long) if s.offsets is None else s.offsets.cpu()
+        parts.append(base + (length - s.length))
+    return torch.cat(parts)
 
 
 class LanguageModel(nn.Module):
@@ -83,11 +111,46 @@ class LanguageModel(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        """The model's adaptive softmax output layer (``lmlab.models.heads.AdaptiveSoftmaxHead``), or None.
+
+        A family that has one also has ``hidden_states(ids, state) -> (hidden (B, T, d), state)``,
+        the vectors that layer reads; training uses ``adaptive_head.loss`` on them."""
+        return None
+
     def next_token_logits(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Like ``forward`` but only the logits after the last token: (B, V). Generation
         reads nothing else, so a family may skip its output layer at the other positions."""
         logits, state = self(ids, state)
         return logits[:, -1], state
+
+    def merge_states(self, states: "list[State]") -> State:
+        """One state holding the rows of ``states`` in order; each may be at a different length.
+
+        Every row keeps its own position: a shorter state's rows get empty slots at the start
+        (``State.offsets``), and slots no row fills are dropped, so ``merge_states([s.select(i)])``
+        also compacts a batch after rows leave it. The default concatenates every tensor along
+        the batch, which is right for states that summarise a row (hidden vectors, the last
+        tokens, a running sum); families with a time axis (the KV cache) override it. A state of
+        another kind (a Hugging Face cache, RAG's) raises NotImplementedError: such models
+        decode one request at a time.
+        """
+        states = [s for s in states if s.batch_size]
+        if not states:
+            raise ValueError("merge_states needs at least one state with rows")
+        if any(type(s) is not State for s in states):
+            kinds = sorted({type(s).__name__ for s in states})
+            raise NotImplementedError(f"states of kind {kinds} cannot be merged; decode their requests one at a time")
+        keys = sorted(states[0].tensors)
+        for s in states:
+            if sorted(s.tensors) != keys:
+                raise ValueError(f"states hold different tensors: {keys} and {sorted(s.tensors)}")
+        length = max(s.length for s in states)
+        offsets = _merged_offsets(states, length)
+        trim = int(offsets.min())
+        tensors = {k: torch.cat([s.tensors[k] for s in states]) for k in keys}
+        return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))
 
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """(B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state), the log-probabilities
@@ -100,6 +163,23 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The special tokens the model itself declares, by role ("pad", "bos", "eos",
+        "unk"); roles it does not declare are absent. None by default: a vocabulary
+        position never makes a token special (a family whose config names its
+        specials, such as the n-gram model's ``bos_id``/``eos_id``/``unk_id``, says so)."""
+        return {}
+
+
+def _or_none(offsets: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``offsets`` on the states' device, or None when every row filled every slot."""
+    if not bool(offsets.any()):
+        return None
+    for v in tensors.values():
+        return offsets.to(v.device)
+    return offsets
+
 
 def require_causal(model: Any, purpose: str) -> None:
     """Refuse a model that does not predict the next token (a masked LM) for ``purpose``."""
@@ -108,6 +188,21 @@ def require_causal(model: Any, purpose: str) -> None:
             f"{purpose} needs a model that predicts the next token; the {getattr(model, 'family', type(model).__name__)} "
             "model fills masks (use `lmlab fill` or lmlab.fill, and pseudo_log_likelihood to score a text)"
         )
+
+
+SPECIAL_ROLES = ("pad", "bos", "eos", "unk")
+
+
+def special_token_ids(model: Any = None, tokenizer: Any = None) -> dict[str, int]:
+    """Special token ids by role ("pad", "bos", "eos", "unk"): the tokenizer's
+    (``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``) when a tokenizer is given, else
+    the model's declared ``special_ids``; a role without an id is absent. With
+    neither, the result is empty: no id is special because of its position."""
+    if tokenizer is not None:
+        found = {role: getattr(tokenizer, f"{role}_id", None) for role in SPECIAL_ROLES}
+    else:
+        found = dict(getattr(model, "special_ids", None) or {})
+    return {role: int(found[role]) for role in SPECIAL_ROLES if found.get(role) is not None}
 
 
 # ---------------------------------------------------------------- registry
@@ -176,42 +271,135 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(directory: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside ``directory``, then rename it into place
-    (replacing an existing one only with ``replace=True``): it appears complete or not at all."""
+def staged_directory(directory: str | Path, replace: bool = False, parents: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``directory`` (``.NAME.XXXX.tmp``), then
+    rename it into place (replacing an existing one only with ``replace=True``): it appears
+    complete or not at all.
+
+    Replacing takes two renames: the old directory to ``.NAME.old``, the new one into place;
+    then ``.NAME.old`` is deleted. If the second rename fails the old directory is put back.
+    A process killed between the two leaves ``.NAME.old`` and the finished temporary
+    directory; :func:`recover_staged` completes or undoes such a swap. With ``parents=False``
+    a missing parent is an error, not created, and so is a parent deleted (or replaced)
+    while the directory was being built.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    parent = directory.parent
+    if parents:
+        parent.mkdir(parents=True, exist_ok=True)
+    identity = directory_identity(parent)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         yield tmp
+        if directory_identity(parent, missing_ok=True) != identity:
+            raise FileNotFoundError(errno.ENOENT, "directory deleted or replaced while writing into it", str(parent))
         if directory.exists():
             if not replace:
                 raise FileExistsError(f"{str(directory)!r} already exists; choose a new directory")
-            old = directory.with_name(f".{directory.name}.old")
+            old = _swap_name(directory)
             if old.exists():
                 shutil.rmtree(old)
             directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(directory)
+            except BaseException:
+                old.rename(directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # a leftover is only stale, recover_staged removes it
         else:
             tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not parents and directory_identity(parent, missing_ok=True) not in (identity, None):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # recreated by a write into the vanished parent: remove it if empty
         raise
 
 
+def recover_staged(directory: str | Path, finished: Callable[[Path], bool],
+                   newest: Callable[[Path], Any]) -> Path | None:
+    """Complete or undo the :func:`staged_directory` swaps a killed process left half done.
+
+    The candidates are ``directory`` itself, else ``.NAME.old`` (a directory is only moved
+    there complete), and the temporary directories whose contents are ``finished``; the
+    newest by ``newest`` (``directory`` on a tie) ends in place, the other leftovers are
+    deleted. Returns ``directory``, or None when nothing complete is there to put in place.
+    """
+    directory = Path(directory)
+    old = _swap_name(directory)
+    staged = sorted(p for p in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp") if p.is_dir())
+    in_place = [directory] if directory.is_dir() else [old] if old.is_dir() else []
+    chosen = max(in_place + [p for p in staged if finished(p)], key=newest, default=None)
+    if chosen is not None and chosen != directory:
+        if directory.is_dir():  # a finished copy newer than the one in place: the swap again
+            if old.is_dir():
+                shutil.rmtree(old)
+            directory.rename(old)
+        chosen.rename(directory)
+    for path in (old, *staged):
+        if path != chosen and path.is_dir():
+            shutil.rmtree(path)
+    return directory if chosen is not None else None
+
+
+def _swap_name(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of ``path``: tells a directory from another made at the same place."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    return st.st_dev, st.st_ino
+
+
 def save_model(model: LanguageModel, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``."""
+    """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``.
+
+    A Hugging Face model (family ``"hf"``) is written as a Hugging Face directory
+    (``save_pretrained``, safetensors), which loads again as ``hf:<directory>``.
+    """
     from safetensors.torch import save
 
     directory = Path(directory)
+    if hasattr(model, "save_directory"):  # a model made of other models (the interpolate family)
+        model.save_directory(directory)
+        return
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"family": model.family, **dataclasses.asdict(model.config)}
+    hf_module = getattr(model, "hf", None)
+    if getattr(model, "family", None) == "hf" and hf_module is not None:
+        hf_module.save_pretrained(str(directory), safe_serialization=True)
+        return
+    config = {"family": model.family, **config_to_json(model.config)}
     if getattr(model, "quantization", None):  # lmlab.quantize: integer codes + scales in the weights
         config["quantization"] = model.quantization
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def config_to_json(config: Any) -> dict:
+    """The fields of a config dataclass as JSON values (tuples become lists); any other value is
+    an error naming the field, so a checkpoint is never half-written or unreadable."""
+    values = dataclasses.asdict(config)
+
+    def plain(value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: plain(v, f"{where}.{k}") for k, v in value.items()}
+        raise ValueError(
+            f"config field {where} of {type(config).__name__} is {value!r} ({type(value).__name__}), which a "
+            "JSON config cannot hold; accepted: None, bool, int, float, str, and lists or dicts of them"
+        )
+
+    return {k: plain(v, k) for k, v in values.items()}
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,41 +417,55 @@ def read_config(directory: str | Path) -> tuple[str, dict]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no model config at {path}; a model directory holds config.json and model.safetensors")
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON config: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}; expected an object with a 'family' field")
     if "family" not in values:
+        if "model_type" in values:
+            raise ValueError(
+                f"{path} is a Hugging Face config (model_type {values['model_type']!r}), not an lmlab one; "
+                f"load that directory as 'hf:{Path(directory)}'"
+            )
         raise ValueError(f"{path} has no 'family' field; known families: {', '.join(families())}")
     family = values.pop("family")
     return family, values
 
 
+def _with_quantization(model: LanguageModel, record: dict | None) -> LanguageModel:
+    """``model`` with empty quantized layers where a saved ``quantization`` record says (lmlab.quantize)."""
+    if record is None:
+        return model
+    from lmlab.quantize import apply_quantization_layout
+
+    return apply_quantization_layout(model, record)
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
-    """Load a model saved by ``save_model``; shapes are checked against the config."""
-    from safetensors.torch import load_file
+    """Load a model saved by ``save_model``. The weights file's header is checked against the
+    config (names, shapes, and so the size) before the model is allocated."""
+    from lmlab.untrusted import check_weights_fit, load_safetensors, refuse_pickled_weights
 
     directory = Path(directory)
     family, values = read_config(directory)
     quantization = values.pop("quantization", None)
-    model = build_model(family, values)
-    if quantization is not None:
-        from lmlab.quantize import apply_quantization_layout
-
-        apply_quantization_layout(model, quantization)
+    _import_families()
+    model_cls = _REGISTRY.get(family, (None, None))[1]
+    if hasattr(model_cls, "load_directory"):  # a model made of other models (the interpolate family)
+        return model_cls.load_directory(directory, values, map_location)
     weights = directory / "model.safetensors"
     if not weights.is_file():
+        refuse_pickled_weights(directory)
         raise FileNotFoundError(f"no weights at {weights}")
-    tensors = load_file(str(weights), device=str(map_location))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {weights} do not match the {family} config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"weight {name!r} in {weights} has shape {tuple(t.shape)}, "
-                f"the config in {directory / 'config.json'} expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            skeleton = _with_quantization(build_model(family, values), quantization)
+    except TypeError as e:
+        raise ValueError(f"{directory / 'config.json'} does not describe a {family} model: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    check_weights_fit(expected, weights, directory / "config.json")
+    model = _with_quantization(build_model(family, values), quantization)
+    model.load_state_dict(load_safetensors(weights, map_location))
     return model.to(map_location)

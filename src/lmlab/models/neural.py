@@ -90,7 +90,7 @@ class BigramLM(LanguageModel):
             last = state.tensors["last"] if state is not None else ids.new_zeros(B, 1, dtype=torch.long)
         else:
             last = ids[:, -1:].long()
-        return logits, State({"last": last}, start + T)
+        return logits, State({"last": last}, start + T, offsets=None if state is None else state.offsets)
 
 
 # ---------------------------------------------------------------- context average
@@ -130,11 +130,13 @@ class ContextAverageLM(LanguageModel):
         else:
             start, prev = state.length, _check_state(state, "sum", B, "context-average")
         sums = prev[:, None, :] + x.cumsum(1)  # (B, T, E)
-        counts = torch.arange(start + 1, start + T + 1, device=x.device, dtype=x.dtype)
-        context = sums / counts[None, :, None]
+        counts = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)[None, :]  # (1, T) or (B, T)
+        offsets = None if state is None else state.offsets
+        counts = counts + (start if offsets is None else state.positions.to(x.dtype)[:, None])
+        context = sums / counts[..., None]
         logits = self.lm_head(self.drop(context))
         new_sum = sums[:, -1] if T else prev
-        return logits, State({"sum": new_sum}, start + T)
+        return logits, State({"sum": new_sum}, start + T, offsets=offsets)
 
 
 # ---------------------------------------------------------------- MLP
@@ -189,7 +191,7 @@ class MLPLM(LanguageModel):
         else:
             start, prev = state.length, _check_state(state, "context", B, "mlp")
         if T == 0:
-            return self.lm_head.weight.new_zeros(B, 0, c.vocab_size), State({"context": prev}, start)
+            return self.lm_head.weight.new_zeros(B, 0, c.vocab_size), State({"context": prev}, start, offsets=None if state is None else state.offsets)
         full = torch.cat([prev, ids], dim=1)  # (B, n - 1 + T)
         new_prev = full[:, full.shape[1] - (c.context - 1) :]
         windows = full.unfold(1, c.context, 1)  # (B, T, n), oldest first
@@ -197,4 +199,4 @@ class MLPLM(LanguageModel):
         logits = self.lm_head(self.hidden(x))
         if c.direct:
             logits = logits + self.direct(x)
-        return logits, State({"context": new_prev}, start + T)
+        return logits, State({"context": new_prev}, start + T, offsets=None if state is None else state.offsets)

@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -98,6 +99,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from lmlab.tokenizers import split_words
 from lmlab.models.base import LanguageModel, State, register
 
 __all__ = ["NGramConfig", "NGramModel", "DiscountWarning", "build_vocab", "METHODS"]
@@ -177,43 +179,55 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 class _HashIndex:
-    """Open-addressing (linear probing) hash of a sorted int64 key array,
-    for vectorized exact lookups: ``find(q)`` gives the row of each query key
-    or -1. Built in one sort: keys are placed in order of their home slot, so
-    key i lands at ``i + max_{j<=i}(home_j - j)``; the table has no wrap-around
-    (a tail of empty slots ends every probe sequence)."""
+    """Bucketed hash of a sorted int64 key array, for vectorized exact
+    lookups: ``find(q)`` gives the row of each query key or -1. One bucket
+    per key on average; ``rows`` lists the keys' rows bucket after bucket and
+    ``start[b]:start[b + 1]`` is bucket b's part, so a lookup reads one
+    bucket (about one key) and a miss costs no longer probe than a hit.
+    8 bytes per key (int32 rows and bucket starts)."""
 
     def __init__(self, keys: np.ndarray):
         n = keys.size
-        self.bits = max(4, int(math.ceil(math.log2(max(n, 1) * 2))))
+        self.keys = keys
+        self.buckets = max(1, n)
         home = self._home(keys)
-        order = np.argsort(home)
-        h = home[order]
-        slot = np.arange(n, dtype=np.int64) + np.maximum.accumulate(h - np.arange(n, dtype=np.int64)) if n else h
-        size = (int(slot[-1]) + 2) if n else 2
-        size = max(size, (1 << self.bits) + 1)
-        self.slot_keys = np.full(size, -1, dtype=np.int64)
-        self.slot_rows = np.full(size, -1, dtype=np.int32 if n < 2**31 else np.int64)
-        self.slot_keys[slot] = keys[order]
-        self.slot_rows[slot] = order
+        dt = np.int32 if n < 2**31 else np.int64
+        self.rows = np.argsort(home, kind="stable").astype(dt)
+        self.start = np.zeros(self.buckets + 1, dtype=dt)
+        np.cumsum(np.bincount(home, minlength=self.buckets), out=self.start[1:])
 
     def _home(self, q: np.ndarray) -> np.ndarray:
-        return ((q.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+        """Bucket in [0, buckets): the top 32 bits of a multiplicative hash, scaled."""
+        h = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64) * _GOLDEN  # keys are >= 0
+        h >>= np.uint64(32)
+        h *= np.uint64(self.buckets)
+        h >>= np.uint64(32)
+        return h.view(np.int64)
 
     def find(self, q: np.ndarray) -> np.ndarray:
-        out = np.full(q.size, -1, dtype=np.int64)
+        if self.keys.size == 0:
+            return np.full(q.size, -1, dtype=np.int64)
         h = self._home(q)
-        idx = np.arange(q.size)
-        sk, sr = self.slot_keys, self.slot_rows
-        while idx.size:
-            s = sk[h]
-            hit = s == q
-            if hit.any():
-                out[idx[hit]] = sr[h[hit]]
-            go = ~hit & (s != -1)
-            if not go.any():
-                break
-            idx, h, q = idx[go], h[go] + 1, q[go]
+        pos = self.start[h]
+        end = self.start[h + 1]
+        # first probe for every query; an empty bucket's probe (pos == end) is clipped, then ignored
+        r = np.take(self.rows, pos, mode="clip")
+        hit = np.take(self.keys, r, mode="clip") == q
+        hit &= pos < end
+        out = np.where(hit, r, -1).astype(np.int64, copy=False)
+        pos += 1
+        more = pos < end
+        more &= ~hit
+        idx = np.flatnonzero(more)
+        pos, end, q = pos[idx], end[idx], q[idx]
+        while idx.size:  # buckets holding several keys
+            r = self.rows[pos]
+            hit = self.keys[r] == q
+            out[idx[hit]] = r[hit]
+            pos += 1
+            go = pos < end
+            go &= ~hit
+            idx, pos, end, q = idx[go], pos[go], end[go], q[go]
         return out
 
 
@@ -264,6 +278,25 @@ class _Tables:
             hit = pos >= 0
             alive, cur = alive[hit], pos[hit]
             out[k - 1, alive] = cur
+        return out
+
+    def lookup(self, windows: np.ndarray) -> np.ndarray:
+        """Row of each row of ``windows`` (M, L) as an L-gram in order L's
+        table, or -1 (what ``chain(windows)[L - 1]`` gives, in O(M) memory)."""
+        M, L = windows.shape
+        cur = windows[:, -1].astype(np.int64)
+        alive = np.flatnonzero(cur >= 0)
+        cur = cur[alive]
+        for k in range(2, L + 1):
+            if alive.size == 0:
+                break
+            first = windows[alive, L - k].astype(np.int64)
+            ok = first >= 0
+            pos = self.index(k).find(cur[ok] * self.V + first[ok])
+            hit = pos >= 0
+            alive, cur = alive[ok][hit], pos[hit]
+        out = np.full(M, -1, dtype=np.int64)
+        out[alive] = cur
         return out
 
     def index(self, k: int) -> _HashIndex:
@@ -425,9 +458,48 @@ class _Counts:
     prefix: list     # prefix node (order k-1) of each entry (None for k=1)
 
 
+@dataclass
+class _Packed:
+    """Sequences already concatenated: ids (int, total,), lens (num_sequences,)."""
+
+    ids: np.ndarray
+    lens: np.ndarray
+
+
+def _encode_lines(lines, vocab: Sequence[str] | None) -> tuple[_Packed, list[str], dict[str, int]]:
+    """Word lines (strings or token lists) as packed ids, in one pass; the
+    vocabulary grows by first occurrence unless given (then unknown words
+    are <unk>, or an error without one)."""
+
+    given = vocab is not None
+    index = _index(vocab) if given else _index(("<unk>", "<s>", "</s>"))
+    unk = index.get("<unk>")
+    ids, lens = array("i"), array("q")
+    for ln in lines:
+        words = split_words(ln) if isinstance(ln, str) else ln
+        if given:
+            row = [index.get(w, -1) for w in words]
+            if -1 in row:
+                if unk is None:
+                    w = next(w for w in words if w not in index)
+                    raise ValueError(f"word {w!r} is not in the vocabulary and the model has no <unk>")
+                row = [unk if i < 0 else i for i in row]
+        else:
+            row = [index.setdefault(w, len(index)) for w in words]
+        ids.extend(row)
+        lens.append(len(row))
+    packed = _Packed(np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, dtype=np.int32),
+                     np.frombuffer(lens, dtype=np.int64) if lens else np.zeros(0, dtype=np.int64))
+    return packed, (list(vocab) if given else list(index)), index
+
+
 def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: bool, drop: int | None):
     """One int64 array of all tokens (wrapped in <s> ... </s> if asked) and a
     flag marking the first token of each non-empty sequence."""
+    if isinstance(sequences, _Packed):
+        if sequences.lens.size == 0:
+            raise ValueError("no sequences to count: give at least one sequence of token ids")
+        return _wrap(sequences.ids.astype(np.int64), sequences.lens, V, bos, eos, add_bos_eos, drop)
     if isinstance(sequences, torch.Tensor):
         sequences = sequences.detach().cpu().numpy()
     if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
@@ -438,14 +510,20 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
         raise ValueError("no sequences to count: give at least one sequence of token ids")
     arrs = []
     for i, s in enumerate(seqs):
-        if isinstance(s, torch.Tensor):
-            s = s.detach().cpu().numpy()
-        a = np.asarray(s)
-        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        if type(s) is not np.ndarray:
+            a = np.asarray(s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else s)
+        else:
+            a = s
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):  # kind: np.issubdtype(dtype, np.integer), cheaper
             raise ValueError(f"sequence {i} must be a 1-D sequence of integer token ids, got shape {a.shape} dtype {a.dtype}")
         arrs.append(a)
     lens = np.fromiter((a.size for a in arrs), dtype=np.int64, count=len(arrs))
     flat = np.concatenate(arrs).astype(np.int64, copy=False) if lens.sum() else np.zeros(0, dtype=np.int64)
+    return _wrap(flat, lens, V, bos, eos, add_bos_eos, drop)
+
+
+def _wrap(flat: np.ndarray, lens: np.ndarray, V: int, bos, eos, add_bos_eos: bool, drop):
+    """Checks, <unk> dropping and <s> ... </s> wrapping of packed sequences (see ``_flatten``)."""
     ends = np.cumsum(lens)
 
     def where(mask: np.ndarray) -> tuple[int, int]:
@@ -487,44 +565,73 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
 
 
 def _count(tok: np.ndarray, seg_start: np.ndarray, N: int, V: int, bos: int | None) -> _Counts:
+    """Counts of every order. Per n-gram it keeps the int64 key and int32
+    raw count, left-less count and prefix node (20 bytes); per corpus
+    position one node array of the current order at a time."""
     n = tok.size
     pos = np.arange(n, dtype=np.int64)
     boundary = seg_start.copy()
     if bos is not None:
         boundary |= tok == bos
     run_start = np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos
-    span = pos - run_start + 1  # length of the longest valid n-gram ending here
+    # length of the longest valid n-gram ending here, capped at N + 1 (only "== k" and ">= k" for k <= N are asked)
+    span = np.minimum(pos - run_start + 1, N + 1).astype(np.uint8 if N < 255 else np.int64)
+    del pos, run_start, boundary
     pred = np.ones(n, dtype=bool) if bos is None else tok != bos
     if not pred.any():
         raise ValueError("no tokens to count: every sequence is empty (and add_bos_eos=False)")
     C = _Counts()
     C.keys, C.raw, C.nonext, C.prefix = [None], [], [], [None]
-    valid = pred
-    C.raw.append(np.bincount(tok[valid], minlength=V).astype(np.int64))
-    C.nonext.append(np.bincount(tok[valid & (span == 1)], minlength=V).astype(np.int64))
+    C.raw.append(np.bincount(tok[pred], minlength=V).astype(np.int64))
+    C.nonext.append(np.bincount(tok[pred & (span == 1)], minlength=V).astype(np.int64))
     node = tok  # node of the k-gram ending at each position (a unigram's node is its id; <s> included)
     for k in range(2, N + 1):
-        valid = pred & (span >= k)
-        at = np.flatnonzero(valid)
+        at = np.flatnonzero(pred & (span >= k))
         if at.size == 0:
             C.keys.append(np.zeros(0, dtype=np.int64))
-            C.raw.append(np.zeros(0, dtype=np.int64))
-            C.nonext.append(np.zeros(0, dtype=np.int64))
-            C.prefix.append(np.zeros(0, dtype=np.int64))
-            node = np.full(n, -1, dtype=np.int64)
+            C.raw.append(np.zeros(0, dtype=np.int32))
+            C.nonext.append(np.zeros(0, dtype=np.int32))
+            C.prefix.append(np.zeros(0, dtype=np.int32))
+            node = np.full(n, -1, dtype=np.int32)
             continue
-        q = node[at] * V + tok[at - (k - 1)]
-        uniq, first, inv, cnt = np.unique(q, return_index=True, return_inverse=True, return_counts=True)
+        q = np.multiply(node[at], V, dtype=np.int64)
+        q += tok[at - (k - 1)]
+        uniq, inv, cnt = _unique_inverse_counts(q)
+        del q
         C.keys.append(uniq)
-        C.raw.append(cnt.astype(np.int64))
-        ne = span[at] == k
-        C.nonext.append(np.bincount(inv[ne], minlength=uniq.size).astype(np.int64))
+        C.raw.append(cnt)
+        C.nonext.append(np.bincount(inv[span[at] == k], minlength=uniq.size).astype(np.int32))
         # the prefix x1..x_{k-1} of the k-gram ending at j ends at j-1: its node is node_{k-1}[j-1]
-        C.prefix.append(node[at[first] - 1])
-        new = np.full(n, -1, dtype=np.int64)
-        new[at] = inv
-        node = new
+        prefix = np.empty(uniq.size, dtype=_index_dtype(C.raw[k - 2].size))
+        prefix[inv] = node[at - 1]
+        C.prefix.append(prefix)
+        node = np.full(n, -1, dtype=inv.dtype)
+        node[at] = inv
+        del at, inv
     return C
+
+
+def _index_dtype(n: int):
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _unique_inverse_counts(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.unique(q, return_inverse=True, return_counts=True) with int32
+    inverse and counts, in less memory."""
+    perm = np.argsort(q)
+    qs = q[perm]
+    first = np.empty(qs.size, dtype=bool)
+    first[0] = True
+    np.not_equal(qs[1:], qs[:-1], out=first[1:])
+    uniq = qs[first]
+    del qs
+    dt = _index_dtype(uniq.size)
+    inv = np.empty(q.size, dtype=dt)
+    inv[perm] = np.cumsum(first, dtype=dt) - 1
+    del perm
+    starts = np.flatnonzero(first)
+    cnt = np.diff(starts, append=q.size).astype(np.int32 if q.size < 2**31 else np.int64)
+    return uniq, inv, cnt
 
 
 def _estimate_discounts(a: np.ndarray, k: int, cfg: NGramConfig) -> list[float]:
@@ -569,23 +676,36 @@ def _estimate_discounts(a: np.ndarray, k: int, cfg: NGramConfig) -> list[float]:
 
 
 def _estimate(C: _Counts, cfg: NGramConfig):
-    """Tables (keys, log10 prob, log10 backoff) of the chosen estimator."""
+    """Tables (keys, log10 prob, log10 backoff) of the chosen estimator.
+    Consumes ``C``: the counts of an order are dropped once its table is
+    made, and a table is kept in float64 only while the next order needs it."""
     N, V, Vp, bos = cfg.order, cfg.vocab_size, cfg.num_predictable, cfg.bos_id
     sizes = [V] + [C.keys[k].size for k in range(1, N)]
-    probs: list[np.ndarray] = []
-    bos_: list[np.ndarray] = [np.zeros(s, dtype=np.float64) for s in sizes]  # log10 backoff / floor
+    keys = [None] + [C.keys[k] for k in range(1, N)]
+    probs: list = []
+    bos_: list = [None] * N  # log10 backoff / floor, float32
     used: list[list[float]] = []
     method = cfg.method
+
+    def finish(k: int, p: np.ndarray, kn: bool) -> None:
+        """Order k's probabilities are no longer needed in float64."""
+        lp = np.minimum(_stable_log10(p), 0.0) if kn else _stable_log10(p)
+        probs[k - 1] = lp.astype(np.float32)
+        if bos_[k - 1] is None:
+            bos_[k - 1] = np.zeros(sizes[k - 1], dtype=np.float32)
+
     if method == "kneser_ney":
         adj = []
         for k in range(1, N + 1):
             if k == N:
-                a = C.raw[k - 1].copy()
+                a = C.raw[k - 1]
             else:
-                a = np.bincount(C.keys[k] // V, minlength=sizes[k - 1]).astype(np.int64) + C.nonext[k - 1]
+                a = np.bincount(keys[k] // V, minlength=sizes[k - 1]).astype(np.int64) + C.nonext[k - 1]
             if k == 1 and bos is not None:
+                a = a.copy()
                 a[bos] = 0
             adj.append(a)
+            C.raw[k - 1] = C.nonext[k - 1] = None
         for k in range(1, N + 1):
             a = adj[k - 1]
             D = _estimate_discounts(a, k, cfg)
@@ -611,10 +731,16 @@ def _estimate(C: _Counts, cfg: NGramConfig):
                 has = denom > 0
                 gamma = np.zeros(n_ctx)
                 gamma[has] = g[has] / denom[has]
-                p = (a - disc) / denom[pre] + gamma[pre] * probs[k - 2][C.keys[k - 1] // V]
-                bos_[k - 2] = np.where(has, _stable_log10(np.where(has, gamma, 1.0)), 0.0)
+                del g
+                p = (a - disc) / denom[pre] + gamma[pre] * probs[k - 2][keys[k - 1] // V]
+                bos_[k - 2] = np.where(has, _stable_log10(np.where(has, gamma, 1.0)), 0.0).astype(np.float32)
+                del denom, gamma, has, pre
+                C.prefix[k - 1] = None
+                finish(k - 1, probs[k - 2], kn=True)
+            del disc
+            adj[k - 1] = None
             probs.append(p)
-        probs = [np.minimum(_stable_log10(p), 0.0) for p in probs]
+        finish(N, probs[N - 1], kn=True)
     elif method in ("mle", "addk"):
         kk = cfg.k if method == "addk" else 0.0
         for k in range(1, N + 1):
@@ -629,14 +755,15 @@ def _estimate(C: _Counts, cfg: NGramConfig):
                 p = (raw + kk) / (tot[pre] + kk * Vp)
                 has = tot > 0
                 if method == "mle":
-                    bos_[k - 2] = np.where(has, -np.inf, 0.0)
+                    bos_[k - 2] = np.where(has, -np.inf, 0.0).astype(np.float32)
                 else:
-                    bos_[k - 2] = np.where(has, _stable_log10(kk / (tot + kk * Vp)), 0.0)
-            probs.append(_stable_log10(p))
+                    bos_[k - 2] = np.where(has, _stable_log10(kk / (tot + kk * Vp)), 0.0).astype(np.float32)
+            C.raw[k - 1] = C.prefix[k - 1] = C.nonext[k - 1] = None
+            probs.append(p)
+            finish(k, p, kn=False)
     else:
         raise ValueError(f"method {method!r} cannot be estimated from counts; use kneser_ney, mle or addk")
-    keys = [None] + [C.keys[k] for k in range(1, N)]
-    return keys, [p.astype(np.float32) for p in probs], [b.astype(np.float32) for b in bos_], used
+    return keys, probs, bos_, used
 
 
 # ---------------------------------------------------------------- vocabulary helpers
@@ -651,7 +778,7 @@ def build_vocab(
     vocab = list(specials)
     seen = set(vocab)
     for s in sentences:
-        for w in s.split() if isinstance(s, str) else s:
+        for w in split_words(s) if isinstance(s, str) else s:
             if w not in seen:
                 seen.add(w)
                 vocab.append(w)
@@ -687,6 +814,12 @@ class NGramModel(LanguageModel):
         self.vocab: list[str] | None = None  # set by from_arpa / from_text; not saved
         self._cache_key = None
         self._cache: _Tables | None = None
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """<s>, </s> and <unk> as the config names them (roles "bos", "eos", "unk")."""
+        c = self.config
+        return {role: int(i) for role, i in (("bos", c.bos_id), ("eos", c.eos_id), ("unk", c.unk_id)) if i is not None}
 
     # ------------------------------------------------------------ tables
     def _buffers_in_order(self) -> list[torch.Tensor]:
@@ -779,13 +912,14 @@ class NGramModel(LanguageModel):
         **config,
     ) -> tuple["NGramModel", list[str]]:
         """Build from whitespace-tokenized lines (one sentence each, as lmplz
-        reads them). The vocabulary is ``vocab`` or ``build_vocab(lines)``
-        (<unk>, <s>, </s>, then words by first occurrence); words outside a
-        given vocabulary become <unk>. Returns (model, vocabulary)."""
-        lines = [ln.split() if isinstance(ln, str) else list(ln) for ln in lines]
-        vocab = list(vocab) if vocab is not None else build_vocab(lines)
-        index = _index(vocab)
+        reads them; words split on ASCII whitespace, see
+        :func:`lmlab.tokenizers.split_words`), read once and kept as ids only, so
+        an open file can be given. The vocabulary is ``vocab`` or
+        ``build_vocab(lines)`` (<unk>, <s>, </s>, then words by first
+        occurrence); words outside a given vocabulary become <unk>. Returns
+        (model, vocabulary)."""
         fit_kw = {k: config.pop(k) for k in ("add_bos_eos", "drop_unk") if k in config}
+        packed, vocab, index = _encode_lines(lines, vocab)
         cfg = NGramConfig(
             vocab_size=len(vocab),
             order=order,
@@ -796,8 +930,7 @@ class NGramModel(LanguageModel):
             **config,
         )
         model = cls(cfg)
-        seqs = [model.encode(ln, vocab, index=index) for ln in lines]
-        model.fit(seqs, **fit_kw)
+        model.fit(packed, **fit_kw)
         model.vocab = vocab
         return model, vocab
 
@@ -811,22 +944,32 @@ class NGramModel(LanguageModel):
         model's method is ``"backoff"``. n-grams whose prefix or suffix is
         missing from the file (pruned SRILM models) are added with backoff 0
         and the probability the model gives them, which changes no score."""
-        from lmlab.arpa import read_arpa
+        from lmlab.arpa import iter_arpa, read_arpa
 
-        t = read_arpa(path)
-        vocab = t.vocab
-        index = _index(vocab)
-        cfg = NGramConfig(
-            vocab_size=len(vocab),
-            order=t.order,
-            method="backoff",
-            bos_id=index.get(bos),
-            eos_id=index.get(eos),
-            unk_id=index.get(unk),
-        )
+        sections = iter_arpa(path)
+        try:
+            counts = next(sections)
+            unigrams = next(sections)
+            vocab = unigrams.vocab
+            index = _index(vocab)
+            cfg = NGramConfig(
+                vocab_size=len(vocab),
+                order=len(counts),
+                method="backoff",
+                bos_id=index.get(bos),
+                eos_id=index.get(eos),
+                unk_id=index.get(unk),
+            )
+            built = _tables_from_sections(unigrams, sections, cfg, path)
+        finally:
+            sections.close()
         model = cls(cfg)
-        keys, prob, bo = _tables_from_arpa(t, cfg, path)
-        model._set_tables(keys, prob, bo)
+        if built is not None:
+            keys, prob, bo, T = built
+            model._set_tables(keys, prob, bo)
+            model._tables()._hash.update(T._hash)  # the same key arrays: keep their indexes
+        else:  # some n-gram lacks its prefix or suffix: read it all, then close the table
+            model._set_tables(*_tables_from_arpa(read_arpa(path), cfg, path))
         model.vocab = vocab
         return model.prepare(), vocab
 
@@ -918,7 +1061,8 @@ class NGramModel(LanguageModel):
                 out[s:s + step] = tables.dist10(flat[s:s + step]) * LN10
         device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
         logits = torch.from_numpy(out).view(B, T, V).to(device)
-        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(device)}, length + T)
+        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(device)}, length + T,
+                          offsets=None if state is None else state.offsets)
         return logits, new_state
 
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
@@ -994,7 +1138,7 @@ class NGramModel(LanguageModel):
             index = _index(vocab)
         unk = self.config.unk_id
         out = []
-        for w in words.split() if isinstance(words, str) else words:
+        for w in split_words(words) if isinstance(words, str) else words:
             i = index.get(w)
             if i is None:
                 if unk is None:
@@ -1048,6 +1192,51 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     cn = nodes[: N - 1, np.maximum(prev, 0)]
     cn[:, prev < run_start[at]] = -1
     return T.combine(tnodes, cn), at
+
+
+def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
+    """Tables of an ARPA file built order by order as :func:`iter_arpa`
+    parses it (one section's word ids in memory at a time). Returns (keys,
+    prob, backoff, the _Tables with their hash indexes), or None when an
+    n-gram's prefix or suffix is missing (then ``_tables_from_arpa`` closes
+    the table)."""
+    from lmlab.arpa import ArpaFormatError
+
+    V = cfg.vocab_size
+    keys: list = [None]
+    prob = [unigrams.probs.astype(np.float32)]
+    bo = [unigrams.backoffs.astype(np.float32)]
+    T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)  # grows with the lists
+    prefix_of = None  # node of each entry's prefix, for the order just built
+    for sec in sections:
+        k, g = sec.order, sec.ids
+        suffix = T.lookup(g[:, 1:])
+        if (suffix < 0).any():
+            return None
+        if k == 2:
+            prefix = g[:, 0].astype(np.int64)
+        else:  # x1..x_{k-1} = x1 before x2..x_{k-1}, the prefix of the suffix x2..xk
+            prefix = T.index(k - 1).find(prefix_of[suffix] * V + g[:, 0])
+            if (prefix < 0).any():
+                return None
+        key = suffix * V + g[:, 0]
+        del suffix
+        order = np.argsort(key, kind="stable")
+        prefix_of = prefix[order]
+        del prefix
+        key = key[order]
+        dup = np.flatnonzero(key[1:] == key[:-1])
+        if dup.size:
+            a, b = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
+            raise ArpaFormatError(path, sec.first_line + b, f"duplicate {k}-gram (first given on line {sec.first_line + a})")
+        keys.append(key)
+        prob.append(sec.probs[order].astype(np.float32))
+        bo.append(sec.backoffs[order].astype(np.float32))
+        del g, order, sec
+        T.index(k)
+    if cfg.bos_id is not None:
+        prob[0][cfg.bos_id] = -np.inf
+    return keys, prob, bo, T
 
 
 def _tables_from_arpa(t, cfg: NGramConfig, path):

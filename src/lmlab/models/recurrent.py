@@ -1,6 +1,7 @@
 """Recurrent language models: Elman RNN, GRU, LSTM (families "rnn", "gru", "lstm").
 
-    embedding -> dropout -> n_layer recurrent layers (dropout between them) -> dropout -> linear
+    embedding -> dropout -> n_layer recurrent layers (dropout between them) -> dropout
+              [-> linear projection to output_size] -> output layer (full or adaptive softmax)
 
 The standard forms run through ``torch.nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``
 (cuDNN on a GPU). Parameter names follow PyTorch's word_language_model
@@ -28,6 +29,23 @@ kernel.
 State: ``h`` (B, n_layer, max width) and, for the LSTM, ``c`` likewise; batch first,
 as every lmlab state. Layer k's vector is ``h[:, k, :width_k]``; with different
 widths the rest of the row is zeros.
+
+Word-level regularisation (Merity et al. 2018, AWD-LSTM; all off by default):
+
+- ``embed_dropout``: whole word types dropped from the embedding matrix per forward;
+- ``variational_dropout=True``: the dropouts on the embeddings (``input_dropout``),
+  between layers (``hidden_dropout``) and on the top layer's output (``dropout``) use
+  one mask per sequence shared over time (Gal & Ghahramani 2016) instead of a fresh
+  mask per step; ``input_dropout``/``hidden_dropout`` default to ``dropout``. The layers
+  then run through ``LayeredRecurrent`` (the same parameters, masks between layers);
+- ``tie_weights``: the output layer reuses the embedding matrix (Press & Wolf 2017;
+  Inan et al. 2017). It needs the vector the output layer reads to have n_embd
+  features: the top layer's width, or ``output_size`` which adds a linear projection
+  from the top layer to output_size (``projection.weight``, ``projection.bias``).
+
+``adaptive_cutoffs`` replaces the full softmax by an adaptive softmax
+(``lmlab.models.heads``): trained on each target's cluster only, scored exactly; the
+logits are then normalized log-probabilities.
 """
 
 from __future__ import annotations
@@ -40,6 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.base import LanguageModel, State, register
+from lmlab.models.dropout import embedding_dropout, locked_dropout
+from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 CELLS = ("rnn", "gru", "lstm")
 GRU_VARIANTS = ("reset_after", "classic")
@@ -57,7 +77,14 @@ class RecurrentConfig:
     dropout: float = 0.0               # on the embeddings, between layers, and on the top layer's output
     nonlinearity: str = "tanh"         # rnn only: "tanh" | "relu"
     gru_variant: str = "reset_after"   # gru only: "reset_after" (torch/cuDNN) | "classic"
-    tie_weights: bool = False          # decoder.weight = encoder.weight (needs n_embd == n_hidden)
+    tie_weights: bool = False          # decoder.weight = encoder.weight (needs n_embd == the width the decoder reads)
+    embed_dropout: float = 0.0         # whole embedding rows (word types) dropped per forward
+    input_dropout: float | None = None   # on the embeddings; None: dropout
+    hidden_dropout: float | None = None  # between layers; None: dropout
+    variational_dropout: bool = False  # one dropout mask per sequence, shared over time steps
+    output_size: int | None = None     # None: the decoder reads the top layer; else a projection to output_size
+    adaptive_cutoffs: list[int] | None = None  # adaptive softmax output layer (see lmlab.models.heads); None: full softmax
+    adaptive_div_value: float = 4.0            # each tail cluster's projection is this many times narrower
 
     def __post_init__(self) -> None:
         for name, accepted in (("cell", CELLS), ("gru_variant", GRU_VARIANTS), ("nonlinearity", NONLINEARITIES)):
@@ -74,11 +101,22 @@ class RecurrentConfig:
         widths = self.n_hidden if isinstance(self.n_hidden, list) else [self.n_hidden]
         if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ValueError(f"n_hidden={self.n_hidden!r} must be a positive integer or a list of them")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.tie_weights and self.n_embd != self.hidden_sizes[-1]:
-            raise ValueError(f"tie_weights needs n_embd == n_hidden (the top layer's width), got "
-                             f"n_embd={self.n_embd}, n_hidden={self.n_hidden}")
+        for name in ("dropout", "embed_dropout", "input_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value} must be in [0, 1)")
+        if self.output_size is not None and int(self.output_size) < 1:
+            raise ValueError(f"output_size={self.output_size} must be a positive integer (or null: no projection)")
+        if self.tie_weights and self.decoder_width != self.n_embd:
+            raise ValueError(
+                f"tie_weights needs the output layer's input width to equal n_embd={self.n_embd}, but it reads the "
+                f"top layer's {self.hidden_sizes[-1]} units (n_hidden={self.n_hidden}); make the top layer n_embd "
+                f"wide or set output_size={self.n_embd} to add a projection"
+            )
+        check_adaptive_cutoffs(self.adaptive_cutoffs, self.vocab_size, self.adaptive_div_value)
+        if self.adaptive_cutoffs is not None and self.tie_weights:
+            raise ValueError("adaptive_cutoffs cannot be combined with tie_weights=true (the adaptive output layer "
+                             "has no (vocab_size, n_embd) matrix to share); set tie_weights=false")
         if self.cell != "gru" and self.gru_variant != "reset_after":
             raise ValueError(f"gru_variant={self.gru_variant!r} applies to cell='gru' only, not cell={self.cell!r}")
         if self.cell != "rnn" and self.nonlinearity != "tanh":
@@ -90,6 +128,16 @@ class RecurrentConfig:
         if isinstance(self.n_hidden, list):
             return tuple(self.n_hidden)
         return (self.n_hidden,) * self.n_layer
+
+    @property
+    def decoder_width(self) -> int:
+        """Features of the vector the output layer reads: output_size, or the top layer's width."""
+        return self.output_size if self.output_size is not None else self.hidden_sizes[-1]
+
+    def dropout_rates(self) -> tuple[float, float, float]:
+        """(on the embeddings, between layers, on the top output)."""
+        pick = lambda value: self.dropout if value is None else value  # noqa: E731
+        return pick(self.input_dropout), pick(self.hidden_dropout), self.dropout
 
 
 @dataclass
@@ -119,15 +167,17 @@ class LayeredRecurrent(nn.Module):
     ``bias_hh_l{k}`` (G H_k,), gates stacked as torch does (GRU r, z, n; LSTM i, f, g, o).
     Each layer runs through the kernel those modules use (``torch.lstm``, ``torch.gru``,
     ``torch.rnn_tanh``/``rnn_relu``), or, for the classic GRU (``reset_after=False``), a
-    Python loop over time. Dropout acts between layers in training, as in torch.
+    Python loop over time. Dropout acts between layers in training, as in torch, or with
+    ``locked=True`` with one mask per sequence for all time steps (variational dropout).
 
     Hidden states go in and out like ``nn.LSTM``'s, (L, B, max width) (a tuple (h, c) for
     the LSTM); layer k reads and writes ``[k, :, :H_k]``, the rest is zeros.
     """
 
     def __init__(self, cell: str, input_size: int, widths, *, nonlinearity: str = "tanh",
-                 reset_after: bool = True, dropout: float = 0.0) -> None:
+                 reset_after: bool = True, dropout: float = 0.0, locked: bool = False) -> None:
         super().__init__()
+        self.locked = locked
         self.cell, self.input_size, self.widths = cell, input_size, [int(w) for w in widths]
         self.num_layers, self.nonlinearity, self.reset_after, self.dropout = len(self.widths), nonlinearity, reset_after, dropout
         G = GATE_COUNT[cell]
@@ -172,7 +222,8 @@ class LayeredRecurrent(nn.Module):
             if lstm:
                 cs.append(F.pad(c.reshape(-1, H), (0, width - H)))
             if k < self.num_layers - 1 and self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
+                drop = locked_dropout if self.locked else F.dropout
+                x = drop(x, self.dropout, self.training)
         h = torch.stack(hs, dim=0)
         return (x, (h, torch.stack(cs, dim=0))) if lstm else (x, h)
 
@@ -215,10 +266,12 @@ class RecurrentLM(LanguageModel):
             raise ValueError(f"the {family!r} family needs cell={family!r}, got cell={config.cell!r}")
         self.config = c = config
         self.encoder = nn.Embedding(c.vocab_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        between = c.dropout if c.n_layer > 1 else 0.0
+        between = c.dropout_rates()[1] if c.n_layer > 1 else 0.0
         widths = c.hidden_sizes
-        if c.cell == "gru" and c.gru_variant == "classic":
+        if c.variational_dropout:
+            self.rnn = LayeredRecurrent(c.cell, c.n_embd, widths, nonlinearity=c.nonlinearity,
+                                        reset_after=c.gru_variant != "classic", dropout=between, locked=True)
+        elif c.cell == "gru" and c.gru_variant == "classic":
             self.rnn = ClassicGRU(c.n_embd, list(widths), dropout=between)
         elif len(set(widths)) > 1:
             self.rnn = LayeredRecurrent(c.cell, c.n_embd, widths, nonlinearity=c.nonlinearity, dropout=between)
@@ -230,17 +283,24 @@ class RecurrentLM(LanguageModel):
             self.rnn = nn.RNN(
                 c.n_embd, widths[0], c.n_layer, nonlinearity=c.nonlinearity, dropout=between, batch_first=True
             )
-        self.decoder = nn.Linear(widths[-1], c.vocab_size)
+        if c.output_size is not None:
+            self.projection = nn.Linear(widths[-1], c.output_size)
+        self.decoder = make_output_head(c.decoder_width, c.vocab_size, True, c.adaptive_cutoffs, c.adaptive_div_value)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
+        if c.adaptive_cutoffs is None:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
         if c.tie_weights:
             self.decoder.weight = self.encoder.weight
+
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        return self.decoder if self.config.adaptive_cutoffs is not None else None
 
     def initial_state(self, batch_size: int) -> State:
         """Zero hidden (and cell) vectors: what ``state=None`` means."""
         c = self.config
-        p = self.decoder.weight
+        p = self.encoder.weight
         shape = (batch_size, c.n_layer, max(c.hidden_sizes))
         tensors = {"h": p.new_zeros(shape)}
         if c.cell == "lstm":
@@ -248,7 +308,14 @@ class RecurrentLM(LanguageModel):
         return State(tensors, 0)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, max width)."""
+        """ids: (B, T) -> logits (B, T, V), state with ``h`` (and ``c``) of shape (B, n_layer, max width).
+
+        With an adaptive output layer the logits are the exact log-probabilities."""
+        hidden, state = self.hidden_states(ids, state)
+        return self.decoder(hidden), state
+
+    def hidden_states(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """ids: (B, T) -> the vectors the output layer reads (B, T, decoder_width), and the state."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got shape {tuple(ids.shape)}")
         c = self.config
@@ -264,8 +331,11 @@ class RecurrentLM(LanguageModel):
             if shape != want:
                 raise ValueError(f"state {key!r} has shape {shape}; expected {want} for ids of batch {B}")
         if T == 0:
-            return self.decoder.weight.new_zeros(B, 0, c.vocab_size), state
-        x = self.drop(self.encoder(ids))
+            return self.encoder.weight.new_zeros(B, 0, c.decoder_width), state
+        p_input, _, p_output = c.dropout_rates()
+        drop = locked_dropout if c.variational_dropout else F.dropout
+        x = F.embedding(ids, embedding_dropout(self.encoder.weight, c.embed_dropout, self.training))
+        x = drop(x, p_input, self.training)
         hidden = [state.tensors[k].transpose(0, 1).contiguous().to(x.dtype) for k in keys]  # (L, B, H)
         if c.cell == "lstm":
             out, (h, cell) = self.rnn(x, (hidden[0], hidden[1]))
@@ -273,8 +343,10 @@ class RecurrentLM(LanguageModel):
         else:
             out, h = self.rnn(x, hidden[0])
             new = {"h": h.transpose(0, 1).contiguous()}
-        logits = self.decoder(self.drop(out))
-        return logits, State(new, state.length + T)
+        out = drop(out, p_output, self.training)
+        if c.output_size is not None:
+            out = self.projection(out)
+        return out, State(new, state.length + T, offsets=state.offsets)
 
 
 @register("rnn", RNNConfig)

@@ -8,8 +8,11 @@ for, through ``attention_weights``, which follows the same convention for a quer
 with every key masked: weights 0, output 0, no gradient (never NaN).
 
 State: ``k{i}``/``v{i}`` of shape (B, H_kv, capacity, D_head) per layer; the
-first ``state.length`` positions are filled. Capacity grows by doubling up to
-``block_size``, so appending a token costs O(1) amortised copies.
+first ``state.length`` slots are filled. Capacity grows by doubling up to
+``block_size``, so appending a token costs O(1) amortised copies. Rows merged
+from different positions (``merge_states``) are aligned at their ends: row b's
+first ``state.offsets[b]`` slots are empty and masked out of attention, and its
+positions count from its own first token.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.base import LanguageModel, State, register
+from lmlab.models.base import LanguageModel, State, _merged_offsets, _or_none, register
+from lmlab.models.dropout import embedding_dropout
+from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 
 @dataclass
@@ -46,6 +51,8 @@ class TransformerConfig:
     lm_head_bias: bool = False
     tie_weights: bool = True
     causal: bool = True            # False: every position attends to every position (an encoder)
+    adaptive_cutoffs: list[int] | None = None  # adaptive softmax output layer (see lmlab.models.heads); None: full softmax
+    adaptive_div_value: float = 4.0            # each tail cluster's projection is this many times narrower
 
     def __post_init__(self) -> None:
         choices = {
@@ -70,6 +77,10 @@ class TransformerConfig:
             raise ValueError(f"dropout={self.dropout}, embed_dropout={self.embed_dropout}: each must be in [0, 1)")
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        check_adaptive_cutoffs(self.adaptive_cutoffs, self.vocab_size, self.adaptive_div_value)
+        if self.adaptive_cutoffs is not None and self.tie_weights:
+            raise ValueError("adaptive_cutoffs cannot be combined with tie_weights=true (the adaptive output layer "
+                             "has no (vocab_size, n_embd) matrix to share); set tie_weights=false")
 
 
 def sinusoidal_table(num_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
@@ -85,9 +96,9 @@ def sinusoidal_table(num_positions: int, dim: int, layout: str = "interleaved") 
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim) for rotary embeddings (the half-split layout Llama uses)."""
+    """cos, sin of shape (*positions.shape, head_dim) for rotary embeddings (the half-split layout Llama uses)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -142,8 +153,11 @@ class Attention(nn.Module):
         start: int,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         need_weights: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """x: (B, T, C); cache: (k, v) each (B, H_kv, capacity, D) holding ``start`` positions."""
+        """x: (B, T, C); cache: (k, v) each (B, H_kv, capacity, D) holding ``start`` slots.
+        mask: None, or (B, 1, T, start + T) bool, True where a query may read a key slot
+        (rows with empty slots, see ``Transformer.merge_states``)."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -158,7 +172,7 @@ class Attention(nn.Module):
             # One query per row (a decoding step): the `repeat` query heads of each kv head
             # attend as rows of one group, so the cache is not copied per head.
             y = F.scaled_dot_product_attention(
-                q.reshape(B, self.n_kv_head, repeat, self.head_dim), k_all, v_all, dropout_p=dropout
+                q.reshape(B, self.n_kv_head, repeat, self.head_dim), k_all, v_all, attn_mask=mask, dropout_p=dropout
             ).reshape(B, self.n_head, 1, self.head_dim)
             return self.o(y.transpose(1, 2).reshape(B, T, C)), cache, weights
         if repeat > 1:
@@ -166,10 +180,14 @@ class Attention(nn.Module):
             v_all = v_all.repeat_interleave(repeat, dim=1)
         if need_weights:
             scores = (q @ k_all.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            if self.causal:
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            elif self.causal:
                 scores = scores.masked_fill(~_causal_mask(T, start, x.device), float("-inf"))
             weights = attention_weights(scores)
             y = weights @ v_all
+        elif mask is not None:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout)
         elif start == 0:
             y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=self.causal and T > 1, dropout_p=dropout)
         elif T == 1:
@@ -250,13 +268,13 @@ class Block(nn.Module):
         self.mlp = FeedForward(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache, start, rotary, need_weights=False):
+    def forward(self, x, cache, start, rotary, need_weights=False, mask=None):
         if self.pre_norm:
-            a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights)
+            a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
             x = x + self.drop(a)
             x = x + self.drop(self.mlp(self.ln2(x)))
         else:
-            a, cache, w = self.attn(x, cache, start, rotary, need_weights)
+            a, cache, w = self.attn(x, cache, start, rotary, need_weights, mask)
             x = self.ln1(x + self.drop(a))
             x = self.ln2(x + self.drop(self.mlp(x)))
         return x, cache, w
@@ -278,7 +296,8 @@ class Transformer(LanguageModel):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = make_output_head(config.n_embd, config.vocab_size, config.lm_head_bias,
+                                        config.adaptive_cutoffs, config.adaptive_div_value)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.o.weight", "mlp.proj.weight")):
@@ -297,25 +316,31 @@ class Transformer(LanguageModel):
     def max_context(self) -> int:
         return self.config.block_size
 
-    def embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """(B, T) ids at positions start.. -> (B, T, C) input vectors."""
+    @property
+    def adaptive_head(self) -> nn.Module | None:
+        return self.lm_head if self.config.adaptive_cutoffs is not None else None
+
+    def embed(self, ids: torch.Tensor, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids at positions start.. -> (B, T, C) input vectors; ``positions`` (B, T),
+        when given, are each token's own position instead."""
         c = self.config
-        weight = self.wte.weight
-        if self.training and c.embed_dropout > 0:
-            keep = torch.empty(weight.shape[0], 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - c.embed_dropout)
-            weight = weight * keep / (1 - c.embed_dropout)
-        x = F.embedding(ids, weight)
+        x = F.embedding(ids, embedding_dropout(self.wte.weight, c.embed_dropout, self.training))
         T = ids.shape[1]
+        if positions is None and c.positions != "rotary":
+            positions = torch.arange(start, start + T, device=ids.device)
         if c.positions == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=ids.device))
+            x = x + self.wpe(positions)
         elif c.positions == "sinusoidal":
-            x = x + self.sinusoid[start : start + T]
+            x = x + self.sinusoid[positions]
         return self.drop(x)
 
     def forward(
         self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
     ) -> tuple[torch.Tensor, State]:
         """ids: (B, T) int64 -> logits (B, T, V) float and the state after the last token.
+
+        With an adaptive output layer (``adaptive_cutoffs``) the logits are the exact
+        log-probabilities (they are already normalized).
 
         With ``return_attention=True`` the state also holds ``attention{i}``
         (B, H, T, start + T) weights per layer (slower: no fused kernel).
@@ -344,16 +369,50 @@ class Transformer(LanguageModel):
                 f"{start + T} positions exceed the model's block_size={self.config.block_size}; "
                 "crop the input or continue with a fresh state over the last block_size tokens"
             )
-        x = self.embed(ids, start)
+        offsets = state.offsets if state is not None else None
+        positions = mask = None
+        if offsets is not None:
+            # Row b's tokens sit at its own positions; its empty slots are masked out.
+            positions = (start - offsets)[:, None] + torch.arange(T, device=ids.device)  # (B, T)
+            slots = torch.arange(start + T, device=ids.device)
+            mask = _causal_mask(T, start, ids.device)[None] & (slots[None, None, :] >= offsets[:, None, None])
+            mask = mask[:, None]  # (B, 1, T, start + T)
+        x = self.embed(ids, start, positions)
         rotary = None
         if self.config.positions == "rotary":
-            positions = torch.arange(start, start + T, device=ids.device)
+            if positions is None:
+                positions = torch.arange(start, start + T, device=ids.device)
             rotary = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            if positions.ndim == 2:
+                rotary = (rotary[0][:, None], rotary[1][:, None])  # (B, 1, T, D) against (B, H, T, D)
         tensors: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             cache = (state.tensors[f"k{i}"], state.tensors[f"v{i}"]) if state is not None else None
-            x, (ck, cv), w = block(x, cache, start, rotary, return_attention)
+            x, (ck, cv), w = block(x, cache, start, rotary, return_attention, mask)
             tensors[f"k{i}"], tensors[f"v{i}"] = ck, cv
             if w is not None:
                 tensors[f"attention{i}"] = w
-        return self.ln_f(x), State(tensors, start + T)
+        return self.ln_f(x), State(tensors, start + T, offsets=offsets)
+
+    def merge_states(self, states: list[State]) -> State:
+        """The rows of ``states`` (KV caches at any lengths) as one batch, aligned at their ends:
+        a shorter cache is padded with empty slots at the start (``State.offsets``, masked out of
+        attention); slots no row fills are dropped."""
+        states = [s for s in states if s.batch_size]
+        if not states:
+            raise ValueError("merge_states needs at least one state with rows")
+        length = max(s.length for s in states)
+        offsets = _merged_offsets(states, length)
+        trim = int(offsets.min())
+        tensors = {}
+        for i in range(len(self.blocks)):
+            for name in (f"k{i}", f"v{i}"):
+                parts = []
+                for s in states:
+                    t = s.tensors[name][:, :, : s.length]
+                    pad = length - s.length
+                    if pad:
+                        t = torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
+                    parts.append(t[:, :, trim:])
+                tensors[name] = torch.cat(parts)
+        return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))

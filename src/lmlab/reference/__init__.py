@@ -8,6 +8,9 @@ Short enough to read next to the math, and used to check the PyTorch code:
   ``attention`` (forward) and ``attention_backward`` (dQ, dK, dV);
 - ``recurrent``: ``RecurrentLM`` (RNN / GRU / LSTM + dense output) from numpy weights,
   ``from_torch_state_dict``;
+- ``bptt``: backpropagation through time by hand for ``RecurrentLM``: ``forward_trace``,
+  ``backward`` (every weight, bias, the inputs, the initial state), ``bptt`` (full or
+  truncated over windows of k steps), ``hidden_gradient_norms``;
 - ``keras``: ``load_keras_h5`` for Keras 2 ``.h5`` files (needs h5py; imported on use);
 - ``sequence``: ``sequence_nll``, ``perplexity``, ``sample`` for any step function;
 - ``transformer``: ``TransformerLM`` (decoder-only inference with a ``KVCache``), sinusoidal
@@ -21,6 +24,7 @@ Only numpy (and h5py for Keras files) -- never torch.
 
 from lmlab.reference.attention import MultiHeadAttention, SelfAttention, attention, attention_backward
 from lmlab.reference.ops import gelu, layer_norm, log_softmax, rms_norm, softmax, softmax_backward
+from lmlab.reference.bptt import Gradients, backward, bptt, forward_trace, hidden_gradient_norms
 from lmlab.reference.recurrent import GATES, RecurrentLM, from_torch_state_dict, random_weights
 from lmlab.reference.sequence import perplexity, sample, sequence_nll, token_nlls
 from lmlab.reference.transformer import KVCache, TransformerLM, sinusoidal_encoding, sinusoidal_table
@@ -36,6 +40,7 @@ def load_keras_h5(path, dtype=None):
 
 __all__ = [
     "GATES",
+    "Gradients",
     "KVCache",
     "MultiHeadAttention",
     "RecurrentLM",
@@ -43,9 +48,13 @@ __all__ = [
     "TransformerLM",
     "attention",
     "attention_backward",
+    "backward",
+    "bptt",
+    "forward_trace",
     "from_pytorch_state_dict",
     "from_torch_state_dict",
     "gelu",
+    "hidden_gradient_norms",
     "layer_norm",
     "load_keras_h5",
     "load_lmlab_checkpoint",

@@ -69,11 +69,13 @@ TRANSFORMER_DEFAULTS = dict(
     vocab_size=None, block_size=256, n_layer=4, n_head=4, n_embd=128, n_kv_head=None, d_ff=None, dropout=0.0, embed_dropout=0.0,
     norm="layernorm", norm_position="pre", norm_eps=1e-5, positions="learned", sinusoidal_layout="interleaved",
     rope_theta=10000.0, activation="gelu", bias=True, lm_head_bias=False, tie_weights=True, causal=True,
+    adaptive_cutoffs=None, adaptive_div_value=4.0,
 )
 # Defaults of lmlab.models.recurrent.RecurrentConfig.
 RECURRENT_DEFAULTS = dict(
     vocab_size=None, block_size=64, cell=None, n_embd=64, n_hidden=128, n_layer=1, dropout=0.0, nonlinearity="tanh",
-    gru_variant="reset_after", tie_weights=False,
+    gru_variant="reset_after", tie_weights=False, embed_dropout=0.0, input_dropout=None, hidden_dropout=None,
+    variational_dropout=False, output_size=None, adaptive_cutoffs=None, adaptive_div_value=4.0,
 )
 
 _Plan = list[tuple[str, str, tuple, bool]]   # (source name, engine name, shape, required)
@@ -153,12 +155,19 @@ def _config(values: Mapping, defaults: dict, family: str) -> dict:
 # ---------------------------------------------------------------- lmlab checkpoints
 
 
+def _refuse_adaptive(c: Mapping, family: str) -> None:
+    if c["adaptive_cutoffs"] is not None:
+        raise ValueError(f"the numpy engine runs a full softmax output layer; this {family} config has "
+                         f"adaptive_cutoffs={c['adaptive_cutoffs']} (an adaptive softmax)")
+
+
 def transformer_from_lmlab(config: Mapping, tensors: Mapping[str, np.ndarray], *, dtype=None,
                            where: str = "the state dict") -> TransformerLM:
     """A ``TransformerLM`` from an lmlab transformer config (dict) and its state dict (numpy arrays)."""
     c = _config(config, TRANSFORMER_DEFAULTS, "transformer")
     if not c["causal"]:
         raise ValueError("the numpy engine runs causal (decoder) transformers; this config has causal=False")
+    _refuse_adaptive(c, "transformer")
     V, C, L = c["vocab_size"], c["n_embd"], c["n_layer"]
     D = C // c["n_head"]
     kv = (c["n_kv_head"] or c["n_head"]) * D
@@ -215,6 +224,10 @@ def recurrent_from_lmlab(family: str, config: Mapping, tensors: Mapping[str, np.
     c = _config(config, RECURRENT_DEFAULTS, family)
     if c["cell"] not in (None, family):
         raise ValueError(f"the {family!r} family needs cell={family!r}, got cell={c['cell']!r}")
+    _refuse_adaptive(c, family)
+    if c["output_size"] is not None:
+        raise ValueError(f"the numpy engine's {family} reads the top layer directly; this config has "
+                         f"output_size={c['output_size']} (a projection before the output layer)")
     extra = sorted(k for k in tensors if not _lmlab_recurrent_name(k))
     if extra:
         raise ValueError(f"unexpected arrays {extra} in {where} for an lmlab {family}")

@@ -1,0 +1,384 @@
+"""``lmlab serve`` under load, on loopback only: throughput, latency, and a bounded soak test.
+
+    python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
+    python benchmarks/serve_load.py loop --out runs/serve_loop.json
+    python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
+    python benchmarks/serve_load.py throughput --model hf:/path/to/smollm2 --max-tokens 32 --out ...
+
+throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transformer of the
+    demo's size (4 layers, 4 heads, 128 wide, block 64, tiny-Shakespeare characters; random
+    weights, <eos> banned with logit_bias so every request makes exactly --max-tokens tokens),
+    driven by 1, 4, 16 and 32 concurrent streaming clients; and the same 16 clients against a
+    server with --max-batch 1 (one request at a time). Aggregate tokens/s, time to first token
+    and inter-token latency (p50, p99) per setting, and ``lmlab generate``'s own tokens/s for
+    one request in this process (what a single client loses to the server).
+loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
+    N jobs submitted together against the same jobs one at a time, to show what the HTTP
+    layer costs.
+soak: --requests requests from --clients concurrent clients, a mix of streaming and
+    non-streaming, some cancelled after a few tokens, some invalid (answered 400). Checks that
+    every request is answered exactly once (or refused with a clear error), that no response
+    id repeats, and reports the server's resident memory after a warm-up and at the end.
+
+Prints Markdown tables and writes JSON. Nothing listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+PROMPTS = ["ROMEO:", "JULIET:\nO ", "First Citizen:", "KING HENRY", "To be, or ", "MENENIUS:\nWhat", "O", "Good "]
+
+
+def demo_checkpoint(directory: Path) -> Path:
+    """A demo-size char transformer (random weights) with the bundled corpus' tokenizer."""
+    from lmlab.data import read_corpus
+    from lmlab.models import build_model, save_model
+    from lmlab.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train(read_corpus(None))
+    torch.manual_seed(0)
+    model = build_model("transformer", dict(vocab_size=tok.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128))
+    save_model(model, directory)
+    tok.save(directory / "tokenizer.json")
+    return directory
+
+
+class Server:
+    """``lmlab serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: str, max_batch: int, max_tokens_limit: int = 4096, threads: int = 1) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = "import sys; from lmlab.cli import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+             "--max-batch", str(max_batch), "--max-tokens-limit", str(max_tokens_limit)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start: {self.proc.stdout.read()}")
+            time.sleep(0.2)
+        self.info = httpx.get(self.url + "/v1/info").json()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stream_request(url: str, body: dict, cancel_after: int | None = None, timeout: float = 600) -> dict:
+    """One streaming completion; the arrival time of every token chunk."""
+    t0 = time.perf_counter()
+    times, ids, text, finish = [], set(), [], None
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"status": r.status_code, "error": r.json()["error"]["message"]}
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[6:])
+            ids.add(chunk["id"])
+            for c in chunk["choices"]:
+                if c.get("finish_reason"):
+                    finish = c["finish_reason"]
+                else:  # logprobs=0: the chunk lists its tokens (one or more)
+                    times.extend([time.perf_counter() - t0] * len(c["logprobs"]["tokens"]))
+                    text.append(c["text"])
+            if cancel_after is not None and len(times) >= cancel_after:
+                return {"status": "cancelled", "ids": ids, "tokens": len(times)}
+    return {"status": 200, "ids": ids, "times": times, "text": "".join(text), "finish": finish}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def drive(server: "Server", clients: int, requests_per_client: int, body: dict) -> dict:
+    """``clients`` threads, each sending its requests one after another; aggregate figures, and
+    the server's CPU time (on a shared machine, tokens per CPU second depend less on the load)."""
+    url = server.url
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for r in range(requests_per_client):
+            prompt = PROMPTS[(c + r) % len(PROMPTS)]
+            out = stream_request(url, {**body, "prompt": prompt, "seed": c * 1000 + r, "logprobs": 0})
+            with lock:
+                results.append(out)
+
+    t0, cpu0 = time.perf_counter(), server.cpu_seconds()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(len(r["times"]) for r in ok)
+    ttft = [r["times"][0] for r in ok if r["times"]]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    return {"clients": clients, "requests": len(results), "ok": len(ok), "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall, "server_cpu_s": cpu, "tokens_per_server_cpu_s": tokens / cpu,
+            "ttft_p50_ms": 1000 * percentile(ttft, 50),
+            "ttft_p99_ms": 1000 * percentile(ttft, 99), "itl_p50_ms": 1000 * percentile(itl, 50),
+            "itl_p99_ms": 1000 * percentile(itl, 99)}
+
+
+def generate_tokens_per_s(model_spec: str, max_tokens: int, eos_bias: dict, repeats: int = 3) -> float:
+    """``lmlab generate``'s loop in this process: one request of the same size (median of repeats)."""
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.decode.setups import DecodingSetup, run_setup
+
+    model, tokenizer = load_checkpoint(model_spec)
+    setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
+    times, cpu = [], []
+    for r in range(repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = run_setup(model, tokenizer, [PROMPTS[r % len(PROMPTS)]], setup, max_tokens, seed=r)
+        times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
+        cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
+    return 1.0 / statistics.median(times[1:]), 1.0 / statistics.median(cpu[1:])
+
+
+def throughput(args, model_spec: str) -> dict:
+    rows = []
+    server = Server(model_spec, max_batch=32, threads=args.threads)
+    try:
+        eos_id = _eos_id(model_spec)
+        body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
+        drive(server, 2, 1, body)  # warm-up
+        for clients in args.clients:
+            per_client = max(1, args.requests_per_setting // clients)
+            row = drive(server, clients, per_client, body)
+            row["server"] = "continuous batching (--max-batch 32)"
+            rows.append(row)
+            print(_row(row), flush=True)
+    finally:
+        server.close()
+    server = Server(model_spec, max_batch=1, threads=args.threads)
+    try:
+        clients = 16
+        row = drive(server, clients, max(1, args.requests_per_setting // clients), body)
+        row["server"] = "one request at a time (--max-batch 1)"
+        rows.append(row)
+        print(_row(row), flush=True)
+    finally:
+        server.close()
+    single, single_cpu = generate_tokens_per_s(model_spec, args.max_tokens, body["logit_bias"])
+    return {"rows": rows, "lmlab_generate_tokens_per_s": single, "lmlab_generate_tokens_per_cpu_s": single_cpu}
+
+
+def _eos_id(model_spec: str) -> int:
+    from lmlab.checkpoints import load_checkpoint
+
+    _, tokenizer = load_checkpoint(model_spec)
+    return tokenizer.eos_id
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tokens_per_server_cpu_s']:.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+
+
+def soak(args, model_spec: str) -> dict:
+    """--requests requests from --clients clients: streaming, whole, cancelled and invalid ones."""
+    server = Server(model_spec, max_batch=16, max_tokens_limit=64, threads=args.threads)
+    rng = random.Random(0)
+    plan = []
+    for i in range(args.requests):
+        kind = rng.choices(["stream", "whole", "cancel", "invalid"], weights=[4, 4, 1, 1])[0]
+        plan.append((i, kind, rng.randint(1, 40), rng.choice(PROMPTS)))
+    answers: dict[int, dict] = {}
+    lock = threading.Lock()
+    queue = list(plan)
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, kind, max_tokens, prompt = queue.pop()
+            body = {"prompt": prompt, "max_tokens": max_tokens, "seed": i}
+            try:
+                if kind == "invalid":
+                    r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 10_000}, timeout=600)
+                    out = {"status": r.status_code, "error": r.json()["error"]["message"]}
+                elif kind == "whole":
+                    r = httpx.post(server.url + "/v1/completions", json=body, timeout=600)
+                    data = r.json()
+                    out = {"status": r.status_code, "ids": {data["id"]}, "choices": len(data["choices"]),
+                           "tokens": data["usage"]["completion_tokens"]}
+                else:
+                    out = stream_request(server.url, {**body, "logprobs": 0},
+                                         cancel_after=2 if kind == "cancel" else None)
+            except httpx.HTTPError as e:
+                out = {"status": "transport error", "error": str(e)}
+            with lock:
+                if i in answers:
+                    answers[i]["duplicate"] = True
+                else:
+                    answers[i] = {"kind": kind, **out}
+
+    try:
+        warm = [threading.Thread(target=lambda: stream_request(server.url, {"prompt": "O", "max_tokens": 8, "logprobs": 0}))
+                for _ in range(4)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
+        rss_start = server.rss_mb()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.soak_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        time.sleep(1.0)
+        rss_end = server.rss_mb()
+        idle_rows = httpx.get(server.url + "/v1/info").json()
+    finally:
+        server.close()
+    ids = [x for a in answers.values() for x in a.get("ids", ())]
+    summary = {
+        "requests": args.requests, "clients": args.soak_clients, "seconds": wall,
+        "answered": len(answers), "lost": args.requests - len(answers),
+        "duplicated_requests": sum(1 for a in answers.values() if a.get("duplicate")),
+        "duplicated_response_ids": len(ids) - len(set(ids)),
+        "by_kind": {}, "rss_mb_after_warmup": rss_start, "rss_mb_at_end": rss_end,
+        "policy": idle_rows["policy"],
+    }
+    for kind in ("stream", "whole", "cancel", "invalid"):
+        mine = [a for a in answers.values() if a["kind"] == kind]
+        statuses: dict[str, int] = {}
+        for a in mine:
+            statuses[str(a["status"])] = statuses.get(str(a["status"]), 0) + 1
+        summary["by_kind"][kind] = statuses
+    bad = [a for a in answers.values() if a["kind"] != "invalid" and a["status"] not in (200, "cancelled")]
+    summary["unexpected"] = bad[:5]
+    return summary
+
+
+def loop(args, model_spec: str) -> dict:
+    """Aggregate tokens/s of the Scheduler alone: N jobs at once against one at a time."""
+    from lmlab.checkpoints import load_checkpoint
+    from lmlab.decode.setups import DecodingSetup
+    from lmlab.serve.scheduler import Job, Scheduler
+
+    model, tokenizer = load_checkpoint(model_spec)
+    processors = DecodingSetup(logit_bias={tokenizer.eos_id: -100.0}).processors(eos_id=tokenizer.eos_id)
+    scheduler = Scheduler(model, tokenizer, max_batch=32)
+
+    def jobs(count: int) -> list[Job]:
+        return [Job(prompt_ids=tokenizer.encode(PROMPTS[i % len(PROMPTS)]), max_new_tokens=args.max_tokens,
+                    processors=processors, seed=i, eos_id=tokenizer.eos_id) for i in range(count)]
+
+    def timed(batch: list[Job], together: bool) -> float:
+        t0 = time.perf_counter()
+        for job in batch:
+            scheduler.submit(job)
+            if not together:
+                job.done.wait()
+        for job in batch:
+            job.done.wait()
+        return sum(len(job.results[0].token_ids) for job in batch) / (time.perf_counter() - t0)
+
+    rows = []
+    try:
+        timed(jobs(4), True)  # warm-up
+        for count in args.clients:
+            row = {"jobs": count, "together_tokens_per_s": timed(jobs(count), True),
+                   "one_at_a_time_tokens_per_s": timed(jobs(count), False)}
+            rows.append(row)
+            print(f"| {count} | {row['together_tokens_per_s']:.0f} | {row['one_at_a_time_tokens_per_s']:.0f} | "
+                  f"{row['together_tokens_per_s'] / row['one_at_a_time_tokens_per_s']:.1f}x |", flush=True)
+    finally:
+        scheduler.close()
+    return {"rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["throughput", "loop", "soak"])
+    parser.add_argument("--model", help="a checkpoint or hf:DIR (default: a demo-size random transformer)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: client counts")
+    parser.add_argument("--soak-clients", type=int, default=32, help="soak: concurrent clients")
+    parser.add_argument("--requests-per-setting", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=500, help="soak: requests in all")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the server and of the in-process lmlab generate run (OMP_NUM_THREADS)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_spec = args.model or str(demo_checkpoint(Path(tmp) / "demo-size"))
+        meta = {"model": args.model or "demo-size transformer (4x4x128, block 64, random weights)",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, loaded)",
+                "torch": torch.__version__, "max_tokens": args.max_tokens, "threads": args.threads}
+        if args.mode == "throughput":
+            print("| server | clients | requests | tokens | tokens/s | tokens per server CPU s | "
+                  "TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
+            print("|---|---|---|---|---|---|---|---|")
+            result = {**meta, **throughput(args, model_spec)}
+            print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
+                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s")
+        elif args.mode == "loop":
+            print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
+            print("|---|---|---|---|")
+            result = {**meta, **loop(args, model_spec)}
+        else:
+            result = {**meta, **soak(args, model_spec)}
+            print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Continuous batching: one decoding loop shared by every request.
+
+    scheduler = Scheduler(model, tokenizer, max_batch=16)
+    job = Job(prompt_ids=[5, 6, 7], max_new_tokens=20, processors=setup.processors(eos_id=2),
+              do_sample=True, seed=0, eos_id=2, on_event=print)
+    scheduler.submit(job)          # events arrive on the loop's thread; job.done is set at the end
+    scheduler.call(fn)             # run fn() between two steps (scoring, beams): a Future
+
+A job is one request: ``n`` rows continuing the same prompt with one decoding setup and one
+``torch.Generator``. Between two steps the loop admits waiting jobs (each prompt is read by
+the model alone, then its state is merged into the batch with ``model.merge_states``: rows
+keep their own positions) and retires finished or cancelled ones. Every step makes one
+``model.next_token_logits`` call for all rows; then the jobs that share a decoding setup
+run its processors on their rows together and each job picks its tokens (the argmax, or a
+draw from the softmax with its own generator): the same operations, row by row, as
+``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in the batch,
+and equal those of ``generate`` with the same prompt, setup and seed.
+
+Policy for models whose states cannot be merged (a Hugging Face cache, RAG-token): one job
+at a time, in arrival order; the rows of one job still share each step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.decode.generate import Generation, finished_text
+from lmlab.decode.processors import apply_processors
+from lmlab.decode.search import _check_pickable, greedy_pick
+from lmlab.models.base import require_causal
+
+__all__ = ["Job", "TokenEvent", "Scheduler"]
+
+
+@dataclass
+class TokenEvent:
+    """A token chosen for ``row`` of a job. ``logprob``: under the model (before processors);
+    ``processed_logprob``: after them (only when the job asks for ``alternatives``; -inf when
+    they cut it). ``alternatives``: the most probable tokens as (id, model logprob, processed logprob)."""
+
+    row: int
+    token_id: int
+    logprob: float
+    processed_logprob: float | None
+    alternatives: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One request: ``n`` rows continuing ``prompt_ids`` (each of length >= 1).
+
+    ``on_event(event)`` is called on the loop's thread with each ``TokenEvent`` of a row still
+    running; at the end ``results`` (one ``Generation`` per row, text included) or ``error``
+    is set, then ``done``, then ``on_done()`` is called. ``cancel()`` retires the job at the
+    next step.
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    processors: Sequence = ()
+    do_sample: bool = True
+    seed: int | None = None
+    eos_id: int | None = None
+    stop_strings: Sequence[str] = ()
+    n: int = 1
+    alternatives: int = 0
+    on_event: Callable[[TokenEvent], None] | None = None
+    on_done: Callable[[], None] | None = None
+    results: list[Generation] | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Active:
+    """A job in the running batch: its tokens so far, its generator and its rows' progress."""
+
+    def __init__(self, job: Job, device: torch.device) -> None:
+        self.job = job
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+        self.ids = torch.tensor([job.prompt_ids] * job.n, dtype=torch.long, device=device)  # (n, t)
+        self.generated = 0
+        self.rows = [Generation(prompt_ids=list(job.prompt_ids)) for _ in range(job.n)]
+        self.running = [True] * job.n
+        # Jobs with equal processors (frozen dataclasses: equal reprs) run them as one block.
+        self.setup_key = (repr(list(job.processors)), job.alternatives > 0)
+
+    @property
+    def finished(self) -> bool:
+        return not any(self.running)
+
+
+class Scheduler:
+    """One thread runs the decoding loop over the jobs submitted to it (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16) -> None:
+        require_causal(model, "serving")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.device = model.device
+        self.batchable = self._can_merge()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._active: list[_Active] = []
+        self._state = None
+        self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the running rows
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="lmlab-scheduler", daemon=True)
+        self._thread.start()
+
+    @torch.no_grad()
+    def _can_merge(self) -> bool:
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        _, a = self.model.next_token_logits(ids, None)
+        _, b = self.model.next_token_logits(torch.zeros(1, 2, dtype=torch.long, device=self.device), None)
+        try:
+            self.model.merge_states([a, b])
+        except NotImplementedError:
+            return False
+        return True
+
+    @property
+    def policy(self) -> str:
+        return "continuous batching" if self.batchable else "one request at a time"
+
+    @property
+    def running_rows(self) -> int:
+        return sum(a.job.n for a in self._active)
+
+    def submit(self, job: Job) -> Job:
+        if job.n > self.max_batch:
+            raise ValueError(f"n={job.n} rows do not fit in a batch of max_batch={self.max_batch}")
+        if not job.prompt_ids:
+            raise ValueError("the prompt is empty; every prompt needs at least one token")
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the loop's thread between two steps (the model is never used by two
+        threads at once); its result or exception comes back through the Future."""
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closed or self._waiting or self._calls or self._active):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # the caller sees it
+                        future.set_exception(e)
+            try:
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as e:  # a failing step fails the jobs in it, never the loop
+                for a in self._active:
+                    self._finish(a, error=f"{type(e).__name__}: {e}")
+                self._active, self._state, self._logits = [], None, None
+        for a in self._active:
+            self._finish(a, error="the server is shutting down")
+        for job in self._waiting:
+            job.error = "the server is shutting down"
+            _done(job)
+
+    @torch.no_grad()
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch while their rows fit (one job at a time when the
+        model's states cannot be merged)."""
+        new_states, new_logits = [], []
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    break
+                job = self._waiting[0]
+                rows = self.running_rows + sum(s.batch_size for s in new_states)
+                fits = rows + job.n <= self.max_batch and (self.batchable or (rows == 0))
+                if not fits and not job.cancelled:
+                    break
+                self._waiting.popleft()
+            if job.cancelled:
+                job.results, job.error = [], "cancelled"
+                _done(job)
+                continue
+            active = _Active(job, self.device)
+            try:
+                logits, state = self.model.next_token_logits(active.ids, None)
+            except Exception as e:
+                self._finish(active, error=f"{type(e).__name__}: {e}")
+                continue
+            new_states.append(state)
+            new_logits.append(logits)
+            self._active.append(active)
+        if not new_states:
+            return
+        states = ([self._state] if self._state is not None else []) + new_states
+        self._state = states[0] if len(states) == 1 else self.model.merge_states(states)
+        logits = ([self._logits] if self._logits is not None else []) + new_logits
+        self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """Choose one token for every row, retire the finished jobs, feed the rest."""
+        self.steps += 1
+        spans, start = [], 0
+        for a in self._active:
+            spans.append((a, start))
+            start += a.job.n
+        live = [(a, lo) for a, lo in spans if not a.job.cancelled]
+        chosen = torch.zeros(start, dtype=torch.long, device=self.device)
+        if live:
+            logits = self._logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            groups: dict[tuple, list[tuple[_Active, int]]] = {}
+            for a, lo in live:  # jobs with the same setup are processed as one block of rows
+                groups.setdefault((a.setup_key, a.job.do_sample), []).append((a, lo))
+            for members in groups.values():
+                self._choose(members, logits, logp, chosen)
+        keep, survivors = [], []
+        for a, lo in spans:
+            if a.job.cancelled or a.finished:
+                self._finish(a, error="cancelled" if a.job.cancelled else None)
+            else:
+                survivors.append(a)
+                keep.extend(range(lo, lo + a.job.n))
+        self._active = survivors
+        if not survivors:
+            self._state, self._logits = None, None
+            return
+        state = self._state
+        if len(keep) < state.batch_size:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            state = state.select(index)
+            chosen = chosen.index_select(0, index)
+            state = self.model.merge_states([state]) if self.batchable else state
+        self._logits, self._state = self.model.next_token_logits(chosen[:, None], state)
+
+    def _choose(self, members: list[tuple[_Active, int]], logits: torch.Tensor, logp: torch.Tensor,
+                chosen: torch.Tensor) -> None:
+        """Pick the next token of every row of jobs that share one setup, as ``generate`` does:
+        the processors run on their rows together (their histories left-padded with -1, which
+        every processor ignores), then each job draws from its rows with its own generator.
+        ``logits``/``logp``: (B, V) of the whole batch; the picks are written into ``chosen`` (B,)."""
+        first = members[0][0].job
+        index = torch.cat([torch.arange(lo, lo + a.job.n) for a, lo in members]).to(self.device)
+        scores = logits.index_select(0, index)
+        if first.processors:
+            width = max(a.ids.shape[1] for a, _ in members)
+            ids = torch.cat([F.pad(a.ids, (width - a.ids.shape[1], 0), value=-1) for a, _ in members])
+            num_generated = torch.cat([torch.full((a.job.n,), a.generated, dtype=torch.long) for a, _ in members])
+            scores = apply_processors(first.processors, scores, ids, num_generated=num_generated.to(self.device))
+        if first.do_sample:
+            _check_pickable(scores)
+            probs = torch.softmax(scores, dim=-1)
+            parts, offset = [], 0
+            for a, _ in members:
+                rows = probs[offset : offset + a.job.n]
+                parts.append(torch.multinomial(rows, 1, generator=a.generator).squeeze(1))
+                offset += a.job.n
+            picks = torch.cat(parts)
+        else:
+            picks = greedy_pick(scores)
+        chosen[index] = picks
+        picked = logp.index_select(0, index).gather(1, picks[:, None]).squeeze(1).tolist()
+        tokens = picks.tolist()
+        processed = None
+        if any(a.job.alternatives for a, _ in members):
+            processed = torch.log_softmax(scores, dim=-1)
+        offset = 0
+        for a, _ in members:
+            n = a.job.n
+            rows = slice(offset, offset + n)
+            offset += n
+            a.ids = torch.cat([a.ids, picks[rows, None]], dim=1)
+            a.generated += 1
+            self._record(a, tokens[rows], picked[rows], logp.index_select(0, index[rows]),
+                         None if processed is None else processed[rows], picks[rows])
+
+    def _record(self, a: _Active, tokens: list[int], picked: list[float], logp: torch.Tensor,
+                processed: torch.Tensor | None, picks: torch.Tensor) -> None:
+        """Append each running row's token, send its event, and apply the stop rules."""
+        job = a.job
+        picked_processed, top = [None] * job.n, None
+        if job.alternatives:
+            picked_processed = processed.gather(1, picks[:, None]).squeeze(1).tolist()
+            values, index = logp.topk(min(job.alternatives, logp.shape[-1]), dim=-1)
+            top = (index.tolist(), values.tolist(), processed.gather(1, index).tolist())
+        for r in range(job.n):
+            if not a.running[r]:
+                continue
+            row = a.rows[r]
+            row.token_ids.append(tokens[r])
+            row.logprobs.append(picked[r])
+            if job.on_event is not None:
+                alts = list(zip(*(part[r] for part in top))) if top else []
+                job.on_event(TokenEvent(r, tokens[r], picked[r], picked_processed[r], alts))
+            if job.eos_id is not None and tokens[r] == job.eos_id:
+                row.finish_reason = "eos"
+            elif job.stop_strings and any(s in self.tokenizer.decode(row.token_ids) for s in job.stop_strings):
+                row.finish_reason = "stop"
+            elif a.generated >= job.max_new_tokens:
+                row.finish_reason = "length"
+            else:
+                continue
+            a.running[r] = False
+
+    def _finish(self, a: _Active, error: str | None = None) -> None:
+        job = a.job
+        if error is None and self.tokenizer is not None:
+            for row in a.rows:
+                row.text = finished_text(self.tokenizer, row.prompt_ids, row.token_ids, row.finish_reason,
+                                         job.stop_strings)
+        job.results, job.error = a.rows, error
+        _done(job)
+
+
+def _done(job: Job) -> None:
+    job.done.set()
+    if job.on_done is not None:
+        job.on_done()
