@@ -5,6 +5,8 @@ A model spec is one of:
 - a directory written by lmlab (``config.json`` + ``model.safetensors`` +
   ``tokenizer.json``, e.g. ``runs/demo/best``),
 - a run directory (its ``best`` checkpoint is used),
+- ``gguf:<file>``: a Llama-architecture GGUF file, read into lmlab's
+  Transformer (Q4_1 matrices stay 4-bit; :mod:`lmlab.gguf_file`),
 - ``hf:<path>``: a local Hugging Face model directory (or ``.gguf`` file),
   loaded as it is with transformers and wrapped in the lmlab interface
   (:class:`lmlab.hf.HFModel`, family ``"hf"``) with its HFTokenizer.
@@ -27,6 +29,7 @@ from lmlab.models.base import LanguageModel, load_model
 from lmlab.tokenizers import BPETokenizer, Tokenizer, load_tokenizer
 
 HF_PREFIX = "hf:"
+GGUF_PREFIX = "gguf:"
 
 
 def resolve_checkpoint_dir(spec: str | Path) -> Path:
@@ -66,11 +69,38 @@ TRUST_REMOTE_CODE_HELP = ("let an hf:<dir> model run the Python code its directo
                           "config.json or tokenizer_config.json); off by default, and never for lmlab checkpoints")
 
 
-def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False):
-    """(model, tokenizer) from a checkpoint directory or ``hf:<path>``; the vocabularies must agree.
+def add_precision_arguments(p) -> None:
+    """``--dtype`` and ``--quantize`` for a command that loads a model for inference."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="run the model in this float dtype (default: float32; the float32 path is exact)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers at load (int8 per row, int4 groups of 32)")
+
+
+def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False,
+                    dtype: str | torch.dtype | None = None, quantize: str | int | None = None):
+    """(model, tokenizer) from a checkpoint directory, ``gguf:<file>`` or ``hf:<path>``; the vocabularies must agree.
 
     ``trust_remote_code`` applies to ``hf:`` directories only: an lmlab checkpoint never runs
-    code from its directory (a tokenizer file there with an ``auto_map`` is refused)."""
+    code from its directory (a tokenizer file there with an ``auto_map`` is refused).
+    ``quantize`` ('int8' | 'int4') and ``dtype`` ('float32' | 'bfloat16' | 'float16') set the
+    inference precision (:func:`lmlab.quantize.prepare_model`); None keeps the model as saved."""
+    model, tokenizer = _load_checkpoint(spec, device, trust_remote_code)
+    if dtype is not None or quantize is not None:
+        from lmlab.quantize import prepare_model
+
+        prepare_model(model, dtype=dtype, quantize=quantize)
+    return model, tokenizer
+
+
+def _load_checkpoint(spec: str | Path, device: str | torch.device, trust_remote_code: bool):
+    if isinstance(spec, str) and spec.startswith(GGUF_PREFIX):
+        from lmlab.gguf_file import load_gguf
+
+        if not spec[len(GGUF_PREFIX):]:
+            raise ValueError("the model spec 'gguf:' names no file; accepted: 'gguf:/path/to/model.gguf'")
+        model, tokenizer = load_gguf(spec[len(GGUF_PREFIX):], device=device)
+        return model.eval(), tokenizer
     if isinstance(spec, str) and spec.startswith(HF_PREFIX):
         from lmlab.hf import load_hf
 
@@ -95,3 +125,36 @@ def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, tru
         )
     model.eval()
     return model, tokenizer
+
+
+def write_quantized(spec: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None) -> Path:
+    """Quantize the model named by ``spec`` (:func:`lmlab.quantize.quantize_model`) and write it,
+    with its tokenizer files, as a new checkpoint directory ``out_dir`` (complete or not at all)."""
+    import shutil
+
+    from lmlab.models.base import save_model, staged_directory
+    from lmlab.quantize import quantize_model
+
+    if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+        raise ValueError(f"{spec!r} is a Hugging Face model; convert a GPT-2 or Llama directory into an lmlab "
+                         "checkpoint first (lmlab.hf.convert_hf_dir), then quantize that, or quantize at load "
+                         "with --quantize")
+    from_gguf = isinstance(spec, str) and spec.startswith(GGUF_PREFIX)
+    if from_gguf:  # from the file's weights de-quantized, so that every layer gets the scheme asked for
+        from lmlab.gguf_file import load_gguf
+
+        model, tokenizer = load_gguf(spec[len(GGUF_PREFIX):], keep_quantized=False)
+    else:
+        model, tokenizer = load_checkpoint(spec)
+    quantize_model(model, bits, group_size)
+    out = Path(out_dir)
+    source = None if from_gguf else resolve_checkpoint_dir(spec)
+    with staged_directory(out) as tmp:
+        save_model(model, tmp)
+        if source is None:  # a GGUF file: its tokenizer, in Hugging Face's files
+            tokenizer.hf.save_pretrained(str(tmp))
+        else:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lmlab import data as data_mod
-from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.decode.commands import add_generate_arguments, run_generate
 from lmlab.distill import add_distill_arguments, run_distill
 from lmlab.fill import add_fill_arguments, run_fill
@@ -325,7 +325,8 @@ def cmd_score(args) -> int:
 
     if args.per_text and not args.sequences:
         raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
-    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
         if not args.per_text:
@@ -333,6 +334,17 @@ def cmd_score(args) -> int:
     else:
         result = score_text(model, tokenizer, data_mod.read_corpus(args.text), args.window, args.stride)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+# ------------------------------------------------------------------ quantize
+
+
+def cmd_quantize(args) -> int:
+    from lmlab.checkpoints import write_quantized
+
+    out = write_quantized(args.model, args.out, bits=args.bits, group_size=args.group_size)
+    print(out)
     return 0
 
 
@@ -508,7 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every figure as JSON, named by its unit")
+    add_precision_arguments(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint")
+    p.add_argument("--model", required=True, help="lmlab checkpoint or run directory, or gguf:FILE")
+    p.add_argument("--out", required=True, help="new directory for the quantized checkpoint")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, help="inputs per scale (default: a whole row for 8 bits, 32 for 4)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("interpolate", help="mix trained models that share a tokenizer; weights fitted by EM on held-out text")
     p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="two or more checkpoints or run directories")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmlab import data
-from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.decode.setups import DecodingSetup, run_setup
 from lmlab.metrics import (
     UNITS,
@@ -507,6 +507,7 @@ def add_eval_generation_arguments(parser: argparse.ArgumentParser) -> argparse.A
     parser.add_argument("--bos", action="store_true", help="put <bos> before each prompt for the generator")
     parser.add_argument("--out", default="runs/eval-generation", help="directory for the table, generations and plot")
     parser.add_argument("--device", default="cpu")
+    add_precision_arguments(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
@@ -522,7 +523,8 @@ def run_eval_generation(args, out=None) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts, refs = prompts[: args.limit], refs[: args.limit]
-    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     oracle = load_oracle(args.oracle, args.device, add_bos=args.oracle_bos) if args.oracle else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
     study = run_study(

@@ -25,7 +25,7 @@ from typing import TextIO
 import torch
 
 from lmlab import data
-from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP
+from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
 from lmlab.tokenizers import continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
@@ -88,6 +88,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help=_FIELD_HELP["num_return_sequences"])
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    add_precision_arguments(g)
     g.add_argument("--context-policy", choices=["slide", "error"], default="slide",
                    help="prompt + tokens beyond the model's context: keep the last tokens (slide) or refuse")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -234,7 +235,8 @@ def run_generate(args, out: TextIO | None = None) -> int:
     # Validate the setups before loading the model: bad values fail fast.
     setups = [setup_from_args(args, s) for s in args.compare] if args.compare else [setup_from_args(args)]
     prompts, targets = _prompts(args)
-    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device), trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_checkpoint(args.model, resolve_device(args.device), trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype, quantize=args.quantize)
     for s in setups:
         s.check_vocab(model.vocab_size)
     if args.task == "predict":

@@ -375,6 +375,8 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
         hf_module.save_pretrained(str(directory), safe_serialization=True)
         return
     config = {"family": model.family, **config_to_json(model.config)}
+    if getattr(model, "quantization", None):  # lmlab.quantize: integer codes + scales in the weights
+        config["quantization"] = model.quantization
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
@@ -432,6 +434,15 @@ def read_config(directory: str | Path) -> tuple[str, dict]:
     return family, values
 
 
+def _with_quantization(model: LanguageModel, record: dict | None) -> LanguageModel:
+    """``model`` with empty quantized layers where a saved ``quantization`` record says (lmlab.quantize)."""
+    if record is None:
+        return model
+    from lmlab.quantize import apply_quantization_layout
+
+    return apply_quantization_layout(model, record)
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> LanguageModel:
     """Load a model saved by ``save_model``. The weights file's header is checked against the
     config (names, shapes, and so the size) before the model is allocated."""
@@ -439,6 +450,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
 
     directory = Path(directory)
     family, values = read_config(directory)
+    quantization = values.pop("quantization", None)
     _import_families()
     model_cls = _REGISTRY.get(family, (None, None))[1]
     if hasattr(model_cls, "load_directory"):  # a model made of other models (the interpolate family)
@@ -449,11 +461,11 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"no weights at {weights}")
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated
-            skeleton = build_model(family, values)
+            skeleton = _with_quantization(build_model(family, values), quantization)
     except TypeError as e:
         raise ValueError(f"{directory / 'config.json'} does not describe a {family} model: {e}") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     check_weights_fit(expected, weights, directory / "config.json")
-    model = build_model(family, values)
+    model = _with_quantization(build_model(family, values), quantization)
     model.load_state_dict(load_safetensors(weights, map_location))
     return model.to(map_location)
