@@ -151,7 +151,7 @@ def test_unknown_target_lists_the_layers_that_exist(tok):
 
 
 def test_unsupported_model_for_classification(tok):
-    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints.*and Hugging Face"):
+    with pytest.raises(ValueError, match="does not expose.*lmlab 'transformer' checkpoints.*Hugging Face causal LMs and BERT-like masked LMs"):
         build_classifier(build_model("mlp", dict(vocab_size=tok.vocab_size)), ["a", "b"], "probe")
 
 
@@ -509,3 +509,43 @@ def test_an_encoder_classifier_trains_and_predicts_with_cls_pooling(tok):
     s = train_classifier(clf, tok, _ab_data(), ClassifyConfig(epochs=8, batch_size=8, head_lr=0.05, progress=False))
     assert s["val_accuracy"] == 1.0
     assert predict(clf, tok, ["aaaa", "bbbbbbb"]) == ["a-text", "b-text"]
+
+
+def _tiny_hf_bert(directory):
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "a", "."]
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertForMaskedLM(config).save_pretrained(directory)
+    return words
+
+
+def test_a_hugging_face_bert_classifies_with_cls_pooling(tmp_path):
+    """A BERT directory is refused as a causal LM, but classification loads it as the encoder
+    it is: [CLS] first, the encoder's own hidden states with padding masked, LoRA trains."""
+    import transformers
+    from lmlab.finetune import default_pooling, encode_texts, hidden_states, load_for_classification
+
+    _tiny_hf_bert(tmp_path)
+    model, tok = load_for_classification(f"hf:{tmp_path}")
+    assert default_pooling(model) == "first"
+    clf = build_classifier(model, ["neg", "pos"], "lora", max_length=8)
+    assert clf.pooling == "first"
+    ids = encode_texts(tok, ["good film", "very very bad film ."], 8, prefix_id=2)
+    assert [row[0] for row in ids] == [2, 2]  # [CLS] first
+    batch, mask = pad_batch(ids, tok.pad_id)
+    bert = transformers.BertModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got = hidden_states(model, batch, mask)
+        alone = bert(input_ids=torch.tensor([ids[0]])).last_hidden_state
+    torch.testing.assert_close(got[0, : len(ids[0])], alone[0], atol=1e-5, rtol=1e-5)
+    texts = ["good film", "very good film", "bad film", "very bad film"] * 3
+    labels = [1, 1, 0, 0]
+    data = ClassificationData(["neg", "pos"], texts, labels * 3, texts[:4], labels)
+    report = train_classifier(clf, tok, data, ClassifyConfig(epochs=30, batch_size=4, lr=1e-2, head_lr=5e-2, seed=0))
+    assert predict(clf, tok, ["good film", "bad film"]) == ["pos", "neg"], report
+    save_classifier(clf, tmp_path / "clf", tok)
+    again, tok2 = load_classifier(tmp_path / "clf", base=f"hf:{tmp_path}")
+    assert again.pooling == "first" and predict(again, tok2, ["good film", "bad film"]) == ["pos", "neg"]

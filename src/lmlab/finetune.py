@@ -334,7 +334,7 @@ class LoraSettings:
             target_modules=targets,
             bias=self.bias,
             fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight as (in, out)
-            task_type="CAUSAL_LM" if _is_hf_module(base) else None,
+            task_type="CAUSAL_LM" if _is_hf_module(base) and not _bidirectional(base) else None,
         )
 
 
@@ -795,6 +795,10 @@ def default_pooling(model: Any) -> str:
 
 def _bidirectional(model: Any) -> bool:
     base = _base_module(_as_lmlab(model))
+    if _is_hf_module(base):  # a BERT-like encoder (loaded by load_for_classification)
+        from lmlab.hf import _masked_types
+
+        return base.config.model_type in _masked_types() and not getattr(base.config, "is_decoder", False)
     return getattr(base, "objective", "causal") != "causal" or getattr(getattr(base, "config", None), "causal", True) is False
 
 
@@ -818,7 +822,7 @@ def _check_classifiable(model: Any) -> None:
         return
     raise ValueError(
         f"classification reads a model's final hidden states, which {_describe(model)} does not expose; "
-        "supported: lmlab 'transformer' checkpoints, lmlab 'rnn', 'gru', 'lstm' checkpoints and Hugging Face causal LMs ('hf:<dir>')"
+        "supported: lmlab 'transformer' checkpoints, lmlab 'rnn', 'gru', 'lstm' checkpoints, Hugging Face causal LMs and BERT-like masked LMs ('hf:<dir>')"
     )
 
 
@@ -1151,8 +1155,6 @@ def load_classifier(directory: str | Path, base: str | None = None, device: str 
     overrides the base model spec recorded for a 'lora' or 'probe' classifier."""
     from safetensors.torch import load_file
 
-    from lmlab.checkpoints import load_checkpoint
-
     directory = Path(directory)
     path = directory / CLASSIFIER_FILE
     if not path.is_file():
@@ -1164,7 +1166,7 @@ def load_classifier(directory: str | Path, base: str | None = None, device: str 
         spec = base or meta.get("base")
         if not spec:
             raise ValueError(f"{path} records no base model; pass base='DIR' or 'hf:DIR' (the model it was trained on)")
-    model, tokenizer = load_checkpoint(spec, device)
+    model, tokenizer = load_for_classification(spec, device)
     if meta["mode"] == "lora":
         model = load_adapter(model, directory / "adapter")
     clf = SequenceClassifier(model, meta["labels"], meta["pooling"], meta["mode"], meta["max_length"])
@@ -1308,11 +1310,34 @@ def _run_lm(args, out: Path) -> tuple[dict, Any]:
     return summary, model
 
 
-def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
+def load_for_classification(spec: str, device: str | torch.device = "cpu", *, trust_remote_code: bool = False):
+    """(model, tokenizer) to classify with: what ``load_checkpoint(spec)`` gives, except that an
+    ``hf:`` directory holding a masked LM (BERT-like, refused as a causal LM) is loaded as the
+    encoder it is, for [CLS] pooling."""
     from lmlab.checkpoints import load_checkpoint
 
+    if spec.startswith("hf:") and _is_hf_masked_lm_dir(Path(spec[3:])):
+        from lmlab.hf import HFModel, load_hf_masked_lm
+        from lmlab.tokenizers import HFTokenizer
+
+        hf_model, hf_tokenizer = load_hf_masked_lm(spec[3:], device=device, trust_remote_code=trust_remote_code)
+        return HFModel(hf_model, source=spec), HFTokenizer(hf_tokenizer, source_dir=spec[3:])
+    return load_checkpoint(spec, device, trust_remote_code=trust_remote_code)
+
+
+def _is_hf_masked_lm_dir(directory: Path) -> bool:
+    from lmlab.hf import _masked_types
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_checkpoint names what is wrong with the directory
+    return config.get("model_type") in _masked_types() and not config.get("is_decoder", False)
+
+
+def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
     data = read_labelled(args.data, args.val_fraction or 0.2, args.seed)
-    model, tok = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    model, tok = load_for_classification(args.model, args.device, trust_remote_code=args.trust_remote_code)
     mode = args.mode or "lora"
     clf = build_classifier(model, data.labels, mode, lora=_lora_settings(args) if mode == "lora" else None,
                            pooling=args.pooling, max_length=args.max_length, seed=args.seed)
