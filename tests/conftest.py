@@ -31,6 +31,17 @@ class BigramTable(LanguageModel):
         return logits, State({"last": ids[:, -1:]}, (state.length if state else 0) + ids.shape[1])
 
 
+def save_tiny_hf_bert(directory, words: list[str]) -> None:
+    """Write a randomly initialised 2-layer, 16-wide ``BertForMaskedLM`` (seed 0) and a
+    WordPiece tokenizer over ``words`` (ids in list order) to ``directory``."""
+    transformers = pytest.importorskip("transformers")
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertForMaskedLM(config).save_pretrained(directory)
+
+
 @pytest.fixture
 def bigram_table():
     g = torch.Generator().manual_seed(0)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_hf_bert
 from test_processors import chi2_pvalue
 
 from lmlab.cli import main
@@ -243,15 +244,8 @@ def test_filler_errors(trained):
 
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
     directory = tmp_path_factory.mktemp("bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "on", "mat", "a", "log", "."]
-    tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    tok.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
-    transformers.BertForMaskedLM(config).save_pretrained(directory)
+    save_tiny_hf_bert(directory, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "on", "mat", "a", "log", "."])
     return directory
 
 

@@ -44,6 +44,7 @@ from lmlab.finetune import (  # noqa: E402
 from lmlab.hf import HFModel  # noqa: E402
 from lmlab.models import build_model, load_model, save_model  # noqa: E402
 from lmlab.tokenizers import BPETokenizer, CharTokenizer  # noqa: E402
+from conftest import save_tiny_hf_bert  # noqa: E402
 
 hf_logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -511,24 +512,13 @@ def test_an_encoder_classifier_trains_and_predicts_with_cls_pooling(tok):
     assert predict(clf, tok, ["aaaa", "bbbbbbb"]) == ["a-text", "b-text"]
 
 
-def _tiny_hf_bert(directory):
-    transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "a", "."]
-    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
-    transformers.BertForMaskedLM(config).save_pretrained(directory)
-    return words
-
-
 def test_a_hugging_face_bert_classifies_with_cls_pooling(tmp_path):
     """A BERT directory is refused as a causal LM, but classification loads it as the encoder
     it is: [CLS] first, the encoder's own hidden states with padding masked, LoRA trains."""
     import transformers
     from lmlab.finetune import default_pooling, encode_texts, hidden_states, load_for_classification
 
-    _tiny_hf_bert(tmp_path)
+    save_tiny_hf_bert(tmp_path, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "a", "."])
     model, tok = load_for_classification(f"hf:{tmp_path}")
     assert default_pooling(model) == "first"
     clf = build_classifier(model, ["neg", "pos"], "lora", max_length=8)
