@@ -796,9 +796,7 @@ def default_pooling(model: Any) -> str:
 def _bidirectional(model: Any) -> bool:
     base = _base_module(_as_lmlab(model))
     if _is_hf_module(base):  # a BERT-like encoder (loaded by load_for_classification)
-        from lmlab.hf import _masked_types
-
-        return base.config.model_type in _masked_types() and not getattr(base.config, "is_decoder", False)
+        return _is_masked_encoder(base.config.model_type, getattr(base.config, "is_decoder", False))
     return getattr(base, "objective", "causal") != "causal" or getattr(getattr(base, "config", None), "causal", True) is False
 
 
@@ -1326,13 +1324,18 @@ def load_for_classification(spec: str, device: str | torch.device = "cpu", *, tr
 
 
 def _is_hf_masked_lm_dir(directory: Path) -> bool:
-    from lmlab.hf import _masked_types
-
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # load_checkpoint names what is wrong with the directory
-    return config.get("model_type") in _masked_types() and not config.get("is_decoder", False)
+    return _is_masked_encoder(config.get("model_type"), config.get("is_decoder", False))
+
+
+def _is_masked_encoder(model_type: str | None, is_decoder: bool) -> bool:
+    """A Hugging Face masked-LM architecture (BERT, RoBERTa, ...) not configured as a decoder."""
+    from lmlab.hf import _masked_types
+
+    return model_type in _masked_types() and not is_decoder
 
 
 def _run_classify(args) -> tuple[dict, SequenceClassifier, Any]:
