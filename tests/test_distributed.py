@@ -91,3 +91,110 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_as_in_two(two_processes, t
     assert_same_run(tmp_path / "resumed1", two_processes / "resumed2", atol=1e-6)
     # and both continue the uninterrupted run
     assert_same_run(tmp_path / "resumed1", two_processes / "transformer", atol=1e-6)
+
+
+# ------------------------------------------------------------------ the command, faults, two nodes
+
+TRAIN = ["--model", "transformer", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+         "--batch-size", "4", "--eval-iters", "1", "--log-interval", "1", "--device", "cpu", "--no-progress"]
+
+
+def checkpoint_step(run: Path) -> int:
+    try:
+        return json.loads((run / "last" / "trainer.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def workers_of(agent_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes torchrun's agent ``agent_pid`` started (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == agent_pid:
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                rank = [int(v[5:]) for v in env if v.startswith(b"RANK=")]
+                if rank:
+                    found[rank[0]] = int(stat.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(), f"the run stopped or stalled before the moment the test waits for:\n{log.read_text()[-3000:]}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers' pids in /proc")
+def test_a_killed_rank_restarts_from_the_last_checkpoint_then_stops_the_job_with_its_name(tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    args = ["--nproc-per-node", "2", "--max-restarts", "1", "--out", str(run), *TRAIN, "--max-iters", "5000",
+            "--eval-interval", "10"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        agent = subprocess.Popen([sys.executable, "-m", "lmlab", "train", *args], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
+    try:
+        wait_for(lambda: checkpoint_step(run) >= 10, agent, log)
+        first = workers_of(agent.pid)
+        os.kill(first[1], signal.SIGKILL)
+        # the restarted workers resume from last/ and train on past it
+        killed_at = checkpoint_step(run)
+        wait_for(lambda: (w := workers_of(agent.pid)) and w.keys() == {0, 1} and w[1] != first[1], agent, log)
+        wait_for(lambda: checkpoint_step(run) >= killed_at + 20, agent, log)
+        os.kill(workers_of(agent.pid)[1], signal.SIGKILL)  # no restart left: the job stops
+        agent.wait(timeout=120)
+    finally:
+        if agent.poll() is None:
+            agent.terminate()  # torchrun's agent stops its workers on SIGTERM
+            agent.wait(timeout=60)
+    assert agent.returncode == 2, log.read_text()[-3000:]
+    last_line = log.read_text().strip().splitlines()[-1]
+    assert last_line.startswith("error: the distributed run stopped: rank 1 (pid ") and "SIGKILL" in last_line
+    step = checkpoint_step(run)
+    assert step >= 30 and step % 10 == 0
+    from lmlab.checkpoints import load_checkpoint
+
+    load_checkpoint(run / "last")  # whole
+    # one process resumes the two processes' run; the steps after each checkpoint were cut and trained again
+    resumed = run_python(["-m", "lmlab", "train", "--out", str(run), "--resume", "--max-iters", str(step + 3)],
+                         timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in records(run) if "train_loss" in r] == list(range(1, step + 4))
+
+
+def test_two_nodes_on_one_machine_train_as_one_process(tmp_path):
+    # two torchrun agents meet through c10d rendezvous on 127.0.0.1, one process each (2 cores)
+    import socket
+
+    from lmlab.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lmlab-test",
+                               "-m", "lmlab", "train", "--out", str(tmp_path / "two"), *TRAIN, "--max-iters", "12",
+                               "--eval-interval", "6"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [node.communicate(timeout=180) for node in nodes]
+    for node, (_, err) in zip(nodes, outcomes):
+        assert node.returncode == 0, err[-3000:]
+    torch.set_num_threads(1)
+    assert main(["train", "--out", str(tmp_path / "one"), *TRAIN, "--max-iters", "12", "--eval-interval", "6"]) == 0
+    a, b = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_eval_loss"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], abs=1e-5)

@@ -304,6 +304,8 @@ def launch(nproc_per_node: int, module_argv: list[str], max_restarts: int = 0) -
         raise ValueError(f"--nproc-per-node {nproc_per_node} must be >= 1")
     if max_restarts < 0:
         raise ValueError(f"--max-restarts {max_restarts} must be >= 0")
+    if max_restarts:  # restarted workers sharing the agent's store can read the last round's addresses
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # (pytorch/pytorch#135712)
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
                         "--module", *module_argv]))
