@@ -4,8 +4,9 @@ and this file, started by torchrun, runs them in each of its processes.
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py OUT_DIR
 
 writes OUT_DIR/<case>/ (a run directory) and OUT_DIR/<case>.json (how it was trained) for
-every case in CASES, then the checkpoint runs:
-OUT_DIR/half (10 of 20 steps) and OUT_DIR/resumed2 (a copy of half resumed to 20 steps).
+every case in CASES, then the checkpoint runs: OUT_DIR/half (the transformer, 10 of 20
+steps) and OUT_DIR/resumed2 (a copy of half resumed to 20 steps); OUT_DIR/fsdp_resumed
+(the fsdp case to 10 steps, then resumed to 20).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main(out: Path) -> None:
             shutil.copytree(out / "half", out / "resumed2", ignore=shutil.ignore_patterns(".lock"))
         distributed.barrier()
         trainer("transformer", out / "resumed2", resume=True).fit()
+        trainer("fsdp", out / "fsdp_resumed", max_iters=10).fit()
+        trainer("fsdp", out / "fsdp_resumed", resume=True).fit()
     finally:
         distributed.teardown()
 

@@ -79,6 +79,8 @@ def test_fsdp_trains_as_one_process_to_float32_rounding(two_processes, tmp_path)
     saved = load_file(two_processes / "fsdp" / "last" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in saved.values())  # gathered whole: a single-process checkpoint
     assert_same_run(two_processes / "fsdp", tmp_path / "fsdp", atol=1e-5)
+    # the full checkpoint is sharded again on resume: the same run as without the stop
+    assert_same_run(two_processes / "fsdp_resumed", two_processes / "fsdp", atol=1e-6)
 
 
 def test_a_checkpoint_of_two_processes_resumes_in_one_as_in_two(two_processes, tmp_path):

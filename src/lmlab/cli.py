@@ -291,6 +291,9 @@ def cmd_train(args) -> int:
     distributed.setup(resolve_device(args.device or TrainConfig.device))
     try:
         return train_from_args(args)
+    except distributed.RankFailedError as e:  # rank 0 stopped with its own message; the others say why they stop
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown()
 
