@@ -1,4 +1,5 @@
-"""Training throughput on CPU: 1 process x T threads against N processes x 1 thread (DDP, gloo).
+"""Training throughput on CPU: 1 process x N threads against N processes x 1 thread (DDP, gloo),
+and 1 process x 1 thread beside them.
 
     python benchmarks/distributed_cpu.py --steps 100 --rounds 2 --out runs/bench-ddp
 
@@ -45,7 +46,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     n = args.processes
-    settings = {f"1 process x {n} threads": (1, n), f"{n} processes x 1 thread": (n, 1)}
+    settings = {f"1 process x {n} threads": (1, n), f"{n} processes x 1 thread": (n, 1), "1 process x 1 thread": (1, 1)}
     results: dict[str, dict[str, list[float]]] = {m: {s: [] for s in settings} for m in MODELS}
     for r in range(args.rounds):
         for model, flags in MODELS.items():

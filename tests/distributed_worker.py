@@ -6,7 +6,8 @@ and this file, started by torchrun, runs them in each of its processes.
 writes OUT_DIR/<case>/ (a run directory) and OUT_DIR/<case>.json (how it was trained) for
 every case in CASES, then the checkpoint runs: OUT_DIR/half (the transformer, 10 of 20
 steps) and OUT_DIR/resumed2 (a copy of half resumed to 20 steps); OUT_DIR/fsdp_resumed
-(the fsdp case to 10 steps, then resumed to 20).
+(the fsdp case to 10 steps, then resumed to 20); OUT_DIR/refusals.json (the errors of
+rank 0 for values that differ between ranks and a batch that does not split).
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     distributed.setup("cpu")
     try:
+        refusals = []
+        for check in (lambda: distributed.check_same_on_every_rank(f"rank {distributed.rank()}", "a value"),
+                      lambda: distributed.check_batch_size(7)):
+            try:
+                check()
+            except ValueError as e:
+                refusals.append(str(e))
+        if distributed.is_main():
+            (out / "refusals.json").write_text(json.dumps(refusals))
         for case in CASES:
             run = trainer(case, out / case)
             run.fit()

@@ -53,6 +53,14 @@ def two_processes(tmp_path_factory) -> Path:
     return out
 
 
+def test_processes_that_would_train_different_things_are_refused(two_processes):
+    assert json.loads((two_processes / "refusals.json").read_text()) == [
+        "a value of rank(s) 1 differ(s) from rank 0's; every process must read the same data and options "
+        "(on several machines: the same files at the same path)",
+        "batch_size=7 (the global batch) does not split evenly over 2 processes; use a multiple of 2",
+    ]
+
+
 @pytest.mark.parametrize("case", ["transformer", "lstm", "mlp"])
 def test_two_processes_train_exactly_as_one_with_the_same_global_batch(case, two_processes, tmp_path):
     # float64, 20 steps: the transformer and the MLP on windows of a stream, the LSTM on padded
@@ -200,3 +208,11 @@ def test_two_nodes_on_one_machine_train_as_one_process(tmp_path):
         for key in ("train_loss", "val_eval_loss"):
             if key in rb:
                 assert ra[key] == pytest.approx(rb[key], abs=1e-5)
+
+
+def test_the_launcher_runs_the_command_without_its_own_options():
+    from lmlab.distributed import without_options
+
+    argv = ["train", "--nproc-per-node=2", "--out", "run", "--max-restarts", "1", "--nproc-per-node-x", "3"]
+    assert without_options(argv, ("--nproc-per-node", "--max-restarts")) == ["train", "--out", "run",
+                                                                                 "--nproc-per-node-x", "3"]

@@ -324,6 +324,9 @@ def train_from_args(args) -> int:
     if args.sequences:
         block = max(train.block_size, val.block_size if val is not None else 0,
                     *(1 + len(tokenizer.encode(t)) for t in test or ()))
+    size = len(train.ids) if hasattr(train, "ids") else len(train.sequences)
+    distributed.check_same_on_every_rank(f"{tokenizer.to_json()}\n{block}\n{size}",
+                                         "the vocabulary, block size or training-split size")
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights (a resume loads its own)
     model = build_from_args(args, tokenizer.vocab_size, block)
     if distributed.is_main():

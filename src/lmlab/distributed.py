@@ -134,6 +134,21 @@ def gather_to_main(value: Any) -> list[Any] | None:
     return out
 
 
+def check_same_on_every_rank(value: str, what: str) -> None:
+    """Raise a ValueError on every rank when ``value`` (e.g. a vocabulary as JSON) differs
+    between the ranks: they would train on different things."""
+    if not active():
+        return
+    import hashlib
+
+    digests = [None] * world_size()
+    dist.all_gather_object(digests, hashlib.sha256(value.encode("utf-8")).hexdigest())
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"{what} of rank(s) {', '.join(map(str, differ))} differ(s) from rank 0's; every process "
+                         "must read the same data and options (on several machines: the same files at the same path)")
+
+
 class RankFailedError(RuntimeError):
     """Raised on the other ranks when rank 0 failed in a step they all wait on."""
 
