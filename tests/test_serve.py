@@ -350,8 +350,10 @@ def _children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
 
 
-def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoint):
-    """The command's decoding process answers requests and ends with the server (Ctrl-C)."""
+@pytest.mark.parametrize("precision", [[], ["--dtype", "bfloat16", "--quantize", "int4"]])
+def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoint, precision):
+    """The command's decoding process answers as ``lmlab generate`` with the same precision flags
+    (bfloat16 + int4 changes this text: the flags are applied), and ends with the server (Ctrl-C)."""
     import os
     import signal
     import socket
@@ -365,7 +367,8 @@ def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoin
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     src = str(Path(__file__).resolve().parents[1] / "src")
-    server = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(checkpoint), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(checkpoint), "--port", str(port),
+                               *precision],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": src})
     try:
@@ -381,7 +384,7 @@ def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoin
                 time.sleep(0.1)
         children = _children(server.pid)  # the decoding process (and multiprocessing's resource tracker)
         assert any(b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
-        expected = lmlab_generate(checkpoint, "ROMEO:", "--max-new-tokens", "12", "--seed", "4")[0]["text"]
+        expected = lmlab_generate(checkpoint, "ROMEO:", "--max-new-tokens", "12", "--seed", "4", *precision)[0]["text"]
         body = {"prompt": "ROMEO:", "max_tokens": 12, "seed": 4}
         assert httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"] == expected
         server.send_signal(signal.SIGINT)

@@ -843,18 +843,23 @@ class _Empty:
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_tokens_limit: int | None = None, device: str = "cpu",
+          dtype: str | None = None, quantize: str | None = None, decoding_threads: int | None = None,
           log_level: str = "warning") -> None:
-    """Load ``model_spec`` (a checkpoint directory or ``hf:DIR``) and serve it until interrupted."""
+    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``) at the precision
+    ``dtype``/``quantize`` asks (as ``lmlab generate`` does) and serve it until interrupted."""
     import uvicorn
 
     from lmlab.checkpoints import load_checkpoint
 
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
-    model, tokenizer = load_checkpoint(model_spec, device)
+    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize)
     name = model_spec.rstrip("/")
-    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit)
+    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
+                     decoding_threads=decoding_threads)
     server = app.state.server
-    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}, {server.scheduler.policy}, "
-          f"max batch {max_batch}) at http://{host}:{port}/", flush=True)
+    precision = ", ".join(p for p in (dtype, quantize) if p)
+    where = "its own process" if getattr(server.scheduler, "threads", None) else "a thread"
+    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}{', ' + precision if precision else ''}, "
+          f"{server.scheduler.policy} on {where}, max batch {max_batch}) at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
