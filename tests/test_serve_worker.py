@@ -99,21 +99,27 @@ def test_cancel_errors_and_close():
         worker.submit(Job(prompt_ids=[3], max_new_tokens=2))
 
 
-def test_the_decoding_process_ends_with_the_process_that_started_it():
-    code = textwrap.dedent("""
+def test_the_decoding_process_ends_with_the_process_that_started_it(tmp_path):
+    """Started from a script's top level (no ``if __name__ == "__main__"``: spawn must not run the
+    script again), it answers; when that script's process is killed, it ends too."""
+    script = tmp_path / "serve_script.py"
+    script.write_text(textwrap.dedent("""
         import sys, time
         sys.path.insert(0, sys.argv[1])
         from test_scheduler import peaked
+        from lmlab.serve.scheduler import Job
         from lmlab.serve.worker import WorkerScheduler
         worker = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1)
-        print(worker._process.pid, flush=True)
+        job = worker.submit(Job(prompt_ids=[3], max_new_tokens=5, seed=0))
+        job.done.wait(60)
+        print(worker._process.pid, len(job.results[0].token_ids), flush=True)
         time.sleep(600)
-    """)
-    parent = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent)], stdout=subprocess.PIPE,
+    """))
+    parent = subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent)], stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": SRC})
     try:
-        child = int(parent.stdout.readline())
-        assert alive(child)
+        child, tokens = map(int, parent.stdout.readline().split())
+        assert tokens == 5 and alive(child)
         parent.send_signal(signal.SIGKILL)  # no chance to clean up
         parent.wait(30)
         assert wait_gone(child)
