@@ -201,27 +201,38 @@ def drive(server: "Server", clients: int, requests_per_client: int, body: dict) 
             "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
-def generate_tokens_per_s(model_spec: str, max_tokens: int, eos_bias: dict, precision: tuple[str, ...] = (),
-                          repeats: int = 3) -> tuple[float, float]:
-    """``lmlab generate``'s loop in this process: one request of the same size (median of repeats)."""
-    from lmlab.checkpoints import load_checkpoint
-    from lmlab.decode.setups import DecodingSetup, run_setup
+class Generate:
+    """``lmlab generate``'s loop in this process (the model loaded once): requests of the same size
+    as the clients' (``measure``: tokens/s and tokens per CPU s, the median of ``requests``)."""
 
-    options = dict(zip(precision[::2], precision[1::2]))
-    model, tokenizer = load_checkpoint(model_spec, dtype=options.get("--dtype"), quantize=options.get("--quantize"))
-    setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
-    times, cpu = [], []
-    for r in range(repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = run_setup(model, tokenizer, [PROMPTS[r % len(PROMPTS)]], setup, max_tokens, seed=r)
-        times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
-        cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
-    return 1.0 / statistics.median(times[1:]), 1.0 / statistics.median(cpu[1:])
+    def __init__(self, model_spec: str, max_tokens: int, eos_bias: dict, precision: tuple[str, ...] = ()) -> None:
+        from lmlab.checkpoints import load_checkpoint
+        from lmlab.decode.setups import DecodingSetup
+
+        options = dict(zip(precision[::2], precision[1::2]))
+        self.model, self.tokenizer = load_checkpoint(model_spec, dtype=options.get("--dtype"),
+                                                     quantize=options.get("--quantize"))
+        self.setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
+        self.max_tokens = max_tokens
+        self.measure(1)  # warm-up
+
+    def measure(self, requests: int = 3) -> tuple[float, float]:
+        from lmlab.decode.setups import run_setup
+
+        times, cpu = [], []
+        for r in range(requests):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = run_setup(self.model, self.tokenizer, [PROMPTS[r % len(PROMPTS)]], self.setup, self.max_tokens, seed=r)
+            times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
+            cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
+        return 1.0 / statistics.median(times), 1.0 / statistics.median(cpu)
 
 
 def throughput(args, model_spec: str) -> dict:
-    """Each setting's server, each client count measured --repeats times: the run with the median
-    tokens/s is kept (the machine is shared). Then ``lmlab generate`` on one request."""
+    """Every setting's server up at once; --repeats rounds, each measuring every (setting, client
+    count) once, so that the settings compared see the same load of a shared machine; per row the
+    run with the median tokens/s is kept, and the speed-up of 16 clients over one request at a
+    time is the median of the rounds' ratios. Then ``lmlab generate`` on one request."""
     eos_id = _eos_id(model_spec)
     body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
     precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
@@ -230,24 +241,47 @@ def throughput(args, model_spec: str) -> dict:
     if args.compare_thread:
         settings.append(("decoding loop on a thread of the HTTP process, --max-batch 32", dict(max_batch=32, decoder="thread"),
                          [1, 16]))
-    rows = []
-    for label, options, client_counts in settings:
-        server = Server(model_spec, threads=args.threads, options=precision, **options)
-        try:
-            drive(server, 2, 1, body)  # warm-up
-            for clients in client_counts:
-                per_client = max(1, args.requests_per_setting // clients)
-                runs = sorted((drive(server, clients, per_client, body) for _ in range(args.repeats)),
-                              key=lambda r: r["tokens_per_s"])
-                row = {**runs[len(runs) // 2], "server": label, "policy": server.info["policy"],
-                       "tokens_per_s_of_each_run": [r["tokens_per_s"] for r in runs]}
-                rows.append(row)
-                print(_row(row), flush=True)
-        finally:
+    servers, generate = [], Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
+    generated: list[tuple[float, float]] = []
+    try:
+        for label, options, client_counts in settings:
+            servers.append((label, Server(model_spec, threads=args.threads, options=precision, **options), client_counts))
+            drive(servers[-1][1], 2, 1, body)  # warm-up
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(args.repeats):
+            for label, server, client_counts in servers:
+                for clients in client_counts:
+                    row = drive(server, clients, max(1, args.requests_per_setting // clients), body)
+                    runs.setdefault((label, clients), []).append({**row, "server": label, "round": round_,
+                                                                  "policy": server.info["policy"]})
+                    print(_row(row | {"server": f"{label}, round {round_ + 1}"}), flush=True)
+            generated.append(generate.measure())
+            print(f"lmlab generate, round {round_ + 1}: {generated[-1][0]:.0f} tokens/s, {generated[-1][1]:.0f} tokens per CPU s",
+                  flush=True)
+    finally:
+        for _, server, _ in servers:
             server.close()
-    single, single_cpu = generate_tokens_per_s(model_spec, args.max_tokens, body["logit_bias"], precision=precision,
-                                               repeats=max(3, args.repeats))
-    return {"rows": rows, "lmlab_generate_tokens_per_s": single, "lmlab_generate_tokens_per_cpu_s": single_cpu}
+    rows = []
+    for key, measured in runs.items():
+        ordered = sorted(measured, key=lambda r: r["tokens_per_s"])
+        rows.append({**ordered[len(ordered) // 2], "tokens_per_s_of_each_round": [r["tokens_per_s"] for r in measured]})
+    batched, alone = runs.get((settings[0][0], 16)), runs.get((settings[1][0], 16))
+    ratios = sorted(b["tokens_per_s"] / a["tokens_per_s"] for b, a in zip(batched or [], alone or []))
+    cpu_ratios = sorted(b["tokens_per_server_cpu_s"] / a["tokens_per_server_cpu_s"] for b, a in zip(batched or [], alone or []))
+    single = [r["tokens_per_s"] / g[0] for r, g in zip(runs[(settings[0][0], 1)], generated)] \
+        if (settings[0][0], 1) in runs else []
+    single_cpu = [r["tokens_per_server_cpu_s"] / g[1] for r, g in zip(runs.get((settings[0][0], 1), []), generated)]
+
+    def median(values):
+        return statistics.median(values) if values else None
+
+    return {"rows": rows, "speedup_16_clients_by_round": ratios, "speedup_16_clients_median": median(ratios),
+            "speedup_16_clients_per_cpu_median": median(cpu_ratios),
+            "lmlab_generate_by_round": generated,
+            "lmlab_generate_tokens_per_s": median([g[0] for g in generated]),
+            "lmlab_generate_tokens_per_cpu_s": median([g[1] for g in generated]),
+            "single_client_over_generate_by_round": single, "single_client_over_generate_median": median(single),
+            "single_client_over_generate_per_cpu_median": median(single_cpu)}
 
 
 def _eos_id(model_spec: str) -> int:
@@ -410,8 +444,17 @@ def main() -> None:
                   "TTFT p50 / p99 ms | inter-token p50 / p99 ms | load average |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             result = {**meta, **throughput(args, model_spec)}
+            print("\nMedians over the rounds:")
+            for row in result["rows"]:
+                print(_row(row), flush=True)
+            if result["speedup_16_clients_median"] is not None:
+                print(f"16 clients, batched / one request at a time: {result['speedup_16_clients_median']:.1f}x "
+                      f"(median of the rounds; per server CPU s: {result['speedup_16_clients_per_cpu_median']:.1f}x)")
             print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
-                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s")
+                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s (medians of the rounds)")
+            if result["single_client_over_generate_median"] is not None:
+                print(f"one client of the server / lmlab generate: {result['single_client_over_generate_median']:.2f} "
+                      f"(median of the rounds' ratios; per CPU s: {result['single_client_over_generate_per_cpu_median']:.2f})")
         elif args.mode == "loop":
             print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
             print("|---|---|---|---|")

@@ -125,3 +125,17 @@ def test_the_decoding_process_ends_with_the_process_that_started_it(tmp_path):
         assert wait_gone(child)
     finally:
         parent.kill()
+
+
+def test_requests_fail_with_a_clear_error_when_the_decoding_process_dies():
+    worker = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1)
+    try:
+        running = worker.submit(Job(prompt_ids=[3], max_new_tokens=10**7, seed=0))
+        os.kill(worker._process.pid, signal.SIGKILL)
+        assert running.done.wait(30) and running.error == "the decoding process exited (code -9)"
+        with pytest.raises(RuntimeError, match="closed"):
+            worker.submit(Job(prompt_ids=[3], max_new_tokens=2))
+        with pytest.raises(RuntimeError, match="closed"):
+            worker.call(process_id)
+    finally:
+        worker.close()

@@ -105,7 +105,7 @@ class WorkerScheduler:
             key = next(self._ids)
             job._worker_key = key
             self._jobs[key] = job
-            self._conn.send(("submit", key, fields))
+            self._send(("submit", key, fields))
         return job
 
     def cancel(self, job: Job) -> None:
@@ -113,7 +113,10 @@ class WorkerScheduler:
         with self._lock:
             key = getattr(job, "_worker_key", None)
             if key in self._jobs and not self._closed:
-                self._conn.send(("cancel", key))
+                try:
+                    self._send(("cancel", key))
+                except RuntimeError:  # the process is gone: the reader fails the job
+                    pass
 
     def call(self, fn: Callable[..., object], *args) -> Future:
         future: Future = Future()
@@ -122,8 +125,14 @@ class WorkerScheduler:
                 raise RuntimeError("the scheduler is closed")
             key = next(self._ids)
             self._calls[key] = future
-            self._conn.send(("call", key, fn, args))
+            self._send(("call", key, fn, args))
         return future
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise RuntimeError(f"the decoding process is gone (exit code {self._process.exitcode})") from None
 
     def close(self) -> None:
         """Finish: the process fails what it still runs ('the server is shutting down') and exits."""
@@ -173,6 +182,7 @@ class WorkerScheduler:
                         future.set_result(item[3])
                     else:
                         future.set_exception(item[2])
+        self._process.join(timeout=30)  # its end of the pipe is closed: it has exited or is exiting
         with self._lock:  # the process is gone: nothing pending will get an answer
             self._closed = True
             jobs, calls = list(self._jobs.values()), list(self._calls.values())
