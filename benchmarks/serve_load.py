@@ -3,15 +3,20 @@
     python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
     python benchmarks/serve_load.py loop --out runs/serve_loop.json
     python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
-    python benchmarks/serve_load.py throughput --model hf:/path/to/smollm2 --max-tokens 32 --out ...
+    python benchmarks/serve_load.py throughput --model gguf:SmolLM2.gguf --dtype bfloat16 --max-tokens 16 --out ...
 
 throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transformer of the
     demo's size (4 layers, 4 heads, 128 wide, block 64, tiny-Shakespeare characters; random
     weights, <eos> banned with logit_bias so every request makes exactly --max-tokens tokens),
-    driven by 1, 4, 16 and 32 concurrent streaming clients; and the same 16 clients against a
-    server with --max-batch 1 (one request at a time). Aggregate tokens/s, time to first token
-    and inter-token latency (p50, p99) per setting, and ``lmlab generate``'s own tokens/s for
-    one request in this process (what a single client loses to the server).
+    driven by 1, 4, 16 and 32 concurrent streaming clients (each on its own kept-alive
+    connection); 1 and 16 clients against a server with --max-batch 1 (one request at a
+    time); with --compare-thread, 1 and 16 clients against the decoding loop on a thread of
+    the HTTP process. All servers are up at once and measured in --repeats interleaved rounds
+    (the settings compared see the same load of a shared machine), each round ending with
+    ``lmlab generate``'s loop on requests of the same size in this process (what a single
+    client loses to the server). Aggregate tokens/s, tokens per CPU second of the server's
+    processes, the clients' CPU, time to first token and inter-token latency (p50, p99), the
+    load average; the median run per row and the medians of the rounds' ratios.
 loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
     N jobs submitted together against the same jobs one at a time, to show what the HTTP
     layer costs.
@@ -437,7 +442,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_spec = args.model or str(demo_checkpoint(Path(tmp) / "demo-size"))
         meta = {"model": args.model or "demo-size transformer (4x4x128, block 64, random weights)",
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, loaded)",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "load_average_at_start": os.getloadavg(),
                 "torch": torch.__version__, "max_tokens": args.max_tokens, "threads": args.threads}
         if args.mode == "throughput":
             print("| server | clients | requests | tokens | tokens/s | tokens per server CPU s | client cores | "

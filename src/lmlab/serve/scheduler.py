@@ -118,6 +118,11 @@ def states_merge(model) -> bool:
     return True
 
 
+def batching_policy(batchable: bool) -> str:
+    """The policy's name, as ``/v1/info`` and the startup line say it."""
+    return "continuous batching" if batchable else "one request at a time"
+
+
 def check_max_batch(max_batch) -> int:
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -155,7 +160,7 @@ class Scheduler:
 
     @property
     def policy(self) -> str:
-        return "continuous batching" if self.batchable else "one request at a time"
+        return batching_policy(self.batchable)
 
     @property
     def running_rows(self) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lmlab.models.base import require_causal
-from lmlab.serve.scheduler import Job, Scheduler, _done, check_job, check_max_batch
+from lmlab.serve.scheduler import Job, Scheduler, _done, batching_policy, check_job, check_max_batch
 
 __all__ = ["WorkerScheduler", "default_worker_threads"]
 
@@ -87,7 +87,7 @@ class WorkerScheduler:
 
     @property
     def policy(self) -> str:
-        return "continuous batching" if self.batchable else "one request at a time"
+        return batching_policy(self.batchable)
 
     @property
     def running_rows(self) -> int:
