@@ -491,7 +491,8 @@ def cmd_serve(args) -> int:
     from lmlab.serve.app import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_tokens_limit=args.max_tokens_limit, device=args.device)
+          max_tokens_limit=args.max_tokens_limit, device=args.device, dtype=args.dtype, quantize=args.quantize,
+          decoding_threads=args.threads)
     return 0
 
 
@@ -657,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int,
                    help="most new tokens per request (n x max_tokens; default: the model's context)")
     p.add_argument("--device", default="cpu")
+    add_precision_arguments(p)
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the decoding process (default: every core but one; the HTTP process "
+                        "keeps one for its own work)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
