@@ -559,7 +559,7 @@ from lmlab import arpa as arpa_mod  # noqa: E402
 from lmlab import tokenizers  # noqa: E402
 from lmlab.arpa import KENLM_BINARY_MAGIC  # noqa: E402
 from lmlab.tokenizers import ASCII_WHITESPACE, split_words  # noqa: E402
-from lmlab.models import ngram as ngram_mod  # noqa: E402
+from lmlab import ngram as ngram_mod  # noqa: E402
 
 
 def buffers_equal(a, b):

@@ -622,6 +622,9 @@ def _format_values(values: np.ndarray) -> list[str]:
     return out.tolist()
 
 
+_WRITE_ROWS = 1 << 16  # entries formatted and written at a time
+
+
 def write_arpa(
     path: str | os.PathLike,
     vocab: Sequence[str],
@@ -634,9 +637,11 @@ def write_arpa(
     ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab``;
     ``probs[k]``/``backoffs[k]`` are log10 values (``-inf`` is written as -99).
     Backoffs of the highest order are not written. Words may contain any
-    character but ASCII whitespace. Written atomically.
+    character but ASCII whitespace. The text is streamed to a temporary file
+    in blocks of entries (never whole in memory), renamed onto ``path`` when
+    complete.
     """
-    from lmlab.models.base import atomic_write_text
+    from lmlab.files import atomic_output
 
     vocab = list(vocab)
     for w in vocab:
@@ -650,25 +655,22 @@ def write_arpa(
         raise ValueError(f"vocabulary entry {dup!r} appears twice; ARPA words must be unique")
     words = np.array(vocab, dtype=object)
     order = len(ngrams)
-    parts = ["\\data\\\n"]
-    for k in range(order):
-        parts.append(f"ngram {k + 1}={len(ngrams[k])}\n")
-    parts.append("\n")
-    for k in range(order):
-        parts.append(f"\\{k + 1}-grams:\n")
-        ids = np.asarray(ngrams[k])
-        if len(ids):
-            cols = [words[ids[:, j]] for j in range(k + 1)]
-            if k == 0:
-                text = cols[0].tolist()
-            else:
-                text = [" ".join(t) for t in zip(*(c.tolist() for c in cols))]
-            ps = _format_values(probs[k])
-            if k + 1 < order:
-                bs = _format_values(backoffs[k])
-                parts.append("".join(f"{p}\t{t}\t{b}\n" for p, t, b in zip(ps, text, bs)))
-            else:
-                parts.append("".join(f"{p}\t{t}\n" for p, t in zip(ps, text)))
-        parts.append("\n")
-    parts.append("\\end\\\n")
-    atomic_write_text(Path(path), "".join(parts))
+    with atomic_output(path) as f:
+        head = ["\\data\\\n"] + [f"ngram {k + 1}={len(ngrams[k])}\n" for k in range(order)] + ["\n"]
+        f.write("".join(head).encode("utf-8"))
+        for k in range(order):
+            f.write(f"\\{k + 1}-grams:\n".encode("utf-8"))
+            ids = np.asarray(ngrams[k])
+            for s in range(0, len(ids), _WRITE_ROWS):
+                rows = ids[s:s + _WRITE_ROWS]
+                cols = [words[rows[:, j]].tolist() for j in range(k + 1)]
+                text = cols[0] if k == 0 else [" ".join(t) for t in zip(*cols)]
+                ps = _format_values(probs[k][s:s + _WRITE_ROWS])
+                if k + 1 < order:
+                    bs = _format_values(backoffs[k][s:s + _WRITE_ROWS])
+                    block = "".join(f"{p}\t{t}\t{b}\n" for p, t, b in zip(ps, text, bs))
+                else:
+                    block = "".join(f"{p}\t{t}\n" for p, t in zip(ps, text))
+                f.write(block.encode("utf-8"))
+            f.write(b"\n")
+        f.write(b"\\end\\\n")

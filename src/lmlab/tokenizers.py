@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from lmlab.files import atomic_write_text
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -84,25 +85,6 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 REPLACEMENT_CHAR = "\ufffd"
 TOKENIZER_KINDS: tuple[str, ...] = ("char", "word", "regex", "bpe")
 _FORMAT_VERSION = 1
-
-
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _check_corpus(text: str, who: str) -> None:
@@ -180,7 +162,7 @@ class Tokenizer(ABC):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_json` to ``path`` atomically (read back with :func:`load_tokenizer`)."""
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
@@ -982,7 +964,7 @@ class HFTokenizer(Tokenizer):
             return
         reference = {"type": "hf", "version": _FORMAT_VERSION, "pretrained_dir": ".",
                      "split_special_tokens": self.split_special_tokens}
-        _atomic_write_text(path, json.dumps(reference, indent=1))
+        atomic_write_text(path, json.dumps(reference, indent=1))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.hf).__name__}, vocab_size={self.vocab_size})"
