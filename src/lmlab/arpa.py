@@ -53,7 +53,6 @@ import lzma
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -367,6 +366,49 @@ def _tokens_per_line(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int
     return per_line if per_line.size == n else None
 
 
+_POW10 = 10.0 ** np.arange(23)  # exact in float64
+_EXACT_MANTISSA = 2**53
+
+
+def _parse_numbers(x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """float64 value of each token ``x[starts[i]:ends[i]]``, correctly rounded
+    (what ``float()`` gives), or None if one is not a number. Plain decimals
+    (``-1.2345``, ``-99``) of at most 17 digits whose mantissa is below 2**53
+    and with at most 22 decimals are computed vectorized as mantissa / 10**decimals,
+    one correctly rounded division of two exact values (Clinger's fast path);
+    the rest (exponents, long mantissas, ``inf``) go through ``float()`` one by one."""
+    n = starts.size
+    lengths = ends - starts
+    m = np.zeros(n, dtype=np.int64)
+    decimals = np.zeros(n, dtype=np.int64)
+    digits = np.zeros(n, dtype=np.int64)
+    dot = np.zeros(n, dtype=bool)
+    bad = lengths > 24
+    last = x.size - 1
+    for j in range(min(int(lengths.max()), 24) if n else 0):
+        live = lengths > j
+        c = x[np.minimum(starts + j, last)]
+        d = c - np.uint8(48)
+        is_digit = (d < 10) & live
+        is_dot = (c == 46) & live
+        bad |= live & ~(is_digit | is_dot | ((c == 45) & (j == 0)))
+        bad |= is_dot & dot
+        m = np.where(is_digit, m * 10 + d, m)
+        decimals += is_digit & dot
+        digits += is_digit
+        dot |= is_dot
+    bad |= (digits == 0) | (digits > 17) | (decimals > 22)
+    bad |= m >= _EXACT_MANTISSA
+    values = m / _POW10[np.minimum(decimals, 22)]
+    np.negative(values, out=values, where=x[starts] == 45)
+    for i in np.flatnonzero(bad).tolist():
+        try:
+            values[i] = float(x[starts[i]:ends[i]].tobytes())
+        except ValueError:
+            return None
+    return values
+
+
 def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Vocab):
     """Vectorized parse of n whole lines of the k-grams section: (ids or
     word tokens, probs, backoffs), or None at the first doubt."""
@@ -385,27 +427,14 @@ def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Voc
     if not ((per_line == k + 1) | (with_bo & has_backoff)).all():
         return None
     first = np.cumsum(per_line) - per_line  # token index of each line's probability
-    # the numbers: every other byte blanked, then numpy's (correctly rounded) parser
     num = np.concatenate([first, first[with_bo] + k + 1])
-    mark = np.zeros(x.size + 1, dtype=np.int8)
-    mark[starts[num]] = 1
-    mark[ends[num]] = -1
-    keep = np.cumsum(mark[:-1], dtype=np.int8).view(bool)
-    text = np.where(keep, x, np.uint8(32)).tobytes()
-    del mark, keep, num
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        try:
-            values = np.fromstring(text, dtype=np.float64, sep=" ")
-        except (ValueError, DeprecationWarning):
-            return None
-    per = 1 + with_bo
-    if values.size != int(per.sum()):
+    values = _parse_numbers(x, starts[num], ends[num])
+    if values is None:
         return None
-    at = np.cumsum(per) - per
-    pr = values[at]
+    del num
+    pr = values[:n]
     bo = np.zeros(n)
-    bo[with_bo] = values[at[with_bo] + 1]
+    bo[with_bo] = values[n:]
     if np.isnan(values).any() or (values == np.inf).any() or (pr > 0).any():
         return None
     pr[pr <= LOG10_ZERO] = -np.inf
