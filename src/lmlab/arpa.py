@@ -77,7 +77,7 @@ KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"  # start of every KenL
 
 _ASCII_SPACE = re.compile(f"[{re.escape(ASCII_WHITESPACE)}]")
 _COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
-_BLOCK_BYTES = 1 << 20  # bytes read and parsed at a time
+_BLOCK_BYTES = 1 << 19  # bytes read and parsed at a time
 _HASH_MUL = np.uint64(0x100000001B3)
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
 
@@ -120,7 +120,7 @@ class ArpaTables:
 @dataclass
 class ArpaSection:
     """One ``\\k-grams:`` section as :func:`iter_arpa` yields it: ``ids``
-    int32 (count, k) word ids, ``probs``/``backoffs`` float64 (count,) log10
+    int32 (count, k) word ids, ``probs``/``backoffs`` (count,) log10 (float64 unless asked)
     values, entry r on line ``first_line + r``. ``vocab`` (the words, id =
     position) is set for the unigram section only."""
 
@@ -497,12 +497,14 @@ def _parse_block_slow(blk: bytes, first_line: int, done: int, count: int, k: int
 # ---------------------------------------------------------------- reading
 
 
-def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
+def iter_arpa(path: str | os.PathLike, dtype=np.float64) -> Iterator[list[int] | ArpaSection]:
     """Parse an ARPA file section by section: yields the list of n-gram
     counts of the ``\\data\\`` header first, then one :class:`ArpaSection`
     per order, so a reader can build order k before order k+1 is parsed.
     Raises :class:`ArpaFormatError` as :func:`read_arpa` describes (duplicate
-    n-grams above the unigrams are left to the caller)."""
+    n-grams above the unigrams are left to the caller). ``dtype``: of the
+    probabilities and backoffs (numbers are parsed as float64, then cast;
+    float32 halves a section for a reader that keeps float32)."""
     path = Path(path)
     with _open_binary(path) as f:
         reader = _LineReader(f, path)
@@ -558,7 +560,7 @@ def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
             lineno, header = item
             if header.strip() != f"\\{k}-grams:".encode():
                 raise ArpaFormatError(path, lineno, f"expected '\\{k}-grams:', got {_show(header.strip()[:60])!r}")
-            yield _read_section(reader, path, k, counts[k - 1], k < order, vocab)
+            yield _read_section(reader, path, k, counts[k - 1], k < order, vocab, dtype)
             item = reader.next_nonblank()  # the section must end here (blank lines, then a header or \end\)
             if item is not None:
                 if not item[1].strip().startswith(b"\\"):
@@ -573,10 +575,11 @@ def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
             raise ArpaFormatError(path, item[0], f"expected '\\end\\', got {_show(item[1].strip()[:60])!r}")
 
 
-def _read_section(reader: _LineReader, path, k: int, count: int, has_backoff: bool, vocab: _Vocab) -> ArpaSection:
+def _read_section(reader: _LineReader, path, k: int, count: int, has_backoff: bool, vocab: _Vocab,
+                  dtype) -> ArpaSection:
     ids = np.empty((count, k), dtype=np.int32)
-    pr = np.empty(count, dtype=np.float64)
-    bo = np.empty(count, dtype=np.float64)
+    pr = np.empty(count, dtype=dtype)
+    bo = np.empty(count, dtype=dtype)
     first_line = reader.lineno + 1
     done = 0
     while done < count:

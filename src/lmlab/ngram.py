@@ -956,7 +956,7 @@ class NGramLM:
         and the probability the model gives them, which changes no score."""
         from lmlab.arpa import iter_arpa, read_arpa
 
-        sections = iter_arpa(path)
+        sections = iter_arpa(path, dtype=np.float32)  # the tables keep float32
         try:
             counts = next(sections)
             unigrams = next(sections)
@@ -1132,6 +1132,9 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     return T.combine(tnodes, cn), at
 
 
+_LOOKUP_ROWS = 1 << 16  # n-grams looked up at a time while an ARPA file is read
+
+
 def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     """Tables of an ARPA file built order by order as :func:`iter_arpa`
     parses it (one section's word ids in memory at a time). Returns (keys,
@@ -1147,20 +1150,25 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)  # grows with the lists
     prefix_of = None  # node of each entry's prefix, for the order just built
     for sec in sections:
-        k, g = sec.order, sec.ids
-        suffix = T.lookup(g[:, 1:])
-        if (suffix < 0).any():
-            return None
-        if k == 2:
-            prefix = g[:, 0].astype(np.int64)
-        else:  # x1..x_{k-1} = x1 before x2..x_{k-1}, the prefix of the suffix x2..xk
-            prefix = T.index(k - 1).find(prefix_of[suffix] * V + g[:, 0])
-            if (prefix < 0).any():
+        k, n = sec.order, sec.ids.shape[0]
+        key = np.empty(n, dtype=np.int64)
+        prefix = np.empty(n, dtype=_index_dtype(prob[k - 2].shape[0]))
+        for s in range(0, n, _LOOKUP_ROWS):  # in blocks: the lookups' temporaries stay small
+            g = sec.ids[s:s + _LOOKUP_ROWS]
+            suffix = T.lookup(g[:, 1:])
+            if (suffix < 0).any():
                 return None
-        key = suffix * V + g[:, 0]
-        del suffix
+            if k == 2:
+                prefix[s:s + _LOOKUP_ROWS] = g[:, 0]
+            else:  # x1..x_{k-1} = x1 before x2..x_{k-1}, the prefix of the suffix x2..xk
+                pre = T.index(k - 1).find(prefix_of[suffix].astype(np.int64) * V + g[:, 0])
+                if (pre < 0).any():
+                    return None
+                prefix[s:s + _LOOKUP_ROWS] = pre
+            key[s:s + _LOOKUP_ROWS] = suffix * V + g[:, 0]
+        sec.ids = None
         order = np.argsort(key, kind="stable")
-        prefix_of = prefix[order]
+        prefix_of = prefix[order] if k < cfg.order else None  # the next order's lookups need it
         del prefix
         key = key[order]
         dup = np.flatnonzero(key[1:] == key[:-1])
@@ -1168,9 +1176,10 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
             a, b = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
             raise ArpaFormatError(path, sec.first_line + b, f"duplicate {k}-gram (first given on line {sec.first_line + a})")
         keys.append(key)
-        prob.append(sec.probs[order].astype(np.float32))
-        bo.append(sec.backoffs[order].astype(np.float32))
-        del g, order, sec
+        prob.append(sec.probs[order].astype(np.float32, copy=False))
+        bo.append(sec.backoffs[order].astype(np.float32, copy=False))
+        sec.probs = sec.backoffs = None
+        del order, sec
         T.index(k)
     if cfg.bos_id is not None:
         prob[0][cfg.bos_id] = -np.inf
