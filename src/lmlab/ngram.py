@@ -179,56 +179,94 @@ class NGramConfig:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+def _bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """Hash bucket in [0, buckets) of each int64 key (>= 0): the top 32 bits of
+    a multiplicative hash, scaled."""
+    h = np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64) * _GOLDEN
+    h >>= np.uint64(32)
+    h *= np.uint64(buckets)
+    h >>= np.uint64(32)
+    return h.view(np.int64)
+
+
+def _bucket_order(keys: np.ndarray, home: np.ndarray) -> np.ndarray | None:
+    """The permutation that stores ``keys`` bucket after bucket, ascending
+    within a bucket; None when they are stored so already."""
+    if not ((home[1:] < home[:-1]) | ((home[1:] == home[:-1]) & (keys[1:] <= keys[:-1]))).any():
+        return None
+    if (keys[1:] > keys[:-1]).all():
+        return np.argsort(home, kind="stable")
+    return np.lexsort((keys, home))
+
+
+def _in_bucket_order(keys: list, prob: list, bo: list, V: int) -> tuple[list, list, list]:
+    """The tables with each order's entries stored bucket after bucket of its
+    hash index (see :class:`_HashIndex`), the node ids in the next order's
+    keys renumbered to match. Orders already so stored are left as they are."""
+    keys, prob, bo = list(keys), list(prob), list(bo)
+    for k in range(2, len(keys) + 1):
+        perm = _bucket_order(keys[k - 1], _bucket_of(keys[k - 1], max(1, keys[k - 1].size)))
+        if perm is None:
+            continue
+        keys[k - 1], prob[k - 1], bo[k - 1] = keys[k - 1][perm], prob[k - 1][perm], bo[k - 1][perm]
+        if k < len(keys):
+            new_row = np.empty(perm.size, dtype=np.int64)
+            new_row[perm] = np.arange(perm.size)
+            nxt = keys[k]
+            keys[k] = new_row[nxt // V] * V + nxt % V
+    return keys, prob, bo
+
+
 class _HashIndex:
-    """Bucketed hash of a sorted int64 key array, for vectorized exact
-    lookups: ``find(q)`` gives the row of each query key or -1. One bucket
-    per key on average; ``rows`` lists the keys' rows bucket after bucket and
-    ``start[b]:start[b + 1]`` is bucket b's part, so a lookup reads one
-    bucket (about one key) and a miss costs no longer probe than a hit.
-    8 bytes per key (int32 rows and bucket starts)."""
+    """Bucketed hash of an int64 key array, for vectorized exact lookups:
+    ``find(q)`` gives the row of each query key or -1. One bucket per key on
+    average; within a bucket the keys ascend, so a lookup reads the bucket's
+    first key and, for the few queries that need more, binary-searches the
+    rest (a miss costs no more than a hit). The model's tables store their
+    keys bucket after bucket (:func:`_in_bucket_order`): bucket b is rows
+    ``start[b]:start[b + 1]`` and the index costs 4 bytes per key. Keys in any
+    other order get ``rows``, their rows in that order (4 bytes more per key,
+    one read more per probe)."""
 
     def __init__(self, keys: np.ndarray):
         n = keys.size
         self.keys = keys
         self.buckets = max(1, n)
-        home = self._home(keys)
+        home = _bucket_of(keys, self.buckets)
         dt = np.int32 if n < 2**31 else np.int64
-        self.rows = np.argsort(home, kind="stable").astype(dt)
+        rows = _bucket_order(keys, home)
+        self.rows = None if rows is None else rows.astype(dt)
+        sizes = np.bincount(home, minlength=self.buckets)
+        self.steps = int(sizes.max()).bit_length() if n else 0  # binary search steps for a whole bucket
         self.start = np.zeros(self.buckets + 1, dtype=dt)
-        np.cumsum(np.bincount(home, minlength=self.buckets), out=self.start[1:])
+        np.cumsum(sizes, out=self.start[1:])
 
-    def _home(self, q: np.ndarray) -> np.ndarray:
-        """Bucket in [0, buckets): the top 32 bits of a multiplicative hash, scaled."""
-        h = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64) * _GOLDEN  # keys are >= 0
-        h >>= np.uint64(32)
-        h *= np.uint64(self.buckets)
-        h >>= np.uint64(32)
-        return h.view(np.int64)
+    def _key_at(self, pos: np.ndarray) -> np.ndarray:
+        r = pos if self.rows is None else np.take(self.rows, pos, mode="clip")
+        return np.take(self.keys, r, mode="clip"), r
 
     def find(self, q: np.ndarray) -> np.ndarray:
         if self.keys.size == 0:
             return np.full(q.size, -1, dtype=np.int64)
-        h = self._home(q)
-        pos = self.start[h]
-        end = self.start[h + 1]
-        # first probe for every query; an empty bucket's probe (pos == end) is clipped, then ignored
-        r = np.take(self.rows, pos, mode="clip")
-        hit = np.take(self.keys, r, mode="clip") == q
-        hit &= pos < end
+        h = _bucket_of(q, self.buckets)
+        lo = self.start[h]
+        hi = self.start[h + 1]
+        v, r = self._key_at(lo)  # an empty bucket's probe (lo == hi) is clipped, then ignored
+        hit = (v == q) & (lo < hi)
         out = np.where(hit, r, -1).astype(np.int64, copy=False)
-        pos += 1
-        more = pos < end
-        more &= ~hit
-        idx = np.flatnonzero(more)
-        pos, end, q = pos[idx], end[idx], q[idx]
-        while idx.size:  # buckets holding several keys
-            r = self.rows[pos]
-            hit = self.keys[r] == q
-            out[idx[hit]] = r[hit]
-            pos += 1
-            go = pos < end
-            go &= ~hit
-            idx, pos, end, q = idx[go], pos[go], end[go], q[go]
+        rest = np.flatnonzero((v < q) & (lo + 1 < hi))  # keys ascend: the key can only be further on
+        if rest.size:
+            lo, hi, q = lo[rest] + 1, hi[rest], q[rest]
+            end = hi.copy()
+            for _ in range(self.steps):  # lower bound of q in [lo, hi)
+                mid = (lo + hi) >> 1
+                active = lo < hi
+                right = (self._key_at(mid)[0] < q) & active
+                lo = np.where(right, mid + 1, lo)
+                hi = np.where(active & ~right, mid, hi)
+            v, r = self._key_at(lo)
+            found = (v == q) & (lo < end)
+            out[rest[found]] = r[found]
         return out
 
 
@@ -852,6 +890,7 @@ class NGramLM:
         return self._cache
 
     def _set_tables(self, keys, prob, bo) -> None:
+        keys, prob, bo = _in_bucket_order(keys, prob, bo, self.config.vocab_size)
         arrays = {}
         for k in range(1, self.config.order + 1):
             if k > 1:
@@ -1112,24 +1151,30 @@ def _as_list(sequences) -> list:
 
 def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | None):
     """log10 p of every predicted token of a flattened corpus and its position;
-    n-grams never cross a sequence start or a <s>."""
-    n = tok.size
-    N = T.order
+    n-grams never cross a sequence start or a <s>. One hash lookup per order
+    for the positions whose (k-1)-gram was found, straight from ``tok``."""
+    n, N, V = tok.size, T.order, T.V
     pos = np.arange(n, dtype=np.int64)
     boundary = seg_start.copy()
     if bos is not None:
         boundary |= tok == bos
-    run_start = np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos
+    span = pos - np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos  # tokens before i in its run
     at = np.flatnonzero(tok != bos) if bos is not None else pos
-    idx = pos[:, None] + np.arange(-(N - 1), 1)[None, :]
-    win = tok[np.maximum(idx, 0)]
-    win[idx < run_start[:, None]] = -1
-    nodes = T.chain(win)  # (N, n): suffixes of the n-gram ending at each position
-    tnodes = nodes[:, at]
-    prev = at - 1
-    cn = nodes[: N - 1, np.maximum(prev, 0)]
-    cn[:, prev < run_start[at]] = -1
-    return T.combine(tnodes, cn), at
+    nodes = np.full((N, n), -1, dtype=np.int64)  # nodes[k-1, i]: the k-gram ending at i (-1: absent)
+    nodes[0] = tok
+    alive, cur = pos, tok
+    for k in range(2, N + 1):
+        keep = span[alive] >= k - 1
+        alive, cur = alive[keep], cur[keep]
+        found = T.index(k).find(cur * V + tok[alive - (k - 1)])
+        hit = found >= 0
+        alive, cur = alive[hit], found[hit]
+        if not alive.size:
+            break
+        nodes[k - 1, alive] = cur
+    cn = nodes[: N - 1, at - 1]
+    cn[:, span[at] == 0] = -1  # no context at the start of a run
+    return T.combine(nodes[:, at], cn), at
 
 
 _LOOKUP_ROWS = 1 << 16  # n-grams looked up at a time while an ARPA file is read
@@ -1168,13 +1213,18 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
             key[s:s + _LOOKUP_ROWS] = suffix * V + g[:, 0]
         sec.ids = None
         order = np.argsort(key, kind="stable")
-        prefix_of = prefix[order] if k < cfg.order else None  # the next order's lookups need it
-        del prefix
         key = key[order]
         dup = np.flatnonzero(key[1:] == key[:-1])
         if dup.size:
             a, b = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
             raise ArpaFormatError(path, sec.first_line + b, f"duplicate {k}-gram (first given on line {sec.first_line + a})")
+        del dup
+        by_bucket = np.argsort(_bucket_of(key, max(1, n)), kind="stable")  # key ascends: as _in_bucket_order stores it
+        key = key[by_bucket]
+        order = order[by_bucket]
+        del by_bucket
+        prefix_of = prefix[order] if k < cfg.order else None  # the next order's lookups need it
+        del prefix
         keys.append(key)
         prob.append(sec.probs[order].astype(np.float32, copy=False))
         bo.append(sec.backoffs[order].astype(np.float32, copy=False))
