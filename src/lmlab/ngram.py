@@ -546,6 +546,15 @@ def _flatten(sequences, V: int, bos: int | None, eos: int | None, add_bos_eos: b
         seqs = list(sequences)
     if not seqs:
         raise ValueError("no sequences to count: give at least one sequence of token ids")
+    if all(type(s) is np.ndarray for s in seqs):  # the common case, without a Python step per sequence
+        try:
+            lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            flat = np.concatenate(seqs)
+        except (TypeError, ValueError):  # a 0-d array or mixed dimensions: the loop below names it
+            pass
+        else:
+            if flat.ndim == 1 and flat.size == lens.sum() and (flat.size == 0 or flat.dtype.kind in "iu"):
+                return _wrap(flat.astype(np.int64, copy=False), lens, V, bos, eos, add_bos_eos, drop)
     arrs = []
     for i, s in enumerate(seqs):
         if type(s) is not np.ndarray:
@@ -1077,9 +1086,11 @@ class NGramLM:
         tok, seg_start = _flatten(seqs, cfg.vocab_size, cfg.bos_id, cfg.eos_id, add_bos_eos, None)
         seg = np.cumsum(seg_start) - 1
         lp, at = _score_flat(self._tables(), tok, seg_start, cfg.bos_id)
-        nonempty = np.array([len(s) > 0 or add_bos_eos for s in seqs])
         out = np.zeros(len(seqs))
-        idx = np.flatnonzero(nonempty)
+        if add_bos_eos:
+            idx = np.arange(len(seqs))
+        else:  # an empty sequence scores 0 and has no segment
+            idx = np.flatnonzero(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)))
         out[idx] = np.bincount(seg[at], weights=lp, minlength=idx.size)
         return out
 
@@ -1151,8 +1162,12 @@ def _as_list(sequences) -> list:
 
 def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | None):
     """log10 p of every predicted token of a flattened corpus and its position;
-    n-grams never cross a sequence start or a <s>. One hash lookup per order
-    for the positions whose (k-1)-gram was found, straight from ``tok``."""
+    n-grams never cross a sequence start or a <s>.
+
+    Order by order, the k-grams ending at each position are looked up
+    straight from ``tok``, only where the (k-1)-gram was found. The longest match m gives prob_m; the backoffs of
+    the context's j-grams for j >= m are then added in increasing j (the sum
+    ``combine`` makes, term for term, so the results are identical)."""
     n, N, V = tok.size, T.order, T.V
     pos = np.arange(n, dtype=np.int64)
     boundary = seg_start.copy()
@@ -1160,8 +1175,15 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
         boundary |= tok == bos
     span = pos - np.maximum.accumulate(np.where(boundary, pos, 0)) if n else pos  # tokens before i in its run
     at = np.flatnonzero(tok != bos) if bos is not None else pos
-    nodes = np.full((N, n), -1, dtype=np.int64)  # nodes[k-1, i]: the k-gram ending at i (-1: absent)
-    nodes[0] = tok
+    addk = T.method == "addk"  # its floors need every node (combine); the backoff rule needs the values only
+    nodes = np.full((N, n), -1, dtype=np.int64) if addk else None
+    if addk:
+        nodes[0] = tok
+    logp = T.prob[0][tok].astype(np.float64)  # prob of the longest match so far
+    match = np.ones(n, dtype=np.int8)
+    bov = np.zeros((N - 1, n), dtype=np.float32)  # backoff of the j-gram ending at i (0: absent)
+    if N > 1:
+        bov[0] = T.bo[0][tok]
     alive, cur = pos, tok
     for k in range(2, N + 1):
         keep = span[alive] >= k - 1
@@ -1171,10 +1193,24 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
         alive, cur = alive[hit], found[hit]
         if not alive.size:
             break
-        nodes[k - 1, alive] = cur
-    cn = nodes[: N - 1, at - 1]
-    cn[:, span[at] == 0] = -1  # no context at the start of a run
-    return T.combine(nodes[:, at], cn), at
+        if addk:
+            nodes[k - 1, alive] = cur
+            continue
+        logp[alive] = T.prob[k - 1][cur]
+        match[alive] = k
+        if k < N:
+            bov[k - 1, alive] = T.bo[k - 1][cur]
+    if addk:
+        cn = nodes[: N - 1, at - 1]
+        cn[:, span[at] == 0] = -1  # no context at the start of a run
+        return T.combine(nodes[:, at], cn), at
+    out = logp[at]
+    m = match[at]
+    m[span[at] == 0] = N  # no context: no backoff
+    prev = at - 1
+    for j in range(1, N):
+        out += np.where(m <= j, bov[j - 1, prev], np.float32(0))
+    return out, at
 
 
 _LOOKUP_ROWS = 1 << 16  # n-grams looked up at a time while an ARPA file is read
