@@ -252,9 +252,13 @@ def _hash_tokens(at: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
     ``starts[i] + lengths[i]`` of the buffer ``at`` views (see ``_u64_at``).
     Words of up to 8 bytes and equal length never collide."""
     h = lengths.astype(np.uint64) * _HASH_SEED
-    live = np.arange(starts.size)
-    for j in range(0, int(lengths.max()) if lengths.size else 0, 8):
-        if j:
+    if not lengths.size:
+        return h
+    h ^= at[starts] & _LOW_BYTES[np.minimum(lengths, 8)]  # every token's first 8 bytes
+    h *= _HASH_MUL
+    live = np.flatnonzero(lengths > 8)
+    for j in range(8, int(lengths.max()), 8):  # the longer words, 8 bytes at a time
+        if j > 8:
             live = live[lengths[live] > j]
         rest = np.minimum(lengths[live] - j, 8)
         chunk = at[starts[live] + j] & _LOW_BYTES[rest]
@@ -318,16 +322,23 @@ class _Vocab:
         if self.table_hash is None:
             return None
         h = _hash_tokens(at, starts, lengths)
-        out = np.empty(h.size, dtype=np.int32)
-        todo, slot = np.arange(h.size), self._home(h)
+        slot = self._home(h)
         mask = self.table_id.size - 1
+        # an empty slot has length 0, which no token has: equal lengths also say "occupied"
+        tl = self.table_len[slot]
+        hit = tl == lengths
+        hit &= self.table_hash[slot] == h
+        out = self.table_id[slot]  # right where hit; the rest probe on
+        todo = np.flatnonzero(~hit)
+        slot, h, lengths = slot[todo], h[todo], lengths[todo]
         while todo.size:
-            hit = (self.table_hash[slot] == h[todo]) & (self.table_len[slot] == lengths[todo]) & (self.table_id[slot] >= 0)
+            if (self.table_len[slot] == 0).any():
+                return None  # an empty slot reached: not a word of the vocabulary
+            slot = (slot + 1) & mask
+            hit = (self.table_len[slot] == lengths) & (self.table_hash[slot] == h)
             out[todo[hit]] = self.table_id[slot[hit]]
             go = ~hit
-            if (self.table_id[slot[go]] < 0).any():
-                return None  # an empty slot reached: not a word of the vocabulary
-            todo, slot = todo[go], (slot[go] + 1) & mask
+            todo, slot, h, lengths = todo[go], slot[go], h[go], lengths[go]
         return out
 
 
@@ -378,29 +389,37 @@ def _parse_numbers(x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
     one correctly rounded division of two exact values (Clinger's fast path);
     the rest (exponents, long mantissas, ``inf``) go through ``float()`` one by one."""
     n = starts.size
-    lengths = ends - starts
-    m = np.zeros(n, dtype=np.int64)
-    decimals = np.zeros(n, dtype=np.int64)
-    digits = np.zeros(n, dtype=np.int64)
-    dot = np.zeros(n, dtype=bool)
-    bad = lengths > 24
+    if not n:
+        return np.zeros(0)
+    negative = x[starts] == 45  # '-'
+    first = starts + negative
+    lengths = ends - first
+    m = np.zeros(n, dtype=np.int64)  # the digits as one integer
+    good = np.zeros(n, dtype=np.int64)  # digits and dots seen
+    dots = np.zeros(n, dtype=np.int64)
+    dot_at = np.zeros(n, dtype=np.int64)
     last = x.size - 1
-    for j in range(min(int(lengths.max()), 24) if n else 0):
+    width = min(int(lengths.max()), 24)
+    for j in range(width):
         live = lengths > j
-        c = x[np.minimum(starts + j, last)]
+        c = x[np.minimum(first + j, last)]
         d = c - np.uint8(48)
-        is_digit = (d < 10) & live
-        is_dot = (c == 46) & live
-        bad |= live & ~(is_digit | is_dot | ((c == 45) & (j == 0)))
-        bad |= is_dot & dot
+        is_digit = d < 10
+        is_digit &= live
+        is_dot = c == 46
+        is_dot &= live
+        good += is_digit
+        good += is_dot
+        dots += is_dot
+        dot_at[is_dot] = j
         m = np.where(is_digit, m * 10 + d, m)
-        decimals += is_digit & dot
-        digits += is_digit
-        dot |= is_dot
+    digits = lengths - dots
+    decimals = np.where(dots > 0, lengths - 1 - dot_at, 0)
+    bad = (good != lengths) | (lengths > width) | (dots > 1)
     bad |= (digits == 0) | (digits > 17) | (decimals > 22)
     bad |= m >= _EXACT_MANTISSA
-    values = m / _POW10[np.minimum(decimals, 22)]
-    np.negative(values, out=values, where=x[starts] == 45)
+    values = m / _POW10[np.clip(decimals, 0, 22)]
+    np.negative(values, out=values, where=negative)
     for i in np.flatnonzero(bad).tolist():
         try:
             values[i] = float(x[starts[i]:ends[i]].tobytes())

@@ -177,6 +177,7 @@ class NGramConfig:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_LOOKUP_ROWS = 1 << 16  # n-grams looked up or renumbered at a time (bounded temporaries)
 
 
 def _bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
@@ -190,31 +191,47 @@ def _bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
 
 
 def _bucket_order(keys: np.ndarray, home: np.ndarray) -> np.ndarray | None:
-    """The permutation that stores ``keys`` bucket after bucket, ascending
-    within a bucket; None when they are stored so already."""
+    """The permutation that stores ``keys`` bucket after bucket (``home``, their
+    buckets, is overwritten), ascending within a bucket; None when they are
+    stored so already."""
     if not ((home[1:] < home[:-1]) | ((home[1:] == home[:-1]) & (keys[1:] <= keys[:-1]))).any():
         return None
     if (keys[1:] > keys[:-1]).all():
-        return np.argsort(home, kind="stable")
+        return _by_bucket(home)
     return np.lexsort((keys, home))
 
 
-def _in_bucket_order(keys: list, prob: list, bo: list, V: int) -> tuple[list, list, list]:
-    """The tables with each order's entries stored bucket after bucket of its
-    hash index (see :class:`_HashIndex`), the node ids in the next order's
-    keys renumbered to match. Orders already so stored are left as they are."""
-    keys, prob, bo = list(keys), list(prob), list(bo)
+def _by_bucket(home: np.ndarray) -> np.ndarray:
+    """The stable order of ``home`` (int64 buckets in [0, n), overwritten), by
+    sorting the unique values bucket * n + position (numpy's quicksort, twice
+    as fast as its stable sort)."""
+    n = home.size
+    home *= n
+    home += np.arange(n, dtype=np.int64)
+    return np.argsort(home)
+
+
+def _in_bucket_order(keys: list, prob: list, bo: list, V: int) -> None:
+    """Store each order's entries bucket after bucket of its hash index (see
+    :class:`_HashIndex`), renumbering the node ids in the next order's keys to
+    match. Works on the lists in place (an order's old arrays are dropped as
+    its new ones come, and the next order's keys are renumbered in place, in
+    blocks); orders already so stored are left as they are."""
     for k in range(2, len(keys) + 1):
         perm = _bucket_order(keys[k - 1], _bucket_of(keys[k - 1], max(1, keys[k - 1].size)))
         if perm is None:
             continue
-        keys[k - 1], prob[k - 1], bo[k - 1] = keys[k - 1][perm], prob[k - 1][perm], bo[k - 1][perm]
+        keys[k - 1] = keys[k - 1][perm]
+        prob[k - 1] = prob[k - 1][perm]
+        bo[k - 1] = bo[k - 1][perm]
         if k < len(keys):
-            new_row = np.empty(perm.size, dtype=np.int64)
-            new_row[perm] = np.arange(perm.size)
+            new_row = np.empty(perm.size, dtype=_index_dtype(perm.size))
+            new_row[perm] = np.arange(perm.size, dtype=new_row.dtype)
+            del perm
             nxt = keys[k]
-            keys[k] = new_row[nxt // V] * V + nxt % V
-    return keys, prob, bo
+            for s in range(0, nxt.size, _LOOKUP_ROWS):
+                block = nxt[s:s + _LOOKUP_ROWS]
+                block[:] = new_row[block // V].astype(np.int64) * V + block % V
 
 
 class _HashIndex:
@@ -234,9 +251,9 @@ class _HashIndex:
         self.buckets = max(1, n)
         home = _bucket_of(keys, self.buckets)
         dt = np.int32 if n < 2**31 else np.int64
+        sizes = np.bincount(home, minlength=self.buckets)
         rows = _bucket_order(keys, home)
         self.rows = None if rows is None else rows.astype(dt)
-        sizes = np.bincount(home, minlength=self.buckets)
         self.steps = int(sizes.max()).bit_length() if n else 0  # binary search steps for a whole bucket
         self.start = np.zeros(self.buckets + 1, dtype=dt)
         np.cumsum(sizes, out=self.start[1:])
@@ -898,8 +915,9 @@ class NGramLM:
             self._cache_key = key
         return self._cache
 
-    def _set_tables(self, keys, prob, bo) -> None:
-        keys, prob, bo = _in_bucket_order(keys, prob, bo, self.config.vocab_size)
+    def _set_tables(self, keys: list, prob: list, bo: list) -> None:
+        """Store the tables (lists of arrays per order, consumed: see _in_bucket_order)."""
+        _in_bucket_order(keys, prob, bo, self.config.vocab_size)
         arrays = {}
         for k in range(1, self.config.order + 1):
             if k > 1:
@@ -951,10 +969,12 @@ class NGramLM:
             sequences, cfg.vocab_size, cfg.bos_id, cfg.eos_id, add_bos_eos, cfg.unk_id if drop_unk else None
         )
         C = _count(tok, seg_start, cfg.order, cfg.vocab_size, cfg.bos_id)
+        del tok, seg_start
         for k in range(2, cfg.order + 1):
             if C.keys[k - 1].size and C.keys[k - 1][-1] >= np.iinfo(np.int64).max // 2:
                 raise ValueError("n-gram keys overflow int64; the vocabulary or the corpus is too large")
         keys, prob, bo, used = _estimate(C, cfg)
+        del C  # holds the key arrays too: the old order must go as the tables are rearranged
         self._set_tables(keys, prob, bo)
         cfg.discounts_used = used if cfg.method == "kneser_ney" else None
         return self.prepare()
@@ -1213,9 +1233,6 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     return out, at
 
 
-_LOOKUP_ROWS = 1 << 16  # n-grams looked up at a time while an ARPA file is read
-
-
 def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     """Tables of an ARPA file built order by order as :func:`iter_arpa`
     parses it (one section's word ids in memory at a time). Returns (keys,
@@ -1248,14 +1265,14 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
                 prefix[s:s + _LOOKUP_ROWS] = pre
             key[s:s + _LOOKUP_ROWS] = suffix * V + g[:, 0]
         sec.ids = None
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key)
         key = key[order]
         dup = np.flatnonzero(key[1:] == key[:-1])
         if dup.size:
             a, b = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
             raise ArpaFormatError(path, sec.first_line + b, f"duplicate {k}-gram (first given on line {sec.first_line + a})")
         del dup
-        by_bucket = np.argsort(_bucket_of(key, max(1, n)), kind="stable")  # key ascends: as _in_bucket_order stores it
+        by_bucket = _by_bucket(_bucket_of(key, max(1, n)))  # key ascends: as _in_bucket_order stores it
         key = key[by_bucket]
         order = order[by_bucket]
         del by_bucket
