@@ -267,11 +267,16 @@ class _HashIndex:
             return np.full(q.size, -1, dtype=np.int64)
         h = _bucket_of(q, self.buckets)
         lo = self.start[h]
-        hi = self.start[h + 1]
+        h += 1
+        hi = self.start[h]
+        del h
         v, r = self._key_at(lo)  # an empty bucket's probe (lo == hi) is clipped, then ignored
-        hit = (v == q) & (lo < hi)
+        hit = v == q
+        hit &= lo < hi
         out = np.where(hit, r, -1).astype(np.int64, copy=False)
-        rest = np.flatnonzero((v < q) & (lo + 1 < hi))  # keys ascend: the key can only be further on
+        rest = v < q
+        rest &= lo + 1 < hi
+        rest = np.flatnonzero(rest)  # keys ascend: the key can only be further on
         if rest.size:
             lo, hi, q = lo[rest] + 1, hi[rest], q[rest]
             end = hi.copy()
@@ -1204,10 +1209,12 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     bov = np.zeros((N - 1, n), dtype=np.float32)  # backoff of the j-gram ending at i (0: absent)
     if N > 1:
         bov[0] = T.bo[0][tok]
-    alive, cur = pos, tok
+    alive = np.flatnonzero(span >= 1)
+    cur = tok[alive]
     for k in range(2, N + 1):
-        keep = span[alive] >= k - 1
-        alive, cur = alive[keep], cur[keep]
+        if k > 2:
+            keep = span[alive] >= k - 1
+            alive, cur = alive[keep], cur[keep]
         found = T.index(k).find(cur * V + tok[alive - (k - 1)])
         hit = found >= 0
         alive, cur = alive[hit], found[hit]
