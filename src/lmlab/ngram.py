@@ -1240,6 +1240,27 @@ def _score_flat(T: _Tables, tok: np.ndarray, seg_start: np.ndarray, bos: int | N
     return out, at
 
 
+def _release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``).
+    Reading an ARPA file frees each section's temporaries in the middle of the
+    heap, where they stay resident (glibc returns only the top of the heap);
+    trimming between sections keeps them out of the peak. A no-op where the
+    C library has no ``malloc_trim``."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     """Tables of an ARPA file built order by order as :func:`iter_arpa`
     parses it (one section's word ids in memory at a time). Returns (keys,
@@ -1255,6 +1276,7 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
     T = _Tables(V, keys, prob, bo, "backoff", cfg.bos_id)  # grows with the lists
     prefix_of = None  # node of each entry's prefix, for the order just built
     for sec in sections:
+        _release_freed_memory()  # the parser's temporaries
         k, n = sec.order, sec.ids.shape[0]
         key = np.empty(n, dtype=np.int64)
         prefix = np.empty(n, dtype=_index_dtype(prob[k - 2].shape[0]))
@@ -1291,6 +1313,7 @@ def _tables_from_sections(unigrams, sections, cfg: NGramConfig, path):
         sec.probs = sec.backoffs = None
         del order, sec
         T.index(k)
+        _release_freed_memory()  # this order's temporaries
     if cfg.bos_id is not None:
         prob[0][cfg.bos_id] = -np.inf
     return keys, prob, bo, T
