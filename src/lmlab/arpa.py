@@ -685,8 +685,10 @@ def write_arpa(
 ) -> None:
     """Write an ARPA file.
 
-    ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab``;
-    ``probs[k]``/``backoffs[k]`` are log10 values (``-inf`` is written as -99).
+    ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab`` (or
+    anything with a length whose slices are such arrays: it is read a block of
+    entries at a time); ``probs[k]``/``backoffs[k]`` are log10 values (float32
+    or float64, written as float64; ``-inf`` is written as -99).
     Backoffs of the highest order are not written. Words may contain any
     character but ASCII whitespace. The text is streamed to a temporary file
     in blocks of entries (never whole in memory), renamed onto ``path`` when
@@ -711,9 +713,9 @@ def write_arpa(
         f.write("".join(head).encode("utf-8"))
         for k in range(order):
             f.write(f"\\{k + 1}-grams:\n".encode("utf-8"))
-            ids = np.asarray(ngrams[k])
+            ids = ngrams[k]
             for s in range(0, len(ids), _WRITE_ROWS):
-                rows = ids[s:s + _WRITE_ROWS]
+                rows = np.asarray(ids[s:s + _WRITE_ROWS])
                 cols = [words[rows[:, j]].tolist() for j in range(k + 1)]
                 text = cols[0] if k == 0 else [" ".join(t) for t in zip(*cols)]
                 ps = _format_values(probs[k][s:s + _WRITE_ROWS])

@@ -370,11 +370,20 @@ class _Tables:
         if k == 1:
             return np.arange(self.V, dtype=np.int64)[:, None]
         if k not in self._words:
-            keys = self.keys[k - 1]
-            suffix = keys // self.V
-            first = keys % self.V
-            self._words[k] = np.concatenate([first[:, None], self.ngram_words(k - 1)[suffix]], axis=1)
+            self._words[k] = self.words_of(k, np.arange(self.prob[k - 1].shape[0]))
         return self._words[k]
+
+    def words_of(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), k) word ids of the entries ``rows`` of order k: a key is
+        suffix node * V + first word, and a unigram's node is its word."""
+        out = np.empty((rows.size, k), dtype=np.int64)
+        node = rows
+        for j in range(k - 1):
+            key = self.keys[k - 1 - j][node]
+            out[:, j] = key % self.V
+            node = key // self.V
+        out[:, k - 1] = node
+        return out
 
     def csr(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Continuations of the contexts of order k-1 in order k's table:
@@ -1070,18 +1079,16 @@ class NGramLM:
         if len(vocab) != self.config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} words, the model has vocab_size {self.config.vocab_size}")
         T = self._tables()
-        N = self.order
         if self.config.method == "addk":
             grams, probs, bos_ = _dense_addk(T, self.config, max_dense_entries)
         else:
-            grams = [T.ngram_words(k) for k in range(1, N + 1)]
+            grams = [_OrderWords(T, k) for k in range(1, self.order + 1)]  # made block by block as written
             probs = list(T.prob)
             bos_ = list(T.bo)
-        probs = [p.astype(np.float64) for p in probs]
         if self.config.bos_id is not None:
             probs[0] = probs[0].copy()
             probs[0][self.config.bos_id] = -np.inf
-        write_arpa(path, vocab, grams, probs, [b.astype(np.float64) for b in bos_])
+        write_arpa(path, vocab, grams, probs, bos_)
 
     # ------------------------------------------------------------ numpy scoring
     def logprob10(self, contexts: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -1176,6 +1183,20 @@ def _from_torch(x):
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return x
+
+
+class _OrderWords:
+    """The (n_k, k) word ids of order k's entries, made only for the rows a
+    slice asks for (``write_arpa`` writes a block of entries at a time)."""
+
+    def __init__(self, T: _Tables, k: int):
+        self.T, self.k = T, k
+
+    def __len__(self) -> int:
+        return self.T.prob[self.k - 1].shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.T.words_of(self.k, np.arange(len(self))[rows])
 
 
 def _as_list(sequences) -> list:
