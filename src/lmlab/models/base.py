@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from lmlab.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (imported from here by callers)
+
 
 @dataclass
 class State:
@@ -249,25 +251,6 @@ def build_model(family: str, config: Any) -> LanguageModel:
         config = config_from_dict(family, config)
     _import_families()
     return _REGISTRY[family][1](config)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
