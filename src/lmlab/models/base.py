@@ -357,8 +357,11 @@ def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] 
     return st.st_dev, st.st_ino
 
 
-def save_model(model: LanguageModel, directory: str | Path) -> None:
+def save_model(model: LanguageModel, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the weights (a sharded model's,
+    gathered whole: :func:`lmlab.distributed.full_state`).
 
     A Hugging Face model (family ``"hf"``) is written as a Hugging Face directory
     (``save_pretrained``, safetensors), which loads again as ``hf:<directory>``.
@@ -377,7 +380,8 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     config = {"family": model.family, **config_to_json(model.config)}
     if getattr(model, "quantization", None):  # lmlab.quantize: integer codes + scales in the weights
         config["quantization"] = model.quantization
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 
