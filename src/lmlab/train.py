@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmlab.data import IGNORE
+from lmlab.hardware import autocast_dtype, peak_flops
 from lmlab.models.base import (
     LanguageModel,
     atomic_write_bytes,
@@ -50,8 +51,9 @@ from lmlab.rundir import (
     truncate_metrics,
 )
 from lmlab.models.heads import next_token_loss
+from lmlab.throughput import ThroughputMeter
 
-CHANGEABLE_ON_RESUME = ("max_iters", "time_budget", "device", "compile", "progress")
+CHANGEABLE_ON_RESUME = ("max_iters", "time_budget", "device", "compile", "progress", "peak_flops")
 """TrainConfig fields a resumed run may change; every other field must equal the run's own."""
 
 
@@ -77,8 +79,9 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    dtype: str = "auto"                 # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
-    compile: bool = False               # torch.compile the model (CUDA)
+    dtype: str = "auto"                 # "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | "float32" | "bfloat16"
+    compile: bool = False               # torch.compile the model (CPU or CUDA)
+    peak_flops: float | None = None     # the device's peak FLOP/s for MFU; None: lmlab.hardware's estimate
     time_budget: float | None = None    # stop after this many seconds of training
     progress: bool = True
 
@@ -195,6 +198,8 @@ class Trainer:
         self.loss_fn = loss_fn or objective_loss(model)
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.device)
+        self.precision, self.precision_reason = autocast_dtype(config.dtype, self.device)
+        self.peak = peak_flops(self.device, self.precision, config.peak_flops)
         self.train_batches, self.val_batches = train, val
         self.tokenizer = tokenizer
         self.step = 0
@@ -289,10 +294,7 @@ class Trainer:
     # ---------------------------------------------------------- evaluation
 
     def autocast(self):
-        dtype = self.config.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        if dtype == "bfloat16":
+        if self.precision == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -345,12 +347,14 @@ class Trainer:
             metrics = MetricsLog(self.run_dir / METRICS_FILE)
         bar = tqdm(total=c.max_iters, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
         tokens = 0
+        meter = ThroughputMeter(self.model, self.peak)
         t0 = time.perf_counter() - self.elapsed
         stop_reason = "max_iters"
         try:
             while self.step < c.max_iters:
                 if self.step % c.eval_interval == 0 and self.step != self._evaluated_step:
-                    self._evaluate(metrics, time.perf_counter() - t0)
+                    with meter.paused():
+                        self._evaluate(metrics, time.perf_counter() - t0)
                 lr = learning_rate(self.step, c)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -362,24 +366,28 @@ class Trainer:
                     loss.backward()
                     loss_sum += loss.item()
                     tokens += int((y != IGNORE).sum())
+                    meter.count(x)
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                meter.step_done()
                 elapsed = time.perf_counter() - t0
                 if self.step % c.log_interval == 0:
-                    self._log(metrics, {"step": self.step, "train_loss": loss_sum, "lr": lr, "time": elapsed})
+                    self._log(metrics, {"step": self.step, "train_loss": loss_sum, "lr": lr, "time": elapsed,
+                                        **meter.interval()})
                     bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if c.time_budget is not None and elapsed >= c.time_budget:
                     stop_reason = "time_budget"
                     break
             self.elapsed = time.perf_counter() - t0
-            if self.step != self._evaluated_step:
-                final = self._evaluate(metrics, self.elapsed)
-            else:  # resumed where the run had stopped: already logged and checkpointed
-                final = self.estimate_loss()
+            with meter.paused():
+                if self.step != self._evaluated_step:
+                    final = self._evaluate(metrics, self.elapsed)
+                else:  # resumed where the run had stopped: already logged and checkpointed
+                    final = self.estimate_loss()
         finally:
             bar.close()
             metrics.close()
@@ -394,6 +402,9 @@ class Trainer:
             "best_step": self.best_step,
             "seconds": self.elapsed,
             "tokens_per_second": tokens / max(self.elapsed, 1e-9),
+            **meter.summary(),
+            "precision": self.precision_reason,
+            "compile_cold_start_seconds": meter.cold_start_seconds() if c.compile else None,
             "parameters": self.model.num_parameters(),
             "device": str(self.device),
         }
