@@ -148,14 +148,19 @@ def objective_loss(model: LanguageModel):
     return masked_lm_loss if getattr(model, "objective", "causal") == "masked" else lm_loss
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms)."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms); ``fused`` (one kernel for
+    every parameter's update) by default on the devices PyTorch has it for (CPU, CUDA), else
+    the multi-tensor ``foreach`` implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
+    if fused is None:
+        fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused,
+                             foreach=None if fused else True)
 
 
 class Trainer:
@@ -303,8 +308,9 @@ class Trainer:
         return self.loss_fn(self.forward_model, x, y)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss reported for evaluation, for one batch."""
-        return self.loss_fn(self.forward_model, x, y)
+        """The loss reported for evaluation, for one batch (the model as it is: only the
+        training forward is compiled, so evaluating costs no second compilation)."""
+        return self.loss_fn(self.model, x, y)
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
