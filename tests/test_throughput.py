@@ -149,3 +149,20 @@ def test_every_logged_step_reports_tokens_per_second_and_mfu(tmp_path, monkeypat
     assert summary["peak_flops_source"] == "given (--peak-flops)"
     assert summary["precision"].startswith("float32 (auto: the CPU has no native bfloat16")
     assert summary["compile_cold_start_seconds"] is None
+
+
+def test_cli_prints_mfu_and_refuses_a_bad_peak(tmp_path, capsys):
+    from lmlab.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 60)
+    options = ["--corpus", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+               "--max-iters", "4", "--batch-size", "4", "--eval-iters", "1", "--log-interval", "2", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "bad"), *options, "--peak-flops", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: peak_flops=-1.0 must be a positive number of FLOPs per second, e.g. 1.5e11")
+    assert not (tmp_path / "bad").exists()
+    assert main(["train", "--out", str(tmp_path / "run"), *options, "--peak-flops", "1e9"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["peak_flops_source"] == "given (--peak-flops)"
+    assert summary["mfu"] == pytest.approx(summary["train_tokens_per_second"] * summary["flops_per_token"] / 1e9)
