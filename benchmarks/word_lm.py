@@ -1,10 +1,12 @@
 """Word-level language models on WikiText-2: adaptive against full softmax, a time-bounded
-LSTM run, and the Kneser-Ney + LSTM interpolation.
+LSTM run, and the interpolation of Kneser-Ney, the LSTM and caches of the text read.
 
     python benchmarks/word_lm.py speed --out results/word_lm_speed.json
     python benchmarks/word_lm.py train --minutes 25 --out runs/wt2-lstm
     python benchmarks/word_lm.py kn --out results/word_lm_kn.json
     python benchmarks/word_lm.py interpolate --lstm runs/wt2-lstm --kn results/word_lm_kn.npz --out results/word_lm_interpolate.json
+    python benchmarks/word_lm.py interpolate --lstm runs/wt2-lstm --kn results/word_lm_kn.npz \
+        --cache cache:order=1,decay=0.998,window=3000 --cache cache:order=2,decay=0.999,window=3000 --out results/word_lm_cache.json
 
 Data: the tokenized WikiText-2 files (``--data``, default ../shared/data/wikitext-2:
 train.txt, valid.txt, test.txt, ``<unk>`` as given). Every line, empty ones included,
@@ -227,21 +229,32 @@ def cmd_kn(args) -> dict:
 
 
 def cmd_interpolate(args) -> dict:
-    """The interpolate family over (stream KN5, LSTM), weights by EM on validation; the KN5 target
-    log-probs come from ``kn``'s .npz (the same tokenizer: the training split's vocabulary)."""
+    """The interpolate family over stream KN5, the LSTM (--lstm) and caches (--cache SPEC ...), weights
+    by EM on validation; the KN5 target log-probs come from ``kn``'s .npz (the same tokenizer: the
+    training split's vocabulary)."""
+    from lmlab.cli import cache_from_spec
     from lmlab.models.interpolate import component_target_logprobs, fit_weights, mixture_logprobs
 
-    lstm = load_model(Path(args.lstm) / "model").eval()
-    tok = load_tokenizer(Path(args.lstm) / "model" / "tokenizer.json")
-    _, streams = load_splits(Path(args.data), tok)
+    if args.lstm:
+        tok = load_tokenizer(Path(args.lstm) / "model" / "tokenizer.json")
+        _, streams = load_splits(Path(args.data), tok)
+        extra = [("lstm", load_model(Path(args.lstm) / "model").eval())]
+    else:
+        tok, streams = load_splits(Path(args.data))
+        extra = []
+    extra += [(spec, cache_from_spec(spec, tok.vocab_size)) for spec in args.cache or []]
     kn = np.load(Path(args.kn))
-    result: dict = {"load_average_start": load_average()}
-    logps = {}
+    result: dict = {"load_average_start": load_average(), "components": ["kn5_stream"] + [n for n, _ in extra]}
+    logps, seconds = {}, {}
     for split in ("valid", "test"):
-        lstm_lp = component_target_logprobs([lstm], streams[split])[:, 0]
-        logps[split] = np.stack([kn[split], lstm_lp], axis=1)
+        columns = [kn[split]]
+        for name, model in extra:
+            t = time.process_time()
+            columns.append(component_target_logprobs([model], streams[split])[:, 0])
+            seconds[f"{name} {split}"] = round(time.process_time() - t, 1)
+        logps[split] = np.stack(columns, axis=1)
     weights, history = fit_weights(logps["valid"])
-    for name, k in (("kn5_stream", 0), ("lstm", 1)):
+    for k, name in enumerate(result["components"]):
         result[f"{name}_valid_ppl"] = math.exp(-float(logps["valid"][:, k].mean()))
         result[f"{name}_test_ppl"] = math.exp(-float(logps["test"][:, k].mean()))
     # The mixture of these per-token log-probs is what InterpolatedLM computes (tests/test_interpolate.py).
@@ -249,6 +262,7 @@ def cmd_interpolate(args) -> dict:
         result[f"interpolated_{split}_ppl"] = math.exp(-float(mixture_logprobs(logps[split], weights).mean()))
     result["weights"] = weights.tolist()
     result["em_valid_nll"] = history
+    result["cpu_seconds"] = seconds
     result["load_average_end"] = load_average()
     return result
 
@@ -282,7 +296,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=float, default=2.5, help="train: minutes (of --clock) between curve points")
     ap.add_argument("--curve-tokens", type=int, default=50_000,
                     help="train: curve points use the first N validation tokens; the end uses all of it")
-    ap.add_argument("--lstm", help="interpolate: the directory `train` wrote")
+    ap.add_argument("--lstm", help="interpolate: the directory `train` wrote (optional)")
+    ap.add_argument("--cache", action="append", metavar="SPEC",
+                    help="interpolate: add a cache component, e.g. cache:order=1,decay=0.998,window=3000 (repeatable)")
     ap.add_argument("--kn", help="interpolate: the .npz `kn` wrote beside its --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ FAMILIES = [
     ("gru", dict(vocab_size=V, n_embd=8, n_hidden=8)),
     ("lstm", dict(vocab_size=V, n_embd=8, n_hidden=8)),
     ("ngram", dict(vocab_size=V, order=3, method="addk", k=0.5)),
+    ("cache", dict(vocab_size=V, order=2, decay=0.9, window=5)),
 ]
 
 

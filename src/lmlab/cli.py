@@ -350,6 +350,25 @@ def cmd_quantize(args) -> int:
 
 # ------------------------------------------------------------------ interpolate
 
+CACHE_PREFIX = "cache:"
+
+
+def cache_from_spec(spec: str, vocab_size: int):
+    """A cache model (``lmlab.models.cache``) from ``cache:order=N,decay=D,window=W`` (each optional)."""
+    from lmlab.models import build_model
+
+    values: dict = {}
+    for item in filter(None, spec[len(CACHE_PREFIX):].split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("order", "decay", "window"):
+            raise ValueError(f"{item!r} in {spec!r} is not a cache setting; accepted: order=N, decay=D, window=W")
+        try:
+            values[key] = float(value) if key == "decay" else int(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} in {spec!r} is not a number") from None
+    return build_model("cache", {"vocab_size": vocab_size, **values})
+
+
 
 def cmd_interpolate(args) -> int:
     """Mix trained models (same tokenizer); fit the weights by EM on --valid; save the mixture."""
@@ -365,11 +384,16 @@ def cmd_interpolate(args) -> int:
         raise FileExistsError(f"{str(out)!r} already exists; choose a new directory")
     if args.weights is not None:
         check_weights(args.weights, len(args.models))
-    loaded = [load_checkpoint(spec, args.device) for spec in args.models]
-    tokenizers = [tok for _, tok in loaded]
-    check_same_tokenizer(tokenizers, args.models)
+    checkpoints = [spec for spec in args.models if not spec.startswith(CACHE_PREFIX)]
+    if not checkpoints:
+        raise ValueError(f"--models {' '.join(args.models)} has no trained model; a cache needs one beside it "
+                         "(e.g. --models runs/kn5 cache:order=1,decay=0.998)")
+    loaded = {spec: load_checkpoint(spec, args.device) for spec in checkpoints}
+    tokenizers = [tok for _, tok in loaded.values()]
+    check_same_tokenizer(tokenizers, checkpoints)
     tokenizer = tokenizers[0]
-    components = [model for model, _ in loaded]
+    components = [loaded[spec][0] if spec in loaded else cache_from_spec(spec, tokenizer.vocab_size)
+                  for spec in args.models]
     if args.sequences:
         lines = [tokenizer.encode(t) for t in data_mod.read_lines(args.valid)]
         logps = np.concatenate([component_target_logprobs(components, [tokenizer.bos_id, *s, tokenizer.eos_id])
@@ -531,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("interpolate", help="mix trained models that share a tokenizer; weights fitted by EM on held-out text")
-    p.add_argument("--models", nargs="+", required=True, metavar="DIR", help="two or more checkpoints or run directories")
+    p.add_argument("--models", nargs="+", required=True, metavar="DIR",
+                   help="two or more checkpoints or run directories; 'cache:order=1,decay=0.998,window=2000' adds "
+                        "a cache of the text being read (see docs/models.md)")
     p.add_argument("--valid", required=True, help="held-out UTF-8 text the weights are fitted on")
     p.add_argument("--sequences", action="store_true", help="each line of --valid is a complete sequence (with <eos>)")
     p.add_argument("--weights", type=float, nargs="+", help="use these weights instead of fitting them")

@@ -12,7 +12,7 @@ from lmlab.models.base import (
 )
 
 # Each family module registers itself on import; a missing optional module is skipped.
-for _name in ("transformer", "masked", "ngram", "neural", "recurrent", "interpolate"):
+for _name in ("transformer", "masked", "ngram", "neural", "recurrent", "interpolate", "cache"):
     try:
         importlib.import_module(f"lmlab.models.{_name}")
     except ModuleNotFoundError as _e:
