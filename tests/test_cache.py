@@ -154,3 +154,17 @@ def test_cli_mixes_a_checkpoint_with_cache_specs(tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     assert "no trained model" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_target_only_path_equals_the_distribution_at_the_targets():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (2, 700), generator=g)
+    for order in (1, 2, 3):
+        model = build_model("cache", {"vocab_size": 40, "order": order, "decay": 0.97, "window": 300})
+        logits, state = model(ids[:, :-1])
+        want = logits.double().gather(-1, ids[:, 1:, None]).squeeze(-1)
+        got, state2 = model.target_logprobs(ids[:, :-1], ids[:, 1:])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)   # -inf where the cache never saw the target
+        assert torch.equal(state2.tensors["history"], state.tensors["history"]) and state2.length == state.length
+        stream = component_target_logprobs([model], ids[0], chunk=97)[:, 0]
+        np.testing.assert_allclose(stream, want[0].numpy(), rtol=1e-5, atol=1e-5)

@@ -149,3 +149,32 @@ def test_gguf_spec_loads_with_its_tokenizer_and_quantizes(tmp_path):
     assert ((a - b).norm() / b.norm()).item() < 0.05  # int8 of the same weights: the bound of test_quantize
     with pytest.raises(ValueError, match="names no file"):
         load_checkpoint("gguf:")
+
+
+@pytest.mark.parametrize("matrix_type", ["F32", "Q4_1"])
+def test_header_reader_agrees_with_the_gguf_package(tmp_path, matrix_type):
+    from lmlab.gguf_file import read_gguf_header
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(_llama(True), path, matrix_type)
+    header = read_gguf_header(path)
+    reader = gguf.GGUFReader(str(path))
+    scalars = {k: f.contents() for k, f in reader.fields.items()
+               if f.types and f.types[0] != gguf.GGUFValueType.ARRAY and not k.startswith("GGUF.")}
+    assert header.metadata == scalars
+    assert "tokenizer.ggml.tokens" not in header.metadata  # arrays are skipped
+    assert set(header.tensors) == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        mine = header.tensors[t.name]
+        assert mine.shape == tuple(int(s) for s in t.shape) and mine.type == t.tensor_type
+        assert np.array_equal(mine.data, np.asarray(t.data).reshape(-1).view(np.uint8))
+
+
+def test_a_truncated_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(_llama(True), path, "Q4_1")
+    raw = path.read_bytes()
+    for cut in (len(raw) - 100, 200):  # inside the tensor data, inside the header
+        (tmp_path / "cut.gguf").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="cut.gguf' is not a readable GGUF file: .*truncated"):
+            read_gguf_model(tmp_path / "cut.gguf")

@@ -12,7 +12,6 @@ import torch
 
 from conftest import BigramTable
 from lmlab.metrics import (
-    ArpaWordTokenizer,
     Oracle,
     continuation_span,
     distinct_n,
@@ -25,7 +24,7 @@ from lmlab.metrics import (
     rouge,
     self_bleu,
 )
-from lmlab.tokenizers import CharTokenizer
+from lmlab.tokenizers import CharTokenizer, WordTokenizer
 
 LN10 = math.log(10.0)
 
@@ -209,7 +208,8 @@ def test_arpa_oracle_reads_probabilities_from_the_file(tmp_path):
     path = tmp_path / "tiny.arpa"
     path.write_text(LMPLZ_TINY_ARPA)
     oracle = load_oracle(path)
-    assert isinstance(oracle.tokenizer, ArpaWordTokenizer) and oracle.add_bos  # <s> starts every prompt
+    assert isinstance(oracle.tokenizer, WordTokenizer) and oracle.add_bos  # <s> starts every prompt
+    assert oracle.tokenizer.words == oracle.model.vocab  # the file's words, nothing appended
     # <s> a | b c: log10 p(b | <s> a) and log10 p(c | a b) are 3-grams of the file
     score = oracle_perplexity(oracle, ["a"], [" b c"])
     assert score.tokens == 2
@@ -360,3 +360,16 @@ def test_fluency_classifier_with_remote_code_or_pickles_is_refused(tmp_path):
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model.bin \(pickled weights\)"):
         load_classifier(path)
+
+
+def test_arpa_oracle_tokenizer_is_the_word_tokenizer_of_the_file_words(tmp_path):
+    """An ARPA vocabulary is a WordTokenizer with nothing appended: ids are the file's,
+    and a file without <unk> refuses an unknown word by name instead of inventing an id."""
+    tok = WordTokenizer(["<s>", "</s>", "a", "b"], append_specials=False)
+    assert tok.vocab_size == 4 and (tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, None)
+    assert tok.encode("a b\nb") == [2, 3, 1, 3]  # a line end is </s>, as for every word-level model
+    with pytest.raises(ValueError, match="'zebra' is not in the vocabulary"):
+        tok.encode("a zebra")
+    again = WordTokenizer.from_dict(json.loads(tok.to_json()))
+    assert again.words == tok.words and again.unk_id is None
+    assert WordTokenizer(["a"]).words == ["a", "<unk>", "<s>", "</s>"]  # the default still completes the specials

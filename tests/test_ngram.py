@@ -559,7 +559,7 @@ from lmlab import arpa as arpa_mod  # noqa: E402
 from lmlab import tokenizers  # noqa: E402
 from lmlab.arpa import KENLM_BINARY_MAGIC  # noqa: E402
 from lmlab.tokenizers import ASCII_WHITESPACE, split_words  # noqa: E402
-from lmlab.models import ngram as ngram_mod  # noqa: E402
+from lmlab import ngram as ngram_mod  # noqa: E402
 
 
 def buffers_equal(a, b):
@@ -778,3 +778,134 @@ def test_nbsp_word_scores_like_kenlm(tmp_path):
     for s in [f"{word} c a", f"b {word}", "a b", f"a {word}\u00a0b"]:
         assert m2.score_words(s) == pytest.approx(km.score(s), abs=1e-5), s
     assert m2.score_words(f"{word} c") != pytest.approx(m2.score_words("a b c"), abs=1e-3)
+
+
+# ---------------------------------------------------------------- numpy only, storage layout, writing
+
+
+def test_ngram_lm_builds_reads_writes_and_scores_without_torch(tmp_path):
+    """lmlab.ngram never imports torch, and its scores are NGramModel's exactly."""
+    import json
+    import subprocess
+    import sys
+
+    lines = markov_corpus(n_sent=200)
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    code = f"""
+import json, sys, warnings
+from lmlab.ngram import NGramLM
+warnings.simplefilter("ignore")
+with open({str(tmp_path / 'train.txt')!r}) as f:
+    m, vocab = NGramLM.from_text(f, order=4)
+m.write_arpa({str(tmp_path / 'm.arpa')!r})
+back, _ = NGramLM.from_arpa({str(tmp_path / 'm.arpa')!r})
+ids = [m.encode(s) for s in {lines[:20]!r}]
+print(json.dumps([m.score_sequences(ids).tolist(), back.score_sequences(ids).tolist(), "torch" in sys.modules]))
+"""
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(ngram_mod.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    built, read, imported_torch = json.loads(done.stdout)
+    assert not imported_torch
+    model, _ = quiet_fit(lines, order=4)
+    ids = [model.encode(s) for s in lines[:20]]
+    assert built == model.score_sequences(ids).tolist() == read
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**50), max_size=400, unique=True), st.lists(st.integers(0, 2**50), max_size=200))
+def test_hash_index_on_keys_stored_bucket_after_bucket(keys, queries):
+    keys = np.array(keys, dtype=np.int64)
+    perm = ngram_mod._bucket_order(keys, ngram_mod._bucket_of(keys, max(1, keys.size)))
+    if perm is not None:
+        keys = keys[perm]
+    index = ngram_mod._HashIndex(keys)
+    assert index.rows is None  # the row of a key is its position: no row array
+    q = np.array(queries + keys[::3].tolist(), dtype=np.int64)
+    where = {int(k): i for i, k in enumerate(keys)}
+    assert index.find(q).tolist() == [where.get(int(x), -1) for x in q]
+
+
+def _key_sorted(model):
+    """The model's tables with every order sorted by key (the layout of models saved
+    before tables were stored bucket after bucket), node ids renumbered to match."""
+    T, V = model._tables(), model.config.vocab_size
+    keys, prob, bo = list(T.keys), list(T.prob), list(T.bo)
+    for k in range(2, model.order + 1):
+        perm = np.argsort(keys[k - 1], kind="stable")
+        keys[k - 1], prob[k - 1], bo[k - 1] = keys[k - 1][perm], prob[k - 1][perm], bo[k - 1][perm]
+        if k < model.order:
+            new_row = np.empty(perm.size, dtype=np.int64)
+            new_row[perm] = np.arange(perm.size)
+            keys[k] = new_row[keys[k] // V] * V + keys[k] % V
+    return keys, prob, bo
+
+
+def test_tables_in_any_order_score_the_same():
+    model, vocab = quiet_fit(markov_corpus(n_sent=300), order=4)
+    T = model._tables()
+    assert all(T.index(k).rows is None for k in range(2, 5))  # fit stores them bucket after bucket
+    keys, prob, bo = _key_sorted(model)
+    old = NGramModel(NGramConfig(**{**model.config.__dict__}))
+    state = {"prob_1": prob[0], "backoff_1": bo[0]}
+    for k in range(2, 5):
+        state.update({f"keys_{k}": keys[k - 1], f"prob_{k}": prob[k - 1], f"backoff_{k}": bo[k - 1]})
+    old.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in state.items()})
+    assert old._tables().index(3).rows is not None  # a key-sorted table is indexed through its rows
+    ids = [model.encode(s) for s in markov_corpus(n_sent=40, seed=3)]
+    assert np.array_equal(old.score_sequences(ids), model.score_sequences(ids))
+    x = torch.tensor(np.concatenate(ids[:3])[None, :60])
+    assert torch.equal(old.token_logprobs(x), model.token_logprobs(x))
+    assert torch.equal(old(x)[0], model(x)[0])
+
+
+NUMBER_TEXTS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64).flatmap(
+        lambda v: st.sampled_from([repr(v), f"{v:.9g}", f"{v:.7f}", f"{v:e}", f"{v:.17g}", f"{v:.3f}"])),
+    st.integers(-(10**20), 10**20).map(str),
+    st.from_regex(r"-?[0-9]{0,12}\.[0-9]{0,24}", fullmatch=True),
+    st.sampled_from(["-0", "-0.0", ".5", "-.5", "5.", "-99", "1e-5", "-1.5E+3", "inf", "-inf", "nan", "-", ".", "1.2.3",
+                     "--1", "+1", "1-", "0x10", "١"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(NUMBER_TEXTS, min_size=1, max_size=30))
+def test_vectorized_number_parser_equals_float(texts):
+    blk = " ".join(texts).encode()
+    x = np.frombuffer(blk, dtype=np.uint8)
+    lengths = np.array([len(t.encode()) for t in texts])
+    starts = np.cumsum(lengths + 1) - lengths - 1
+    try:
+        expected = np.array([float(t.encode()) for t in texts])  # what the line-by-line parser reads
+    except ValueError:
+        expected = None
+    got = arpa_mod._parse_numbers(x, starts, starts + lengths)
+    if expected is None:
+        assert got is None
+    else:  # bit for bit (the sign of zero too); NaN where float() gives NaN
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.int64), expected[~nan].view(np.int64))
+
+
+def test_write_arpa_streams_blocks_and_replaces_the_file_whole(tmp_path, monkeypatch):
+    model, vocab = quiet_fit(markov_corpus(n_sent=150), order=3)
+    whole, blocks = tmp_path / "whole.arpa", tmp_path / "blocks.arpa"
+    model.write_arpa(whole)
+    monkeypatch.setattr(arpa_mod, "_WRITE_ROWS", 7)  # many blocks per section
+    model.write_arpa(blocks)
+    assert blocks.read_bytes() == whole.read_bytes()
+    calls = []
+
+    def fail_on_the_third_block(values):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return arpa_mod._format_values.__wrapped__(values)
+
+    fail_on_the_third_block.__wrapped__ = arpa_mod._format_values
+    monkeypatch.setattr(arpa_mod, "_format_values", fail_on_the_third_block)
+    with pytest.raises(OSError, match="disk full"):
+        model.write_arpa(blocks)
+    assert blocks.read_bytes() == whole.read_bytes()  # the old file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.arpa", "whole.arpa"]  # no temporary left

@@ -442,10 +442,10 @@ def test_a_run_directory_deleted_while_checkpointing_is_not_recreated(tmp_path, 
     run = tmp_path / "run"
     real_save = train_mod.save_model
 
-    def save_model(model, directory):
+    def save_model(model, directory, **kwargs):
         if directory.parent == run and directory.name.startswith(".last."):
             shutil.rmtree(run)  # gone between the temporary directory and its files
-        return real_save(model, directory)
+        return real_save(model, directory, **kwargs)
 
     monkeypatch.setattr(train_mod, "save_model", save_model)
     with pytest.raises(RunDirectoryError, match="cannot write"):

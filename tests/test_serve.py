@@ -174,7 +174,10 @@ def test_malformed_json_oversized_body_and_unknown_model(base_url):
 
 def test_api_key_is_required_when_set(checkpoint):
     model, tokenizer = load_checkpoint(str(checkpoint))
-    with live_server(create_app(model, tokenizer, "tiny", api_key="sesame")) as url:
+    app = create_app(model, tokenizer, "tiny", api_key="sesame")
+    # the key check is the only middleware, a plain ASGI one: streamed chunks are not copied through another task
+    assert [m.cls.__name__ for m in app.user_middleware] == ["_RequireKey"]
+    with live_server(app) as url:
         good = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         assert good.completions.create(model="tiny", prompt="RO", max_tokens=2, seed=0).choices[0].text is not None
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
@@ -338,3 +341,54 @@ def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
         options = dict(model="words", prompt="the cat", max_tokens=6, seed=2, logit_bias={str(tok.eos_id): -100})
         assert client.completions.create(**options).choices[0].text == expected["text"]
         assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **options)) == expected["text"]
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("precision", [[], ["--dtype", "bfloat16", "--quantize", "int4"]])
+def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoint, precision):
+    """The command's decoding process answers as ``lmlab generate`` with the same precision flags
+    (bfloat16 + int4 changes this text: the flags are applied), and ends with the server (Ctrl-C)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_serve_worker import wait_gone
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    server = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", "--model", str(checkpoint), "--port", str(port),
+                               *precision],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": src})
+    try:
+        assert "continuous batching" in server.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/v1/models").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline and server.poll() is None
+                time.sleep(0.1)
+        children = _children(server.pid)  # the decoding process (and multiprocessing's resource tracker)
+        assert any(b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
+        expected = lmlab_generate(checkpoint, "ROMEO:", "--max-new-tokens", "12", "--seed", "4", *precision)[0]["text"]
+        body = {"prompt": "ROMEO:", "max_tokens": 12, "seed": 4}
+        assert httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
+        assert all(wait_gone(c) for c in children)
+    finally:
+        server.kill()

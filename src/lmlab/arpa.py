@@ -53,7 +53,6 @@ import lzma
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -78,7 +77,7 @@ KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"  # start of every KenL
 
 _ASCII_SPACE = re.compile(f"[{re.escape(ASCII_WHITESPACE)}]")
 _COMPRESSED = ((b"\x1f\x8b", gzip.open, "gzip"), (b"BZh", bz2.open, "bzip2"), (b"\xfd7zXZ\x00", lzma.open, "xz"))
-_BLOCK_BYTES = 1 << 20  # bytes read and parsed at a time
+_BLOCK_BYTES = 1 << 19  # bytes read and parsed at a time
 _HASH_MUL = np.uint64(0x100000001B3)
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
 
@@ -121,7 +120,7 @@ class ArpaTables:
 @dataclass
 class ArpaSection:
     """One ``\\k-grams:`` section as :func:`iter_arpa` yields it: ``ids``
-    int32 (count, k) word ids, ``probs``/``backoffs`` float64 (count,) log10
+    int32 (count, k) word ids, ``probs``/``backoffs`` (count,) log10 (float64 unless asked)
     values, entry r on line ``first_line + r``. ``vocab`` (the words, id =
     position) is set for the unigram section only."""
 
@@ -253,9 +252,13 @@ def _hash_tokens(at: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
     ``starts[i] + lengths[i]`` of the buffer ``at`` views (see ``_u64_at``).
     Words of up to 8 bytes and equal length never collide."""
     h = lengths.astype(np.uint64) * _HASH_SEED
-    live = np.arange(starts.size)
-    for j in range(0, int(lengths.max()) if lengths.size else 0, 8):
-        if j:
+    if not lengths.size:
+        return h
+    h ^= at[starts] & _LOW_BYTES[np.minimum(lengths, 8)]  # every token's first 8 bytes
+    h *= _HASH_MUL
+    live = np.flatnonzero(lengths > 8)
+    for j in range(8, int(lengths.max()), 8):  # the longer words, 8 bytes at a time
+        if j > 8:
             live = live[lengths[live] > j]
         rest = np.minimum(lengths[live] - j, 8)
         chunk = at[starts[live] + j] & _LOW_BYTES[rest]
@@ -319,16 +322,23 @@ class _Vocab:
         if self.table_hash is None:
             return None
         h = _hash_tokens(at, starts, lengths)
-        out = np.empty(h.size, dtype=np.int32)
-        todo, slot = np.arange(h.size), self._home(h)
+        slot = self._home(h)
         mask = self.table_id.size - 1
+        # an empty slot has length 0, which no token has: equal lengths also say "occupied"
+        tl = self.table_len[slot]
+        hit = tl == lengths
+        hit &= self.table_hash[slot] == h
+        out = self.table_id[slot]  # right where hit; the rest probe on
+        todo = np.flatnonzero(~hit)
+        slot, h, lengths = slot[todo], h[todo], lengths[todo]
         while todo.size:
-            hit = (self.table_hash[slot] == h[todo]) & (self.table_len[slot] == lengths[todo]) & (self.table_id[slot] >= 0)
+            if (self.table_len[slot] == 0).any():
+                return None  # an empty slot reached: not a word of the vocabulary
+            slot = (slot + 1) & mask
+            hit = (self.table_len[slot] == lengths) & (self.table_hash[slot] == h)
             out[todo[hit]] = self.table_id[slot[hit]]
             go = ~hit
-            if (self.table_id[slot[go]] < 0).any():
-                return None  # an empty slot reached: not a word of the vocabulary
-            todo, slot = todo[go], (slot[go] + 1) & mask
+            todo, slot, h, lengths = todo[go], slot[go], h[go], lengths[go]
         return out
 
 
@@ -367,6 +377,57 @@ def _tokens_per_line(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, n: int
     return per_line if per_line.size == n else None
 
 
+_POW10 = 10.0 ** np.arange(23)  # exact in float64
+_EXACT_MANTISSA = 2**53
+
+
+def _parse_numbers(x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """float64 value of each token ``x[starts[i]:ends[i]]``, correctly rounded
+    (what ``float()`` gives), or None if one is not a number. Plain decimals
+    (``-1.2345``, ``-99``) of at most 17 digits whose mantissa is below 2**53
+    and with at most 22 decimals are computed vectorized as mantissa / 10**decimals,
+    one correctly rounded division of two exact values (Clinger's fast path);
+    the rest (exponents, long mantissas, ``inf``) go through ``float()`` one by one."""
+    n = starts.size
+    if not n:
+        return np.zeros(0)
+    negative = x[starts] == 45  # '-'
+    first = starts + negative
+    lengths = ends - first
+    m = np.zeros(n, dtype=np.int64)  # the digits as one integer
+    good = np.zeros(n, dtype=np.int64)  # digits and dots seen
+    dots = np.zeros(n, dtype=np.int64)
+    dot_at = np.zeros(n, dtype=np.int64)
+    last = x.size - 1
+    width = min(int(lengths.max()), 24)
+    for j in range(width):
+        live = lengths > j
+        c = x[np.minimum(first + j, last)]
+        d = c - np.uint8(48)
+        is_digit = d < 10
+        is_digit &= live
+        is_dot = c == 46
+        is_dot &= live
+        good += is_digit
+        good += is_dot
+        dots += is_dot
+        dot_at[is_dot] = j
+        m = np.where(is_digit, m * 10 + d, m)
+    digits = lengths - dots
+    decimals = np.where(dots > 0, lengths - 1 - dot_at, 0)
+    bad = (good != lengths) | (lengths > width) | (dots > 1)
+    bad |= (digits == 0) | (digits > 17) | (decimals > 22)
+    bad |= m >= _EXACT_MANTISSA
+    values = m / _POW10[np.clip(decimals, 0, 22)]
+    np.negative(values, out=values, where=negative)
+    for i in np.flatnonzero(bad).tolist():
+        try:
+            values[i] = float(x[starts[i]:ends[i]].tobytes())
+        except ValueError:
+            return None
+    return values
+
+
 def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Vocab):
     """Vectorized parse of n whole lines of the k-grams section: (ids or
     word tokens, probs, backoffs), or None at the first doubt."""
@@ -385,27 +446,14 @@ def _parse_block_fast(blk: bytes, n: int, k: int, has_backoff: bool, vocab: _Voc
     if not ((per_line == k + 1) | (with_bo & has_backoff)).all():
         return None
     first = np.cumsum(per_line) - per_line  # token index of each line's probability
-    # the numbers: every other byte blanked, then numpy's (correctly rounded) parser
     num = np.concatenate([first, first[with_bo] + k + 1])
-    mark = np.zeros(x.size + 1, dtype=np.int8)
-    mark[starts[num]] = 1
-    mark[ends[num]] = -1
-    keep = np.cumsum(mark[:-1], dtype=np.int8).view(bool)
-    text = np.where(keep, x, np.uint8(32)).tobytes()
-    del mark, keep, num
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        try:
-            values = np.fromstring(text, dtype=np.float64, sep=" ")
-        except (ValueError, DeprecationWarning):
-            return None
-    per = 1 + with_bo
-    if values.size != int(per.sum()):
+    values = _parse_numbers(x, starts[num], ends[num])
+    if values is None:
         return None
-    at = np.cumsum(per) - per
-    pr = values[at]
+    del num
+    pr = values[:n]
     bo = np.zeros(n)
-    bo[with_bo] = values[at[with_bo] + 1]
+    bo[with_bo] = values[n:]
     if np.isnan(values).any() or (values == np.inf).any() or (pr > 0).any():
         return None
     pr[pr <= LOG10_ZERO] = -np.inf
@@ -468,12 +516,14 @@ def _parse_block_slow(blk: bytes, first_line: int, done: int, count: int, k: int
 # ---------------------------------------------------------------- reading
 
 
-def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
+def iter_arpa(path: str | os.PathLike, dtype=np.float64) -> Iterator[list[int] | ArpaSection]:
     """Parse an ARPA file section by section: yields the list of n-gram
     counts of the ``\\data\\`` header first, then one :class:`ArpaSection`
     per order, so a reader can build order k before order k+1 is parsed.
     Raises :class:`ArpaFormatError` as :func:`read_arpa` describes (duplicate
-    n-grams above the unigrams are left to the caller)."""
+    n-grams above the unigrams are left to the caller). ``dtype``: of the
+    probabilities and backoffs (numbers are parsed as float64, then cast;
+    float32 halves a section for a reader that keeps float32)."""
     path = Path(path)
     with _open_binary(path) as f:
         reader = _LineReader(f, path)
@@ -529,7 +579,7 @@ def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
             lineno, header = item
             if header.strip() != f"\\{k}-grams:".encode():
                 raise ArpaFormatError(path, lineno, f"expected '\\{k}-grams:', got {_show(header.strip()[:60])!r}")
-            yield _read_section(reader, path, k, counts[k - 1], k < order, vocab)
+            yield _read_section(reader, path, k, counts[k - 1], k < order, vocab, dtype)
             item = reader.next_nonblank()  # the section must end here (blank lines, then a header or \end\)
             if item is not None:
                 if not item[1].strip().startswith(b"\\"):
@@ -544,10 +594,11 @@ def iter_arpa(path: str | os.PathLike) -> Iterator[list[int] | ArpaSection]:
             raise ArpaFormatError(path, item[0], f"expected '\\end\\', got {_show(item[1].strip()[:60])!r}")
 
 
-def _read_section(reader: _LineReader, path, k: int, count: int, has_backoff: bool, vocab: _Vocab) -> ArpaSection:
+def _read_section(reader: _LineReader, path, k: int, count: int, has_backoff: bool, vocab: _Vocab,
+                  dtype) -> ArpaSection:
     ids = np.empty((count, k), dtype=np.int32)
-    pr = np.empty(count, dtype=np.float64)
-    bo = np.empty(count, dtype=np.float64)
+    pr = np.empty(count, dtype=dtype)
+    bo = np.empty(count, dtype=dtype)
     first_line = reader.lineno + 1
     done = 0
     while done < count:
@@ -622,6 +673,9 @@ def _format_values(values: np.ndarray) -> list[str]:
     return out.tolist()
 
 
+_WRITE_ROWS = 1 << 16  # entries formatted and written at a time
+
+
 def write_arpa(
     path: str | os.PathLike,
     vocab: Sequence[str],
@@ -631,12 +685,16 @@ def write_arpa(
 ) -> None:
     """Write an ARPA file.
 
-    ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab``;
-    ``probs[k]``/``backoffs[k]`` are log10 values (``-inf`` is written as -99).
+    ``ngrams[k]`` is an int array (count, k+1) of ids into ``vocab`` (or
+    anything with a length whose slices are such arrays: it is read a block of
+    entries at a time); ``probs[k]``/``backoffs[k]`` are log10 values (float32
+    or float64, written as float64; ``-inf`` is written as -99).
     Backoffs of the highest order are not written. Words may contain any
-    character but ASCII whitespace. Written atomically.
+    character but ASCII whitespace. The text is streamed to a temporary file
+    in blocks of entries (never whole in memory), renamed onto ``path`` when
+    complete.
     """
-    from lmlab.models.base import atomic_write_text
+    from lmlab.files import atomic_output
 
     vocab = list(vocab)
     for w in vocab:
@@ -650,25 +708,22 @@ def write_arpa(
         raise ValueError(f"vocabulary entry {dup!r} appears twice; ARPA words must be unique")
     words = np.array(vocab, dtype=object)
     order = len(ngrams)
-    parts = ["\\data\\\n"]
-    for k in range(order):
-        parts.append(f"ngram {k + 1}={len(ngrams[k])}\n")
-    parts.append("\n")
-    for k in range(order):
-        parts.append(f"\\{k + 1}-grams:\n")
-        ids = np.asarray(ngrams[k])
-        if len(ids):
-            cols = [words[ids[:, j]] for j in range(k + 1)]
-            if k == 0:
-                text = cols[0].tolist()
-            else:
-                text = [" ".join(t) for t in zip(*(c.tolist() for c in cols))]
-            ps = _format_values(probs[k])
-            if k + 1 < order:
-                bs = _format_values(backoffs[k])
-                parts.append("".join(f"{p}\t{t}\t{b}\n" for p, t, b in zip(ps, text, bs)))
-            else:
-                parts.append("".join(f"{p}\t{t}\n" for p, t in zip(ps, text)))
-        parts.append("\n")
-    parts.append("\\end\\\n")
-    atomic_write_text(Path(path), "".join(parts))
+    with atomic_output(path) as f:
+        head = ["\\data\\\n"] + [f"ngram {k + 1}={len(ngrams[k])}\n" for k in range(order)] + ["\n"]
+        f.write("".join(head).encode("utf-8"))
+        for k in range(order):
+            f.write(f"\\{k + 1}-grams:\n".encode("utf-8"))
+            ids = ngrams[k]
+            for s in range(0, len(ids), _WRITE_ROWS):
+                rows = np.asarray(ids[s:s + _WRITE_ROWS])
+                cols = [words[rows[:, j]].tolist() for j in range(k + 1)]
+                text = cols[0] if k == 0 else [" ".join(t) for t in zip(*cols)]
+                ps = _format_values(probs[k][s:s + _WRITE_ROWS])
+                if k + 1 < order:
+                    bs = _format_values(backoffs[k][s:s + _WRITE_ROWS])
+                    block = "".join(f"{p}\t{t}\t{b}\n" for p, t, b in zip(ps, text, bs))
+                else:
+                    block = "".join(f"{p}\t{t}\n" for p, t in zip(ps, text))
+                f.write(block.encode("utf-8"))
+            f.write(b"\n")
+        f.write(b"\\end\\\n")

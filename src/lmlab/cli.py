@@ -216,7 +216,7 @@ def estimate_ngram(args, tokenizer, train, out: Path) -> dict:
             "ngrams": model.config.sizes, "vocab_size": tokenizer.vocab_size, "seconds": seconds}, model
 
 
-RUN_OPTIONS = ("func", "command_parser", "argv", "out", "resume")  # what a run's settings.json does not keep
+RUN_OPTIONS = ("func", "command_parser", "argv", "out", "resume", "nproc_per_node", "max_restarts")  # what a run's settings.json does not keep
 
 
 class _Unset(list):
@@ -275,7 +275,31 @@ def restore_train_settings(args) -> tuple[argparse.Namespace, Path | None]:
     return argparse.Namespace(**{**vars(args), **restored}), path
 
 
+LAUNCH_OPTIONS = ("--nproc-per-node", "--max-restarts")
+
+
 def cmd_train(args) -> int:
+    from lmlab import distributed
+    from lmlab.train import resolve_device
+
+    if args.nproc_per_node is not None:  # start torchrun's agent, which runs this command without these options
+        command = distributed.without_options(args.argv, LAUNCH_OPTIONS)
+        distributed.launch(args.nproc_per_node, ["lmlab", *command], max_restarts=args.max_restarts)
+        return 0
+    if distributed.restart_count() > 0:  # torchrun restarted the workers: continue from the last checkpoint
+        args.resume = True
+    distributed.setup(resolve_device(args.device or TrainConfig.device))
+    try:
+        return train_from_args(args)
+    except distributed.RankFailedError as e:  # rank 0 stopped with its own message; the others say why they stop
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+
+
+def train_from_args(args) -> int:
+    from lmlab import distributed
     from lmlab.train import Trainer
 
     if args.resume:
@@ -284,6 +308,8 @@ def cmd_train(args) -> int:
         if args.resume:
             raise ValueError("an n-gram model is estimated in one pass, so there is no run to resume; "
                              "estimate it into a new --out")
+        if distributed.active():
+            raise ValueError("an n-gram model is estimated in one pass by one process; run it without torchrun")
         tokenizer, train, _, test = load_training_data(args, 1)  # no windows: the whole split is counted
         summary, model = estimate_ngram(args, tokenizer, train, Path(args.out))
         if test is not None:
@@ -298,15 +324,21 @@ def cmd_train(args) -> int:
     if args.sequences:
         block = max(train.block_size, val.block_size if val is not None else 0,
                     *(1 + len(tokenizer.encode(t)) for t in test or ()))
+    size = len(train.ids) if hasattr(train, "ids") else len(train.sequences)
+    distributed.check_same_on_every_rank(f"{tokenizer.to_json()}\n{block}\n{size}",
+                                         "the vocabulary, block size or training-split size")
     torch.manual_seed(config.seed)  # the same seed gives the same initial weights (a resume loads its own)
     model = build_from_args(args, tokenizer.vocab_size, block)
-    print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"{args.model}: {model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}", file=sys.stderr)
     # recorded as used: an option left to its default (None) is saved with the value it took
     effective = {**dataclasses.asdict(model.config), **dataclasses.asdict(config)}
     settings = {k: effective[k] if v is None and k in effective else v
                 for k, v in vars(args).items() if k not in RUN_OPTIONS}
     summary = Trainer(model, train, val, config, args.out, tokenizer=tokenizer, resume=args.resume,
                       settings=settings).fit()
+    if not distributed.is_main():
+        return 0
     if test is not None:
         from lmlab.checkpoints import load_checkpoint
 
@@ -459,7 +491,8 @@ def cmd_serve(args) -> int:
     from lmlab.serve.app import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_tokens_limit=args.max_tokens_limit, device=args.device)
+          max_tokens_limit=args.max_tokens_limit, device=args.device, dtype=args.dtype, quantize=args.quantize,
+          decoding_threads=args.threads)
     return 0
 
 
@@ -489,6 +522,14 @@ def add_split_and_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", help="word: a vocabulary file, one word per line (line i = id i - 1)")
     p.add_argument("--min-count", type=int, help="word: keep words seen at least N times (others are <unk>)")
     p.add_argument("--max-vocab", type=int, help="word: at most N entries, <unk> <s> </s> included (most frequent words)")
+
+
+TRAIN_OPTION_HELP = {
+    "batch_size": "rows per optimizer step (per micro-step with --grad-accum), the global batch: with N processes "
+                  "each takes batch_size / N of them, so the run sees the same examples as one process",
+    "fsdp": "under torchrun: shard a transformer's weights, gradients and optimizer state over the processes "
+            "(FSDP2) instead of replicating them (DDP)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,12 +566,20 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=TRAIN_OPTION_HELP.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
             if f.name == "time_budget":
                 kind = float
-            p.add_argument(flag, type=kind or str, default=None)
+            p.add_argument(flag, type=kind or str, default=None,
+                           help=TRAIN_OPTION_HELP.get(f.name))
+    p.add_argument("--nproc-per-node", type=int,
+                   help="train in N processes on this machine: starts torchrun's agent (torch.distributed.run), "
+                        "which runs this command in each; the same as `torchrun --standalone --nproc-per-node N "
+                        "-m lmlab train ...`")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc-per-node: restart the processes this many times after a failure; a restart "
+                        "resumes from the run's last checkpoint")
     p.set_defaults(func=cmd_train, command_parser=p)  # the parser: --resume tells the options given from the defaults
 
     p = sub.add_parser("score", help="NLL, perplexity and bits per character of a text")
@@ -609,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int,
                    help="most new tokens per request (n x max_tokens; default: the model's context)")
     p.add_argument("--device", default="cpu")
+    add_precision_arguments(p)
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the decoding process (default: every core but one; the HTTP process "
+                        "keeps one for its own work)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")

@@ -2,11 +2,14 @@
 
     model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # or load_checkpoint("gguf:FILE")
 
-The ``gguf`` package reads the header and maps the tensors (numpy memmaps).
+The header is read here (:func:`read_gguf_header`: the scalar metadata and the
+tensor table, the tokenizer's long arrays skipped unread) and the tensors are a
+numpy memmap of the file: nothing but the header is parsed in Python.
 Q4_1 matrices stay 4-bit: a Q4_1 block of 32 weights ``w = d * q + m`` is
 exactly lmlab's int4 group of 32 (``scale = d``, ``zero = m + 8 d``,
-:class:`lmlab.quantize.QuantizedLinear`), so its codes are copied, not
-re-quantized. Every other tensor type is de-quantized by ``gguf.quants``
+:class:`lmlab.quantize.QuantizedLinear`), so its codes are re-ordered into
+lmlab's nibble order, not re-quantized, and never pass through float. Every other
+tensor type is de-quantized by the ``gguf`` package's ``gguf.quants``
 (vectorized numpy) to float32. Names map to Hugging Face's Llama names and from
 there through lmlab's own Llama mapping (``lmlab.hf._llama_names``); the q/k
 rows, which llama.cpp's converter permutes for its rotary layout, are put back
@@ -17,14 +20,16 @@ in the half-split order lmlab uses. The tokenizer comes from the file's metadata
 from __future__ import annotations
 
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from lmlab.models.transformer import Transformer, TransformerConfig
-from lmlab.quantize import QuantizedLinear, _pack_nibbles
+from lmlab.quantize import QuantizedLinear
 
-__all__ = ["load_gguf", "read_gguf_model"]
+__all__ = ["load_gguf", "read_gguf_model", "read_gguf_header", "GGUFHeader"]
 
 
 _LAYER_NAMES = {  # GGUF -> Hugging Face Llama, per block
@@ -55,29 +60,133 @@ def _hf_name(name: str) -> str:
     raise ValueError(f"tensor {name!r} is not part of a Llama GGUF file lmlab reads")
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]   # GGUF order: the fastest axis first
+    type: int                # a gguf.GGMLQuantizationType value
+    data: np.ndarray         # the tensor's bytes (uint8), a view of the file's memmap
+
+
+@dataclass
+class GGUFHeader:
+    metadata: dict[str, object]      # scalar and string entries; arrays are skipped
+    tensors: dict[str, GGUFTensor]
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Little-endian reads from a bytes-like buffer."""
+
+    def __init__(self, buffer, where: str) -> None:
+        self.buffer, self.at, self.where = memoryview(buffer), 0, where
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.buffer):
+            raise ValueError(f"{self.where} is not a readable GGUF file: it ends inside its header (truncated?)")
+        value = struct.unpack_from(fmt, self.buffer, self.at)
+        self.at += size
+        return value[0] if len(value) == 1 else value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        raw = bytes(self.buffer[self.at:self.at + n])
+        self.at += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.unpack("<IQ")
+            if item in _SCALARS:       # skipped unread: the file's own sizes say how far
+                self.at += count * struct.calcsize(_SCALARS[item])
+            elif item == _STRING:      # only the lengths are read
+                for _ in range(count):
+                    length = self.unpack("<Q")
+                    self.at += length
+            else:
+                for _ in range(count):
+                    self.value(item)
+            return None
+        raise ValueError(f"{self.where}: unknown GGUF value type {kind}")
+
+
+def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
+    """The metadata (scalars and strings) and the tensor table of a GGUF file (version 2 or 3,
+    little-endian), each tensor's bytes a view of one read-only memmap of the file."""
+    gguf = _gguf()
+    where = repr(str(path))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    cursor = _Cursor(data, where)
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError(f"{where} is not a readable GGUF file: it does not start with 'GGUF'")
+    cursor.at = 4
+    version = cursor.unpack("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{where} is GGUF version {version}; accepted: 2 and 3 (little-endian)")
+    n_tensors, n_entries = cursor.unpack("<QQ")
+    metadata: dict[str, object] = {}
+    for _ in range(n_entries):
+        key = cursor.string()
+        value = cursor.value(cursor.unpack("<I"))
+        if value is not None:
+            metadata[key] = value
+    table = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        dims = cursor.unpack("<I")
+        shape = tuple(cursor.unpack("<Q") for _ in range(dims))
+        kind, offset = cursor.unpack("<IQ")
+        table.append((name, shape, kind, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    start = -(-cursor.at // alignment) * alignment
+    tensors = {}
+    for name, shape, kind, offset in table:
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise ValueError(f"{where}: tensor {name!r} has an unknown GGUF type {kind}") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+        begin = start + offset
+        if begin + nbytes > len(data):
+            raise ValueError(f"{where} is not a readable GGUF file: tensor {name!r} runs past its end (truncated?)")
+        tensors[name] = GGUFTensor(name, shape, kind, data[begin:begin + nbytes])
+    return GGUFHeader(metadata, tensors)
+
+
+def _field(header: GGUFHeader, key: str, default=None):
+    value = header.metadata.get(key)
+    if value is None:
         if default is None:
             raise ValueError(f"the GGUF file has no {key!r} entry; a Llama GGUF file has it")
         return default
-    return field.contents()
+    return value
 
 
-def _unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's rotary row order for q/k: rows (N, ...) -> Hugging Face's half-split order."""
-    N = t.shape[0]
-    return t.reshape(n_head, N // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+def _unpermuted_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """(n_rows,) the file's row for each row in Hugging Face's half-split rotary order (q/k matrices,
+    whose rows llama.cpp's converter interleaves)."""
+    return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
 def _q4_1_codes(raw: np.ndarray, rows: int, cols: int) -> dict[str, torch.Tensor]:
-    """Q4_1 blocks (rows, cols/32 * 20 bytes) -> int4 codes (rows, cols) uint8, scales and zeros (rows, cols/32)."""
+    """Q4_1 blocks (rows, cols/32 * 20 bytes) -> lmlab's packed int4 codes ``qweight`` (rows, cols/2)
+    uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 20)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]
-    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)  # element j low, j + 16 high
-    return {"codes": torch.from_numpy(codes), "scales": torch.from_numpy(d), "zeros": torch.from_numpy(m + 8 * d)}
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]                                    # byte j: element j (low nibble), j + 16 (high)
+    low, high = qs & 0xF, qs >> 4                           # elements 0..15, 16..31 of each block
+    packed = np.concatenate([low[..., 0::2] | (low[..., 1::2] << 4), high[..., 0::2] | (high[..., 1::2] << 4)],
+                            axis=-1).reshape(rows, cols // 2)
+    return {"qweight": torch.from_numpy(packed), "scales": torch.from_numpy(d), "zeros": torch.from_numpy(m + 8 * d)}
 
 
 def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -> Transformer:
@@ -90,8 +199,8 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
+        reader = read_gguf_header(path)
+    except OSError as e:
         raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -99,7 +208,9 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
     n_head = int(_field(reader, "llama.attention.head_count"))
     n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
     n_embd = int(_field(reader, "llama.embedding_length"))
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{str(path)!r} has no 'token_embd.weight' tensor; a Llama GGUF file has it")
     embd = tensors["token_embd.weight"]
     vocab = int(embd.shape[1])
     tie = "output.weight" not in tensors
@@ -127,16 +238,15 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
         if lm is None:
             raise ValueError(f"tensor {name!r} in {str(path)!r} has no place in lmlab's Llama layout")
         heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else None
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists the fastest axis first
-        if keep_quantized and t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and lm != "wte.weight":
-            parts = _q4_1_codes(t.data, *shape)
-            if heads:
-                parts = {k: _unpermute_rows(v, heads) for k, v in parts.items()}
-            quantized[lm.removesuffix(".weight")] = parts
+        shape = tuple(reversed(t.shape))  # GGUF lists the fastest axis first
+        raw = t.data.reshape(shape[0], -1)  # one row of blocks per output
+        if heads:
+            raw = raw[_unpermuted_rows(shape[0], heads)]
+        if keep_quantized and t.type == gguf.GGMLQuantizationType.Q4_1 and lm != "wte.weight":
+            quantized[lm.removesuffix(".weight")] = _q4_1_codes(raw, *shape)
             continue
-        values = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        values = values.reshape(shape)
-        floats[lm] = _unpermute_rows(values, heads) if heads else values
+        values = np.asarray(gguf.quants.dequantize(raw, t.type), dtype=np.float32).reshape(shape)
+        floats[lm] = torch.from_numpy(np.require(values, requirements=["C", "W"]))
     model = model.to_empty(device="cpu")
     expected = {k for k in model.state_dict() if not (tie and k == "lm_head.weight")}
     have = set(floats) | {k + ".weight" for k in quantized}
@@ -151,10 +261,13 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
         model.lm_head.weight = model.wte.weight
     for name, parts in quantized.items():
         linear = model.get_submodule(name)
-        q = QuantizedLinear(linear.in_features, linear.out_features, 4, 32, bias=False)
-        q.qweight.copy_(_pack_nibbles(parts["codes"]))
-        q.scales.copy_(parts["scales"])
-        q.zeros.copy_(parts["zeros"])
+        with torch.device("meta"):  # no placeholder buffers: the file's tensors are set below
+            q = QuantizedLinear(linear.in_features, linear.out_features, 4, 32, bias=False)
+        for key, value in parts.items():
+            expected = getattr(q, key).shape
+            if value.shape != expected:
+                raise ValueError(f"{str(path)!r}: {name}.{key} has shape {tuple(value.shape)}, expected {tuple(expected)}")
+            setattr(q, key, value)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
     if quantized:

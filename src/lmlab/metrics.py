@@ -46,7 +46,7 @@ import torch
 
 from lmlab.data import IGNORE
 from lmlab.score import Score, score_unit, target_logprobs
-from lmlab.tokenizers import split_words
+from lmlab.tokenizers import WordTokenizer, split_words
 
 __all__ = [
     "UNITS",
@@ -60,7 +60,6 @@ __all__ = [
     "diversity",
     "Oracle",
     "OracleScore",
-    "ArpaWordTokenizer",
     "load_oracle",
     "oracle_perplexity",
     "continuation_span",
@@ -237,44 +236,6 @@ def diversity(
 # ================================================================ oracle perplexity
 
 
-class ArpaWordTokenizer:
-    """Whitespace words -> ids of an ARPA vocabulary (id i = the i-th unigram of the file).
-
-    Words outside the vocabulary become ``<unk>`` (ValueError when the file has
-    none). ``decode`` joins words with single spaces and drops ``<s>``/``</s>``.
-    """
-
-    score_unit = "word"
-
-    def __init__(self, vocab: Sequence[str], bos: str = "<s>", eos: str = "</s>", unk: str = "<unk>") -> None:
-        self.vocab = list(vocab)
-        self._index = {w: i for i, w in enumerate(self.vocab)}
-        self.bos_id = self._index.get(bos)
-        self.eos_id = self._index.get(eos)
-        self.unk_id = self._index.get(unk)
-        self.pad_id = self.eos_id if self.eos_id is not None else 0  # padding is masked; any id will do
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        out = []
-        for w in split_words(text):
-            i = self._index.get(w, self.unk_id)
-            if i is None:
-                raise ValueError(f"word {w!r} is not in the ARPA vocabulary and the file has no <unk>")
-            out.append(i)
-        return out
-
-    def decode(self, ids: Sequence[int]) -> str:
-        skip = {self.bos_id, self.eos_id}
-        return " ".join(self.vocab[int(i)] for i in ids if int(i) not in skip)
-
-    def __repr__(self) -> str:
-        return f"ArpaWordTokenizer(vocab_size={self.vocab_size})"
-
-
 @dataclass
 class Oracle:
     """A model that judges text: any lmlab model with a tokenizer.
@@ -314,7 +275,7 @@ def load_oracle(spec: str | Path, device: str | torch.device = "cpu", add_bos: b
         from lmlab.models.ngram import NGramModel
 
         model, vocab = NGramModel.from_arpa(path)
-        tok = ArpaWordTokenizer(vocab)
+        tok = WordTokenizer(vocab, append_specials=False)  # the model predicts the file's words only
         bos = tok.bos_id is not None if add_bos is None else add_bos
         return Oracle(model.to(device).eval(), tok, bos, name=str(path))
     from lmlab.checkpoints import load_checkpoint

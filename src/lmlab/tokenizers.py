@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from lmlab.files import atomic_write_text
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -84,25 +85,6 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 REPLACEMENT_CHAR = "\ufffd"
 TOKENIZER_KINDS: tuple[str, ...] = ("char", "word", "regex", "bpe")
 _FORMAT_VERSION = 1
-
-
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _check_corpus(text: str, who: str) -> None:
@@ -180,7 +162,7 @@ class Tokenizer(ABC):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_json` to ``path`` atomically (read back with :func:`load_tokenizer`)."""
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
@@ -400,6 +382,10 @@ class WordTokenizer(Tokenizer):
     or ``<eos>``; those missing are appended in that order as ``<unk>``, ``<s>``,
     ``</s>``, so the ids of a given vocabulary are never shifted. There is no
     padding entry: ``pad_id`` is ``eos_id`` (padding is never scored).
+    ``append_specials=False`` keeps the vocabulary exactly as given (the words
+    of a model that cannot predict any other id, such as an ARPA file's
+    unigrams): a missing special's id is None, and without ``<unk>`` a word
+    outside the vocabulary is a ValueError naming it.
 
     ``encode`` splits each line with :func:`split_words`; every newline is
     ``</s>`` (one end of sentence per line, as the word-level literature
@@ -414,7 +400,7 @@ class WordTokenizer(Tokenizer):
     #: Scores of text in this tokenizer's ids are reported per word (see lmlab.score).
     score_unit = "word"
 
-    def __init__(self, words: Iterable[str]) -> None:
+    def __init__(self, words: Iterable[str], *, append_specials: bool = True) -> None:
         words = list(words)
         index: dict[str, int] = {}
         for i, w in enumerate(words):
@@ -423,13 +409,16 @@ class WordTokenizer(Tokenizer):
             if w in index:
                 raise ValueError(f"WordTokenizer word {w!r} appears twice (items {index[w]} and {i})")
             index[w] = i
-        ids: dict[str, int] = {}
+        ids: dict[str, int | None] = {}
         for role, spellings in WORD_SPECIALS.items():
             found = [w for w in spellings if w in index]
             if len(found) > 1:
                 raise ValueError(f"the vocabulary holds both {found[0]!r} and {found[1]!r}; "
                                  f"they name the same special word, keep one")
             if not found:
+                ids[role] = None
+                if not append_specials:
+                    continue
                 index[spellings[0]] = len(words)
                 words.append(spellings[0])
                 found = [spellings[0]]
@@ -437,9 +426,10 @@ class WordTokenizer(Tokenizer):
             for w in spellings:  # every spelling of a special is that special
                 index[w] = ids[role]
         self.words: list[str] = words
+        self.append_specials = append_specials
         self.unk_id, self.bos_id, self.eos_id = ids["unk"], ids["bos"], ids["eos"]
-        self.pad_id = self.eos_id
-        self.unk_text = words[self.unk_id]
+        self.pad_id = self.eos_id if self.eos_id is not None else 0  # padding is masked; any id will do
+        self.unk_text = words[self.unk_id] if self.unk_id is not None else None
         self._index = index
 
     @classmethod
@@ -476,10 +466,13 @@ class WordTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         get, unk, eos = self._index.get, self.unk_id, self.eos_id
         out: list[int] = []
-        for i, line in enumerate(text.split("\n")):
+        for i, line in enumerate(text.split("\n") if eos is not None else [text]):
             if i:
                 out.append(eos)
             out.extend([get(w, unk) for w in _WORD_RUN.findall(line)])
+        if unk is None and None in out:
+            word = next(w for w in _WORD_RUN.findall(text) if w not in self._index)
+            raise ValueError(f"word {word!r} is not in the vocabulary, which has no <unk>")
         return out
 
     def _decode(self, ids: list[int]) -> str:
@@ -501,14 +494,17 @@ class WordTokenizer(Tokenizer):
         return self.words[id]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "word", "version": 2, "words": self.words}
+        d = {"type": "word", "version": 2, "words": self.words}
+        if not self.append_specials:
+            d["append_specials"] = False
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "WordTokenizer":
-        return cls(d["words"])
+        return cls(d["words"], append_specials=d.get("append_specials", True))
 
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size}, unk_id={self.unk_id}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -982,7 +978,7 @@ class HFTokenizer(Tokenizer):
             return
         reference = {"type": "hf", "version": _FORMAT_VERSION, "pretrained_dir": ".",
                      "split_special_tokens": self.split_special_tokens}
-        _atomic_write_text(path, json.dumps(reference, indent=1))
+        atomic_write_text(path, json.dumps(reference, indent=1))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.hf).__name__}, vocab_size={self.vocab_size})"

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from lmlab.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (imported from here by callers)
+
 
 @dataclass
 class State:
@@ -251,25 +253,6 @@ def build_model(family: str, config: Any) -> LanguageModel:
     return _REGISTRY[family][1](config)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 @contextlib.contextmanager
 def staged_directory(directory: str | Path, replace: bool = False, parents: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name beside ``directory`` (``.NAME.XXXX.tmp``), then
@@ -357,8 +340,11 @@ def directory_identity(path: Path, missing_ok: bool = False) -> tuple[int, int] 
     return st.st_dev, st.st_ino
 
 
-def save_model(model: LanguageModel, directory: str | Path) -> None:
+def save_model(model: LanguageModel, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (weights) into ``directory``.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the weights (a sharded model's,
+    gathered whole: :func:`lmlab.distributed.full_state`).
 
     A Hugging Face model (family ``"hf"``) is written as a Hugging Face directory
     (``save_pretrained``, safetensors), which loads again as ``hf:<directory>``.
@@ -377,7 +363,8 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     config = {"family": model.family, **config_to_json(model.config)}
     if getattr(model, "quantization", None):  # lmlab.quantize: integer codes + scales in the weights
         config["quantization"] = model.quantization
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_write_bytes(directory / "model.safetensors", save(_untie(tensors)))
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 

@@ -61,13 +61,7 @@ class CacheLM(LanguageModel):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids (B, T) -> log-probabilities (B, T, V) of the token after each position, and the window."""
         B, T = ids.shape
-        if state is None:
-            history = torch.full((B, self.config.window), -1, dtype=torch.long, device=ids.device)
-            length, offsets = 0, None
-        else:
-            history, length, offsets = state.tensors["history"].to(ids.device), state.length, state.offsets
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        history, length, offsets = self._start(ids, state)
         outputs = []
         for start in range(0, T, _CHUNK):
             logp, history = self._chunk(ids[:, start : start + _CHUNK], history)
@@ -78,10 +72,36 @@ class CacheLM(LanguageModel):
             logits = torch.cat(outputs, dim=1) if outputs else torch.zeros(B, 0, self.config.vocab_size, device=ids.device)
         return logits, State({"history": history}, length + T, offsets=offsets)
 
-    def _chunk(self, ids: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, T), history (B, W) -> log-probs (B, T, V) and the last W tokens of history + ids."""
+    def target_logprobs(self, ids: torch.Tensor, targets: torch.Tensor,
+                        state: State | None = None) -> tuple[torch.Tensor, State]:
+        """log p(targets[:, t] | ids[:, :t + 1], state) (B, T) float64 without the (B, T, V) distribution,
+        and the state after ``ids``: what ``forward`` gives at the targets, for scoring long streams."""
         B, T = ids.shape
-        W, V = self.config.window, self.config.vocab_size
+        history, length, offsets = self._start(ids, state)
+        out = []
+        for start in range(0, T, _CHUNK):
+            chunk, y = ids[:, start : start + _CHUNK], targets[:, start : start + _CHUNK]
+            seq, masses = self._masses(chunk, history)
+            total = masses.sum(dim=-1)                                          # (B, t)
+            hit = (masses * (seq[:, None, :] == y[:, :, None])).sum(dim=-1)
+            out.append(torch.log(torch.where(total > 0, hit / total.clamp(min=1e-300), 1.0 / self.config.vocab_size)))
+            history = seq[:, chunk.shape[1]:].contiguous()
+        logp = torch.cat(out, dim=1) if out else torch.zeros(B, 0, dtype=torch.float64)
+        return logp, State({"history": history}, length + T, offsets=offsets)
+
+    def _start(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(history (B, W), length, offsets) to continue from; checks the ids."""
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        if state is None:
+            return torch.full((ids.shape[0], self.config.window), -1, dtype=torch.long, device=ids.device), 0, None
+        return state.tensors["history"].to(ids.device), state.length, state.offsets
+
+    def _masses(self, ids: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T), history (B, W) -> (seq = history + ids (B, W + T), masses (B, T, W + T) float64):
+        the weight candidate position j of seq has for the prediction after ids[:, t]."""
+        B, T = ids.shape
+        W = self.config.window
         seq = torch.cat([history, ids], dim=1)                                 # (B, W + T)
         # Prediction t has just read seq[:, W + t]; candidate j is age W + t - j back.
         age = (W + torch.arange(T, device=ids.device))[:, None] - torch.arange(W + T, device=ids.device)[None, :]
@@ -94,7 +114,13 @@ class CacheLM(LanguageModel):
             candidate = torch.cat([seq.new_full((B, k), -1), seq[:, :-k]], dim=1)        # (B, W + T)
             current = seq[:, W + 1 - k : W + 1 - k + T]                                     # (B, T)
             match &= (candidate[:, None, :] == current[:, :, None]) & (current >= 0)[:, :, None]
-        masses = weight[None] * match                                          # (B, T, W + T) float64
+        return seq, weight[None] * match
+
+    def _chunk(self, ids: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T), history (B, W) -> log-probs (B, T, V) and the last W tokens of history + ids."""
+        B, T = ids.shape
+        W, V = self.config.window, self.config.vocab_size
+        seq, masses = self._masses(ids, history)
         total = masses.sum(dim=-1, keepdim=True)                               # (B, T, 1)
         tokens = seq.clamp(min=0)[:, None, :].expand(B, T, W + T)
         buffer = torch.zeros(B, T, V, dtype=torch.float32, device=ids.device)

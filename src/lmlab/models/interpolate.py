@@ -246,7 +246,10 @@ def component_target_logprobs(components: Sequence[LanguageModel], ids: Sequence
 
 
 def _targets(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, state):
-    """(log p(y | x, state) (B, T), the state after x) by the cheapest exact path of the family."""
+    """(log p(y | x, state) (B, T), the state after x) by the cheapest exact path of the family:
+    its own ``target_logprobs(x, y, state)`` where it has one (the cache), else the ones below."""
+    if hasattr(model, "target_logprobs"):
+        return model.target_logprobs(x, y, state)
     head = model.adaptive_head
     if head is not None:
         hidden, state = model.hidden_states(x, state)

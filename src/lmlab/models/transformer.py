@@ -26,6 +26,7 @@ from torch import nn
 
 from lmlab.models.base import LanguageModel, State, _merged_offsets, _or_none, register
 from lmlab.models.dropout import embedding_dropout
+from lmlab.models.fused import FusedLinears
 from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 
@@ -104,7 +105,8 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); rotate pairs (i, i + D/2) by the position angle."""
+    """x: (..., D) with cos, sin broadcasting to it, e.g. x (B, H, T, D) and cos (T, D), or
+    x (B, T, H, D) and cos (T, 1, D); rotate pairs (i, i + D/2) by the position angle."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -117,9 +119,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """x (..., C) -> (..., C): normalized in float32, then scaled in x's dtype (Llama's order)."""
+        shape = (x.shape[-1],)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)  # one kernel, the same values
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -145,6 +149,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.causal = config.causal
+        self.qkv = FusedLinears()  # inference: q, k, v as one product (rows [q; k; v])
 
     def forward(
         self,
@@ -159,11 +164,15 @@ class Attention(nn.Module):
         mask: None, or (B, 1, T, start + T) bool, True where a query may read a key slot
         (rows with empty slots, see ``Transformer.merge_states``)."""
         B, T, C = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x, (self.q, self.k, self.v))
+        if qkv is None:
+            qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim)  # heads of q, then k, then v
+        qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk = apply_rotary(qk, *rotary)  # q and k heads at once
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         k_all, v_all, cache = _append(cache, k, v, start)
         repeat = self.n_head // self.n_kv_head
         dropout = self.dropout if self.training else 0.0
@@ -245,10 +254,16 @@ class FeedForward(nn.Module):
         if config.activation == "swiglu":
             self.gate = nn.Linear(config.n_embd, d_ff, bias=config.bias)
         self.proj = nn.Linear(d_ff, config.n_embd, bias=config.bias)
+        self.gate_fc = FusedLinears()  # inference, swiglu: gate and fc as one product (rows [gate; fc])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            h = F.silu(self.gate(x)) * self.fc(x)
+            both = self.gate_fc(x, (self.gate, self.fc))
+            if both is None:
+                h = F.silu(self.gate(x)) * self.fc(x)
+            else:
+                gate, fc = both.chunk(2, dim=-1)
+                h = F.silu(gate) * fc
         elif self.activation == "relu":
             h = F.relu(self.fc(x))
         elif self.activation == "gelu_tanh":
@@ -382,9 +397,8 @@ class Transformer(LanguageModel):
         if self.config.positions == "rotary":
             if positions is None:
                 positions = torch.arange(start, start + T, device=ids.device)
-            rotary = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
-            if positions.ndim == 2:
-                rotary = (rotary[0][:, None], rotary[1][:, None])  # (B, 1, T, D) against (B, H, T, D)
+            cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+            rotary = (cos[..., None, :], sin[..., None, :])  # (T, 1, D) or (B, T, 1, D) against (B, T, H, D)
         tensors: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             cache = (state.tensors[f"k{i}"], state.tensors[f"v{i}"]) if state is not None else None

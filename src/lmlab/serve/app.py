@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
-from lmlab.serve.scheduler import Job, Scheduler, TokenEvent
+from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, states_merge
 from lmlab.tokenizers import continuation_text
 
 try:
@@ -173,9 +173,17 @@ def _setup(body: dict, vocab_size: int) -> DecodingSetup:
 class _Server:
     """What the routes share: the model, its tokenizer, the scheduler and the limits."""
 
-    def __init__(self, model, tokenizer, name: str, max_batch: int, max_tokens_limit: int | None) -> None:
+    def __init__(self, model, tokenizer, name: str, max_batch: int, max_tokens_limit: int | None,
+                 decoding_process: bool | None, decoding_threads: int | None) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+        if decoding_process is None:
+            decoding_process = states_merge(model)
+        if decoding_process:
+            from lmlab.serve.worker import WorkerScheduler
+
+            self.scheduler = WorkerScheduler(model, tokenizer, max_batch=max_batch, threads=decoding_threads)
+        else:
+            self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
         self.context = model.max_context
         self.max_tokens_limit = max_tokens_limit or self.context or 4096
         self.created = int(time.time())
@@ -244,10 +252,11 @@ class _Server:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on the scheduler's thread (between two decoding steps)."""
+    async def run(self, fn: Callable[..., Any], *args) -> Any:
+        """``fn(model, tokenizer, *args)`` where the scheduler runs the model (between two decoding
+        steps); ``fn`` is a module-level function (it may be sent to the decoding process)."""
         try:
-            return await asyncio.wrap_future(self.scheduler.call(fn))
+            return await asyncio.wrap_future(self.scheduler.call(fn, *args))
         except ValueError as e:
             raise APIError(str(e)) from None
 
@@ -280,16 +289,43 @@ class _Row:
         return final_text[self.sent :]
 
 
+class _RequireKey:
+    """ASGI middleware: 401 on ``/v1/`` routes without ``Authorization: Bearer <key>``. A plain
+    ASGI wrapper (not ``@app.middleware``, whose wrapper copies every streamed chunk through a
+    memory stream and a task switch)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "no API key given" if not given else "the API key is wrong"
+                response = APIError(f"{what}; send the header 'Authorization: Bearer <key>'", status=401,
+                                    code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
 def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = None, max_batch: int = 16,
-               max_tokens_limit: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving ``model`` (an lmlab model) with ``tokenizer`` under the id ``name``."""
+               max_tokens_limit: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               decoding_process: bool | None = None, decoding_threads: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (an lmlab model) with ``tokenizer`` under the id ``name``.
+
+    ``decoding_process``: run the decoding loop in a process of its own (``WorkerScheduler``)
+    rather than on a thread of this one; None (default): a process when the model's states merge
+    into batches (continuous batching), a thread otherwise (one request at a time, where the
+    model's own cost dwarfs the HTTP layer's). ``decoding_threads``: torch threads of that
+    process (default: every core but one)."""
     if tokenizer is None:
         raise ValueError("lmlab serve needs the model's tokenizer")
-    server = _Server(model, tokenizer, name, max_batch, max_tokens_limit)
+    server = _Server(model, tokenizer, name, max_batch, max_tokens_limit, decoding_process, decoding_threads)
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -308,15 +344,8 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
         return APIError(str(e.detail), status=e.status_code, kind="not_found_error" if e.status_code == 404
                         else "invalid_request_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                what = "no API key given" if not given else "the API key is wrong"
-                return APIError(f"{what}; send the header 'Authorization: Bearer <key>'", status=401,
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length")
@@ -422,13 +451,10 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
             raise APIError(f"text must be a non-empty string, got {text!r}"[:200], "text")
         window = _int(body, "window", None, 1, server.context)
         stride = _int(body, "stride", None, 1, window)
-        from lmlab.score import score_text
-
         ids = tokenizer.encode(text)
         if len(ids) < 2:
             raise APIError(f"text encodes to {len(ids)} token(s); scoring needs at least 2", "text")
-        per_token: list[float] = []
-        result = await server.run(lambda: score_text(model, tokenizer, text, window, stride, token_logprobs=per_token))
+        result, per_token = await server.run(_score, text, window, stride)
         totals = result.as_dict()
         totals["scored_tokens"] = totals.pop("tokens")
         return {"object": "score", "model": name, "tokens": [server.token_text(t) for t in ids],
@@ -447,19 +473,7 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
         (prompt,) = server.encode_prompts(body["prompt"], _bool(body, "add_bos"))
         server.check_lengths([prompt], 1, 1)
         setup = _setup({**body, "n": 1}, int(model.vocab_size))
-        processors = server.processors(setup)
-
-        @torch.no_grad()
-        def distribution():
-            from lmlab.decode.processors import apply_processors
-
-            ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
-            logits, _ = model.next_token_logits(ids, None)
-            logits = logits.float()
-            scores = apply_processors(processors, logits, ids, num_generated=0)
-            return torch.log_softmax(logits, -1)[0].cpu(), torch.log_softmax(scores, -1)[0].cpu()
-
-        before, after = await server.run(distribution)
+        before, after = await server.run(_next_token_distribution, prompt, server.processors(setup))
         values, index = before.topk(top_n)
         return {"object": "next_token", "model": name, "prompt_tokens": len(prompt),
                 "entropy": _entropy(before), "processed_entropy": _entropy(after),
@@ -480,9 +494,7 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
         if not isinstance(prompt, str) or not prompt:
             raise APIError("prompt must be a non-empty string", "prompt")
         layer = _int(body, "layer", 0, 0, _attention_layers(model) - 1)
-        from lmlab.plots import attention_for_text
-
-        tokens, weights = await server.run(lambda: attention_for_text(model, tokenizer, prompt, layer=layer))
+        tokens, weights = await server.run(_attention, prompt, layer)
         ids = tokenizer.encode(prompt)[-len(tokens):]
         return {"object": "attention", "model": name, "layer": layer,
                 "tokens": [server.token_text(t) for t in ids], "weights": weights.tolist()}
@@ -495,6 +507,47 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
+
+
+# ---------------------------------------------------------------- what runs beside the decoding loop
+# (module-level: they may be sent by name to the decoding process; each gets the model and tokenizer first)
+
+
+def _score(model, tokenizer, text: str, window: int | None, stride: int | None):
+    """(ScoreResult, per-token log-probabilities) of ``text``."""
+    from lmlab.score import score_text
+
+    per_token: list[float] = []
+    return score_text(model, tokenizer, text, window, stride, token_logprobs=per_token), per_token
+
+
+@torch.no_grad()
+def _next_token_distribution(model, tokenizer, prompt: list[int], processors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (V,) of the next token after ``prompt``, before and after ``processors``."""
+    from lmlab.decode.processors import apply_processors
+
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+    logits, _ = model.next_token_logits(ids, None)
+    logits = logits.float()
+    scores = apply_processors(processors, logits, ids, num_generated=0)
+    return torch.log_softmax(logits, -1)[0].cpu(), torch.log_softmax(scores, -1)[0].cpu()
+
+
+def _attention(model, tokenizer, prompt: str, layer: int):
+    from lmlab.plots import attention_for_text
+
+    return attention_for_text(model, tokenizer, prompt, layer=layer)
+
+
+def _prompt_logprobs(model, tokenizer, prompts: list[list[int]], top: int):
+    from lmlab.score import position_logprobs
+
+    return [position_logprobs(model, p, top) for p in prompts]
+
+
+def _beam_search(model, tokenizer, prompts, setup: DecodingSetup, max_tokens: int, seed, stop: list[str]):
+    return run_setup(model, tokenizer, prompts, setup, max_tokens, seed=seed, stop_strings=stop,
+                     context_policy="error")
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -581,10 +634,7 @@ class _Request:
     async def prompt_logprobs(self) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
         if not self.echo or self.logprobs is None:
             return [([], []) for _ in self.prompts]
-        from lmlab.score import position_logprobs
-
-        model = self.server.model
-        return await self.server.run(lambda: [position_logprobs(model, p, self.logprobs) for p in self.prompts])
+        return await self.server.run(_prompt_logprobs, self.prompts, self.logprobs)
 
     async def generate(self) -> list[list]:
         """Per prompt, the n rows as Generation-like objects (token_ids, logprobs, text, finish_reason)."""
@@ -592,10 +642,7 @@ class _Request:
         if self.max_tokens == 0:
             return [[_Empty() for _ in range(self.n)] for _ in self.prompts]
         if self.beam:
-            results = await server.run(lambda: run_setup(
-                server.model, server.tokenizer, self.prompts, self.setup, self.max_tokens, seed=self.seed,
-                stop_strings=self.stop, context_policy="error"))
-            return results
+            return await server.run(_beam_search, self.prompts, self.setup, self.max_tokens, self.seed, self.stop)
         loop = asyncio.get_running_loop()
         remaining = len(self.prompts)
         finished = loop.create_future()
@@ -620,7 +667,7 @@ class _Request:
             await finished
         except asyncio.CancelledError:  # the client went away: free the rows
             for job in jobs:
-                job.cancel()
+                server.scheduler.cancel(job)
             raise
         for job in jobs:
             if job.error:
@@ -761,7 +808,7 @@ class _Request:
         finally:  # also when the client disconnects: the rows leave the batch at the next step
             for job in jobs:
                 if not job.done.is_set():
-                    job.cancel()
+                    server.scheduler.cancel(job)
 
     def stream_choice(self, index: int, delta: str, events: list[TokenEvent], offsets: dict, key) -> dict:
         """A chunk's choice for one row: the text of ``events`` (one or more new tokens)."""
@@ -796,18 +843,23 @@ class _Empty:
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_tokens_limit: int | None = None, device: str = "cpu",
+          dtype: str | None = None, quantize: str | None = None, decoding_threads: int | None = None,
           log_level: str = "warning") -> None:
-    """Load ``model_spec`` (a checkpoint directory or ``hf:DIR``) and serve it until interrupted."""
+    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``) at the precision
+    ``dtype``/``quantize`` asks (as ``lmlab generate`` does) and serve it until interrupted."""
     import uvicorn
 
     from lmlab.checkpoints import load_checkpoint
 
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
-    model, tokenizer = load_checkpoint(model_spec, device)
+    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize)
     name = model_spec.rstrip("/")
-    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit)
+    app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
+                     decoding_threads=decoding_threads)
     server = app.state.server
-    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}, {server.scheduler.policy}, "
-          f"max batch {max_batch}) at http://{host}:{port}/", flush=True)
+    precision = ", ".join(p for p in (dtype, quantize) if p)
+    where = "its own process" if getattr(server.scheduler, "threads", None) else "a thread"
+    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}{', ' + precision if precision else ''}, "
+          f"{server.scheduler.policy} on {where}, max batch {max_batch}) at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -4,7 +4,8 @@
     job = Job(prompt_ids=[5, 6, 7], max_new_tokens=20, processors=setup.processors(eos_id=2),
               do_sample=True, seed=0, eos_id=2, on_event=print)
     scheduler.submit(job)          # events arrive on the loop's thread; job.done is set at the end
-    scheduler.call(fn)             # run fn() between two steps (scoring, beams): a Future
+    scheduler.call(fn, *args)      # fn(model, tokenizer, *args) between two steps (scoring, beams): a Future
+    scheduler.cancel(job)          # the job leaves the batch at the next step
 
 A job is one request: ``n`` rows continuing the same prompt with one decoding setup and one
 ``torch.Generator``. Between two steps the loop admits waiting jobs (each prompt is read by
@@ -18,6 +19,9 @@ and equal those of ``generate`` with the same prompt, setup and seed.
 
 Policy for models whose states cannot be merged (a Hugging Face cache, RAG-token): one job
 at a time, in arrival order; the rows of one job still share each step.
+
+This loop runs on a thread of the calling process; ``lmlab.serve.worker.WorkerScheduler`` has
+the same interface and runs it in a process of its own.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from lmlab.decode.processors import apply_processors
 from lmlab.decode.search import _check_pickable, greedy_pick
 from lmlab.models.base import require_causal
 
-__all__ = ["Job", "TokenEvent", "Scheduler"]
+__all__ = ["Job", "TokenEvent", "Scheduler", "states_merge"]
 
 
 @dataclass
@@ -101,16 +105,48 @@ class _Active:
         return not any(self.running)
 
 
-class Scheduler:
-    """One thread runs the decoding loop over the jobs submitted to it (see the module docstring)."""
+@torch.no_grad()
+def states_merge(model) -> bool:
+    """Whether ``model.merge_states`` can put the states of separately read prompts (of different
+    lengths) in one batch: what continuous batching needs."""
+    _, a = model.next_token_logits(torch.zeros(1, 1, dtype=torch.long, device=model.device), None)
+    _, b = model.next_token_logits(torch.zeros(1, 2, dtype=torch.long, device=model.device), None)
+    try:
+        model.merge_states([a, b])
+    except NotImplementedError:
+        return False
+    return True
 
-    def __init__(self, model, tokenizer, max_batch: int = 16) -> None:
+
+def batching_policy(batchable: bool) -> str:
+    """The policy's name, as ``/v1/info`` and the startup line say it."""
+    return "continuous batching" if batchable else "one request at a time"
+
+
+def check_max_batch(max_batch) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return max_batch
+
+
+def check_job(job: Job, max_batch: int) -> None:
+    if job.n > max_batch:
+        raise ValueError(f"n={job.n} rows do not fit in a batch of max_batch={max_batch}")
+    if not job.prompt_ids:
+        raise ValueError("the prompt is empty; every prompt needs at least one token")
+
+
+class Scheduler:
+    """One thread runs the decoding loop over the jobs submitted to it (see the module docstring).
+    ``on_iteration()``, when given, is called on that thread after each pass of the loop (the
+    events and ends of that pass have all been reported) and once more at the end."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, on_iteration: Callable[[], None] | None = None) -> None:
         require_causal(model, "serving")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, check_max_batch(max_batch)
         self.device = model.device
-        self.batchable = self._can_merge()
+        self.batchable = states_merge(model)
+        self._on_iteration = on_iteration
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._wake = threading.Condition()
@@ -122,30 +158,16 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="lmlab-scheduler", daemon=True)
         self._thread.start()
 
-    @torch.no_grad()
-    def _can_merge(self) -> bool:
-        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        _, a = self.model.next_token_logits(ids, None)
-        _, b = self.model.next_token_logits(torch.zeros(1, 2, dtype=torch.long, device=self.device), None)
-        try:
-            self.model.merge_states([a, b])
-        except NotImplementedError:
-            return False
-        return True
-
     @property
     def policy(self) -> str:
-        return "continuous batching" if self.batchable else "one request at a time"
+        return batching_policy(self.batchable)
 
     @property
     def running_rows(self) -> int:
         return sum(a.job.n for a in self._active)
 
     def submit(self, job: Job) -> Job:
-        if job.n > self.max_batch:
-            raise ValueError(f"n={job.n} rows do not fit in a batch of max_batch={self.max_batch}")
-        if not job.prompt_ids:
-            raise ValueError("the prompt is empty; every prompt needs at least one token")
+        check_job(job, self.max_batch)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -153,14 +175,18 @@ class Scheduler:
             self._wake.notify()
         return job
 
-    def call(self, fn: Callable[[], object]) -> Future:
-        """Run ``fn()`` on the loop's thread between two steps (the model is never used by two
-        threads at once); its result or exception comes back through the Future."""
+    def cancel(self, job: Job) -> None:
+        """Retire ``job`` at the next step (its rows leave the batch)."""
+        job.cancel()
+
+    def call(self, fn: Callable[..., object], *args) -> Future:
+        """Run ``fn(model, tokenizer, *args)`` on the loop's thread between two steps (the model is
+        never used by two threads at once); its result or exception comes back through the Future."""
         future: Future = Future()
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            self._calls.append((fn, future))
+            self._calls.append((lambda: fn(self.model, self.tokenizer, *args), future))
             self._wake.notify()
         return future
 
@@ -195,11 +221,17 @@ class Scheduler:
                 for a in self._active:
                     self._finish(a, error=f"{type(e).__name__}: {e}")
                 self._active, self._state, self._logits = [], None, None
+            if self._on_iteration is not None:
+                self._on_iteration()
         for a in self._active:
             self._finish(a, error="the server is shutting down")
         for job in self._waiting:
             job.error = "the server is shutting down"
             _done(job)
+        for _, future in self._calls:
+            future.cancel()
+        if self._on_iteration is not None:
+            self._on_iteration()
 
     @torch.no_grad()
     def _admit(self) -> None:
