@@ -26,7 +26,6 @@ from torch import nn
 
 from lmlab.models.base import LanguageModel, State, _merged_offsets, _or_none, register
 from lmlab.models.dropout import embedding_dropout
-from lmlab.models.fused import FusedLinears
 from lmlab.models.heads import check_adaptive_cutoffs, make_output_head
 
 
@@ -149,7 +148,6 @@ class Attention(nn.Module):
         self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.causal = config.causal
-        self.qkv = FusedLinears()  # inference: q, k, v as one product (rows [q; k; v])
 
     def forward(
         self,
@@ -165,9 +163,7 @@ class Attention(nn.Module):
         (rows with empty slots, see ``Transformer.merge_states``)."""
         B, T, C = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = self.qkv(x, (self.q, self.k, self.v))
-        if qkv is None:
-            qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
         qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim)  # heads of q, then k, then v
         qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
         if rotary is not None:
@@ -254,16 +250,10 @@ class FeedForward(nn.Module):
         if config.activation == "swiglu":
             self.gate = nn.Linear(config.n_embd, d_ff, bias=config.bias)
         self.proj = nn.Linear(d_ff, config.n_embd, bias=config.bias)
-        self.gate_fc = FusedLinears()  # inference, swiglu: gate and fc as one product (rows [gate; fc])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            both = self.gate_fc(x, (self.gate, self.fc))
-            if both is None:
-                h = F.silu(self.gate(x)) * self.fc(x)
-            else:
-                gate, fc = both.chunk(2, dim=-1)
-                h = F.silu(gate) * fc
+            h = F.silu(self.gate(x)) * self.fc(x)
         elif self.activation == "relu":
             h = F.relu(self.fc(x))
         elif self.activation == "gelu_tanh":
