@@ -3,6 +3,7 @@ import json
 import pytest
 
 from lmlab.cli import main
+from lmlab.throughput import TIMED_FIELDS
 
 TEXT = "to be or not to be, that is the question.\n" * 60
 TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--max-iters", "12",
@@ -104,7 +105,7 @@ def test_ngram_is_estimated_by_train_and_scored(tmp_path, corpus, capsys):
 
 def _records(run):
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS} for line in lines]
 
 
 def test_resume_restores_the_run_settings_from_the_out_directory_alone(tmp_path, corpus, capsys, monkeypatch):

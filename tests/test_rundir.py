@@ -21,6 +21,7 @@ from lmlab.models.transformer import TransformerConfig
 from lmlab.rundir import RunDirectoryError, RunLock, checkpoint_step, recover_run, truncate_metrics
 from lmlab.tokenizers import CharTokenizer
 from lmlab.train import Trainer, TrainConfig
+from lmlab.throughput import TIMED_FIELDS
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 40
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -50,9 +51,9 @@ def train(run, resume=False, **kw):
 
 
 def records(run):
-    """metrics.jsonl without the wall-clock times."""
+    """metrics.jsonl without the wall-clock figures (times, tokens per second, MFU)."""
     lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS} for line in lines]
 
 
 def assert_same_weights(a, b):
