@@ -94,3 +94,60 @@ def test_bits_per_character():
     s = Score(nll=10 * math.log(2), tokens=5, characters=20)
     assert s.bits_per_character == pytest.approx(0.5)
     assert s.bits_per_token == pytest.approx(2.0)
+
+
+def test_carried_state_conditions_every_token_on_all_before_it():
+    """--carry-state: the whole stream read once with the state carried equals one forward pass
+    over it (an LSTM, a cache and their mixture); windows restart the state, so they differ."""
+    from lmlab.models.interpolate import InterpolatedLM
+
+    torch.manual_seed(0)
+    V = 12
+    lstm = build_model("lstm", {"vocab_size": V, "n_embd": 8, "n_hidden": 8}).eval()
+    cache = build_model("cache", {"vocab_size": V, "order": 1, "decay": 0.95, "window": 40})
+    mixture = InterpolatedLM.from_models([lstm, cache], [0.7, 0.3]).eval()
+    ids = torch.randint(0, V, (700,), generator=torch.Generator().manual_seed(1))
+    for model in (lstm, cache, mixture):
+        with torch.no_grad():
+            logits, _ = model(ids[None, :-1])
+        want = torch.log_softmax(logits[0].double(), -1).gather(-1, ids[1:, None]).sum().item()
+        per_token: list[float] = []
+        carried = stream_nll(model, ids, carry_state=True, token_logprobs=per_token)
+        assert carried.tokens == 699 and len(per_token) == 699
+        assert -carried.nll == pytest.approx(want, rel=1e-5)
+        windows = stream_nll(model, ids, window=100)
+        assert windows.tokens == 699
+        if model is not cache:  # the cache alone gives 0 to the words it has not seen: infinite either way
+            assert math.isfinite(carried.nll) and windows.nll != pytest.approx(carried.nll, rel=1e-6)
+    with pytest.raises(ValueError, match="window=100"):
+        stream_nll(lstm, ids, window=100, carry_state=True)
+    transformer = build_model("transformer", TransformerConfig(vocab_size=V, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        stream_nll(transformer, ids, carry_state=True)
+
+
+def test_cli_score_carry_state(tmp_path, capsys):
+    import json
+
+    from lmlab.cli import main
+    from lmlab.models import save_model
+    from lmlab.tokenizers import CharTokenizer
+
+    text = "abcab cabba acbca bbacc abcba\n" * 60
+    tok = CharTokenizer.train(text)
+    torch.manual_seed(0)
+    model = build_model("gru", {"vocab_size": tok.vocab_size, "n_embd": 8, "n_hidden": 8}).eval()
+    save_model(model, tmp_path / "m")
+    tok.save(tmp_path / "m" / "tokenizer.json")
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["score", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--carry-state", "--json"]) == 0
+    carried = json.loads(capsys.readouterr().out)
+    ids = torch.tensor(tok.encode(text))
+    with torch.no_grad():
+        logits, _ = model(ids[None, :-1])
+    nll = -torch.log_softmax(logits[0].double(), -1).gather(-1, ids[1:, None]).sum().item()
+    assert carried["tokens"] == len(ids) - 1
+    assert carried["nll"] == pytest.approx(nll, rel=1e-5)
+    assert main(["score", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--carry-state",
+                 "--window", "64"]) == 2
+    assert "window=64" in capsys.readouterr().err

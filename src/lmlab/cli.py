@@ -364,7 +364,8 @@ def cmd_score(args) -> int:
         if not args.per_text:
             result.mean_text_perplexity = None
     else:
-        result = score_text(model, tokenizer, data_mod.read_corpus(args.text), args.window, args.stride)
+        result = score_text(model, tokenizer, data_mod.read_corpus(args.text), args.window, args.stride,
+                            carry_state=args.carry_state)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -399,7 +400,6 @@ def cache_from_spec(spec: str, vocab_size: int):
         except ValueError:
             raise ValueError(f"{key}={value!r} in {spec!r} is not a number") from None
     return build_model("cache", {"vocab_size": vocab_size, **values})
-
 
 
 def cmd_interpolate(args) -> int:
@@ -589,8 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", action="store_true", help="score each line as a complete sequence (with <eos>)")
     p.add_argument("--per-text", action="store_true",
                    help="with --sequences: also the mean of the lines' own perplexities (Hugging Face evaluate's figure)")
-    p.add_argument("--window", type=int)
-    p.add_argument("--stride", type=int)
+    p.add_argument("--window", type=int, help="tokens per forward pass (default: the model's context, or 1024)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: --window; smaller slides)")
+    p.add_argument("--carry-state", action="store_true",
+                   help="read --text as one stream with the model's state carried, every token conditioned on all "
+                        "before it (recurrent nets, n-grams, caches and their mixtures: models without a context limit)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every figure as JSON, named by its unit")
     add_precision_arguments(p)

@@ -196,8 +196,14 @@ def stream_nll(
     stride: int | None = None,
     batch_size: int = 16,
     token_logprobs: list[float] | None = None,
+    carry_state: bool = False,
 ) -> Score:
     """NLL of tokens 1..N-1 of a stream, each scored once.
+
+    ``carry_state``: read the whole stream in order with the model's state carried from
+    chunk to chunk, every token conditioned on everything before it (how recurrent nets,
+    n-grams and caches are scored on PTB and WikiText); only for a model without a context
+    limit, and without ``window``/``stride``.
 
     ``token_logprobs``, when given a list, receives log P(token t | its context) of
     tokens 1..N-1 in order.
@@ -213,6 +219,8 @@ def stream_nll(
     n = ids.numel()
     if n < 2:
         raise ValueError(f"a stream of {n} token(s) has nothing to score; give at least 2 tokens")
+    if carry_state:
+        return _carried_stream_nll(model, ids, window, stride, token_logprobs)
     window = window or model.max_context or 1024
     stride = stride or window
     if model.max_context is not None and window > model.max_context:
@@ -252,14 +260,29 @@ def stream_nll(
     return Score(nll=total, tokens=count)
 
 
+def _carried_stream_nll(model: LanguageModel, ids: torch.Tensor, window, stride, token_logprobs) -> Score:
+    from lmlab.models.interpolate import component_target_logprobs
+
+    if window is not None or stride is not None:
+        raise ValueError(f"carrying the state reads the whole stream; window={window} and stride={stride} "
+                         "do not apply to it (give one or the other)")
+    if model.max_context is not None:
+        raise ValueError(f"the model reads at most {model.max_context} tokens, so its state cannot be carried "
+                         "through a stream; score it in windows (window <= its context) instead")
+    logps = component_target_logprobs([model], ids)[:, 0]
+    if token_logprobs is not None:
+        token_logprobs.extend(logps.tolist())
+    return Score(nll=float(-logps.sum()), tokens=int(logps.shape[0]))
+
+
 def score_text(model, tokenizer, text: str, window: int | None = None, stride: int | None = None,
-               token_logprobs: list[float] | None = None) -> Score:
+               token_logprobs: list[float] | None = None, carry_state: bool = False) -> Score:
     """Stream score of a long text; bits per character (byte) count the characters
     (bytes) after the first token. For a word tokenizer every newline is a scored
-    ``</s>``, so the per-word figures count one per line, as KenLM. ``token_logprobs`` as in
-    ``stream_nll``."""
+    ``</s>``, so the per-word figures count one per line, as KenLM. ``token_logprobs`` and
+    ``carry_state`` as in ``stream_nll``."""
     ids = tokenizer.encode(text)
-    score = stream_nll(model, ids, window, stride, token_logprobs=token_logprobs)
+    score = stream_nll(model, ids, window, stride, token_logprobs=token_logprobs, carry_state=carry_state)
     first = tokenizer.decode(ids[:1])
     score.characters = max(len(text) - len(first), 0)
     score.bytes = max(len(text.encode("utf-8")) - len(first.encode("utf-8")), 0)
