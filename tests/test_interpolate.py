@@ -187,3 +187,23 @@ def test_cli_sequences_and_given_weights(tok, tmp_path, capsys):
     assert report["valid_nll_per_token"]["interpolated"] == pytest.approx(score.nll_per_token, rel=1e-5)
     assert main([*args[:-2], "0.6", "0.6", "--out", str(tmp_path / "bad")]) == 2
     assert "sum to 1" in capsys.readouterr().err
+
+
+def test_target_logprobs_of_every_family_equal_the_forward_pass(tok):
+    """LanguageModel.target_logprobs (what component_target_logprobs reads): the n-gram's fast path
+    when the targets are the stream shifted, the default path for any other targets."""
+    kn, lstm = components(tok)
+    _, adaptive = components(tok, adaptive=True)
+    ids = torch.tensor([tok.encode("abcab cabba acbca")])
+    x, shifted = ids[:, :-1], ids[:, 1:]
+    other = torch.flip(shifted, dims=[1])
+    for model in (kn, lstm, adaptive.eval()):
+        _, half = model(x[:, :4])
+        for y in (shifted, other):
+            logits, state = model(x[:, 4:], half.clone())
+            want = torch.log_softmax(logits.double(), -1).gather(-1, y[:, 4:, None]).squeeze(-1)
+            got, after = model.target_logprobs(x[:, 4:], y[:, 4:], half.clone())
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            assert after.length == state.length
+            for key, value in state.tensors.items():
+                torch.testing.assert_close(after.tensors[key], value)

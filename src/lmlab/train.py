@@ -571,7 +571,6 @@ class Trainer:
         self.elapsed = state["elapsed"]
         self.checkpoint_step = self._evaluated_step = self.step
 
-
     def _rank_rng_state(self) -> dict[str, torch.Tensor]:
         """This rank's global random streams (dropout, masks): CPU, and CUDA when present."""
         rng = {"torch": torch.get_rng_state()}

@@ -162,6 +162,19 @@ class LanguageModel(nn.Module):
         logp = torch.log_softmax(logits.float(), dim=-1)
         return logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
 
+    def target_logprobs(self, x: torch.Tensor, y: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """(log p(y[:, t] | x[:, :t + 1], state) (B, T), the state after ``x``), by the cheapest
+        exact path of the family: how a long stream is scored with its state carried. Default:
+        an adaptive softmax evaluates only the targets' clusters; any other output layer the
+        log_softmax of ``forward``. Families with a faster exact path (n-grams, caches) override it."""
+        head = self.adaptive_head
+        if head is not None:
+            hidden, state = self.hidden_states(x, state)
+            return head.adaptive(hidden.reshape(-1, hidden.shape[-1]).float(), y.reshape(-1)).output.view(y.shape), state
+        logits, state = self(x, state)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp.gather(-1, y.unsqueeze(-1).to(logp.device)).squeeze(-1), state
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -223,8 +223,9 @@ def component_target_logprobs(components: Sequence[LanguageModel], ids: Sequence
     whole stream in order with its state carried (no window: an n-gram sees its n-1 words,
     a recurrent net everything before; a model with a bounded context is refused).
 
-    Only the targets are computed where a family allows it (an n-gram's ``token_logprobs``,
-    an adaptive softmax's target clusters); otherwise from the full log-softmax."""
+    Only the targets are computed where a family allows it (``LanguageModel.target_logprobs``:
+    an n-gram's ``token_logprobs``, a cache's matches, an adaptive softmax's target clusters);
+    otherwise from the full log-softmax."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
         raise ValueError(f"a stream of {ids.numel()} token(s) has nothing to score; give at least 2 tokens")
@@ -239,29 +240,7 @@ def component_target_logprobs(components: Sequence[LanguageModel], ids: Sequence
             x = ids[s : s + chunk][None].to(device)
             y = ids[s + 1 : s + chunk + 1][None].to(device)
             x = x[:, : y.shape[1]]
-            lp, state = _targets(model, x, y, state)
+            lp, state = model.target_logprobs(x, y, state)
             out.append(lp[0].double().cpu())
         columns.append(torch.cat(out))
     return torch.stack(columns, dim=1).numpy()
-
-
-def _targets(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, state):
-    """(log p(y | x, state) (B, T), the state after x) by the cheapest exact path of the family:
-    its own ``target_logprobs(x, y, state)`` where it has one (the cache), else the ones below."""
-    if hasattr(model, "target_logprobs"):
-        return model.target_logprobs(x, y, state)
-    head = model.adaptive_head
-    if head is not None:
-        hidden, state = model.hidden_states(x, state)
-        return head.adaptive(hidden.reshape(-1, hidden.shape[-1]).float(), y.reshape(-1)).output.view(y.shape), state
-    if getattr(model, "family", None) == "ngram":
-        # The n-gram state is its last n-1 tokens (``State.tensors["context"]``, see lmlab.models.ngram).
-        n1 = model.order - 1
-        context = state.tensors["context"] if state is not None else torch.as_tensor(model.initial_context(x.shape[0]))
-        lp = model.token_logprobs(torch.cat([x, y[:, -1:]], dim=1), state)
-        window = torch.cat([context.to(x.device), x], dim=1)
-        new = State({"context": window[:, window.shape[1] - n1:].contiguous()}, (state.length if state else 0) + x.shape[1])
-        return lp, new
-    logits, state = model(x, state)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), state

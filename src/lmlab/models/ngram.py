@@ -126,6 +126,17 @@ class NGramModel(NGramLM, LanguageModel):
                           offsets=None if state is None else state.offsets)
         return logits, new_state
 
+    def target_logprobs(self, x: torch.Tensor, y: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The targets of a stream (``y`` is ``x`` shifted by one) through :meth:`token_logprobs`, without
+        the (B, T, V) logits, and the state after ``x``; any other ``y`` by the default path."""
+        if x.shape[1] == 0 or not torch.equal(y[:, :-1], x[:, 1:]):
+            return super().target_logprobs(x, y, state)
+        lp = self.token_logprobs(torch.cat([x, y[:, -1:]], dim=1), state)
+        _, new_ctx, length = self._windows(self._check_ids(x), state)
+        new_state = State({"context": torch.from_numpy(np.ascontiguousarray(new_ctx)).to(x.device)}, length + x.shape[1],
+                          offsets=None if state is None else state.offsets)
+        return lp, new_state
+
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Fast path: (B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state),
         equal to ``log_softmax(forward(ids, state)[0])[:, :-1]`` gathered at
