@@ -156,11 +156,9 @@ class LanguageModel(nn.Module):
 
     def token_logprobs(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """(B, T-1) natural-log p(ids[:, t+1] | ids[:, :t+1], state), the log-probabilities
-        scoring reads. Default: log_softmax of ``forward``; a family whose scores are
-        exact log-probabilities already (n-grams) returns them without the (B, T, V) logits."""
-        logits, _ = self(ids[:, :-1], state)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return logp.gather(-1, ids[:, 1:, None].to(logp.device)).squeeze(-1)
+        scoring reads: :meth:`target_logprobs` of the sequence and itself shifted by one; a family
+        whose scores are exact log-probabilities already (n-grams) returns them directly."""
+        return self.target_logprobs(ids[:, :-1], ids[:, 1:], state)[0]
 
     def target_logprobs(self, x: torch.Tensor, y: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """(log p(y[:, t] | x[:, :t + 1], state) (B, T), the state after ``x``), by the cheapest
