@@ -115,13 +115,10 @@ def score_unit(tokenizer) -> str:
 
 @torch.no_grad()
 def target_logprobs(model: LanguageModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log P(y[b, t] | x[b, :t+1]) of shape (B, T); 0 where y is IGNORE."""
+    """log P(y[b, t] | x[b, :t+1]) of shape (B, T) (``LanguageModel.target_logprobs``); 0 where y is IGNORE."""
     require_causal(model, "scoring")
-    logits, _ = model(x)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = y != IGNORE
-    picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, torch.zeros_like(picked))
+    picked, _ = model.target_logprobs(x, y.clamp_min(0))
+    return torch.where(y.to(picked.device) != IGNORE, picked, torch.zeros_like(picked))
 
 
 @torch.no_grad()
