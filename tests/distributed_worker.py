@@ -81,7 +81,7 @@ def main(out: Path) -> None:
             run.fit()
             if distributed.is_main():
                 how = {"world_size": distributed.world_size(), "sharded": distributed.is_sharded(run.parallel),
-                       "parallel": type(run.parallel).__name__}
+                       "parallel": type(run.parallel).__name__, "fused_adamw": run.optimizer.defaults["fused"]}
                 (out / f"{case}.json").write_text(json.dumps(how))
         trainer("transformer", out / "half", max_iters=10).fit()
         if distributed.is_main():

@@ -64,12 +64,13 @@ def test_processes_that_would_train_different_things_are_refused(two_processes):
 @pytest.mark.parametrize("case", ["transformer", "lstm", "mlp"])
 def test_two_processes_train_exactly_as_one_with_the_same_global_batch(case, two_processes, tmp_path):
     # float64, 20 steps: the transformer and the MLP on windows of a stream, the LSTM on padded
-    # sequences of different lengths (rows hold different numbers of targets) with 2 micro-steps
+    # sequences of different lengths (rows hold different numbers of targets) with 2 micro-steps;
+    # the fused AdamW (the default on a CPU) in both
     assert CASES[case][4] is torch.float64
     torch.set_num_threads(1)
     trainer(case, tmp_path / case).fit()
     assert json.loads((two_processes / f"{case}.json").read_text()) == {
-        "world_size": 2, "sharded": False, "parallel": "DistributedDataParallel"}
+        "world_size": 2, "sharded": False, "parallel": "DistributedDataParallel", "fused_adamw": True}
     assert len([r for r in records(tmp_path / case) if "train_loss" in r]) == 20
     assert_same_run(two_processes / case, tmp_path / case, atol=1e-6)
 
