@@ -106,8 +106,8 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (..., D) with cos, sin broadcasting to it, e.g. x (B, H, T, D) and cos (T, D), or
     x (B, T, H, D) and cos (T, 1, D); rotate pairs (i, i + D/2) by the position angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    first, second = x.chunk(2, dim=-1)  # views whose backward is one cat (a slice's fills zeros)
+    rotated = torch.cat([-second, first], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
@@ -163,12 +163,13 @@ class Attention(nn.Module):
         (rows with empty slots, see ``Transformer.merge_states``)."""
         B, T, C = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
-        qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim)  # heads of q, then k, then v
-        qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
-        if rotary is not None:
-            qk = apply_rotary(qk, *rotary)  # q and k heads at once
-        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
+        D = self.head_dim
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if rotary is not None:  # q and k heads at once, split by views (their backward: one cat, no zero fill)
+            q, k = apply_rotary(torch.cat([q, k], dim=-1).view(B, T, H + H_kv, D), *rotary).split([H, H_kv], dim=2)
+        else:
+            q, k = q.view(B, T, H, D), k.view(B, T, H_kv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
         k_all, v_all, cache = _append(cache, k, v, start)
         repeat = self.n_head // self.n_kv_head
         dropout = self.dropout if self.training else 0.0
