@@ -4,22 +4,26 @@ side by side with nanoGPT's own train.py.
     python benchmarks/nanogpt_shakespeare.py --preset cpu --out runs/bench-cpu
     python benchmarks/nanogpt_shakespeare.py --preset gpu --out runs/bench-gpu
     python benchmarks/nanogpt_shakespeare.py --preset cpu --out runs/side-by-side \
-        --nanogpt /path/to/nanoGPT --pairs 2 --threads 1
+        --nanogpt /path/to/nanoGPT --pairs 2 --threads 1 default --ddp
 
 Same data, split (first 90% / last 10% by position) and hyper-parameters as
 nanoGPT's ``config/train_shakespeare_char.py`` (gpu) and the CPU variant in its
 README (cpu). Prints a Markdown row and writes JSON to ``--out/benchmark.json``.
 
 With ``--nanogpt DIR`` (a checkout of karpathy/nanoGPT) the CPU configuration
-runs alternately as this script and as nanoGPT's README command
+runs alternately as ``lmlab train`` and as nanoGPT's README command
 (``python train.py config/train_shakespeare_char.py --device=cpu --compile=False
 --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``),
-each a separate process timed from start to exit, ``--pairs`` times, the order
-swapped in every other pair. nanoGPT's data files are written as its
+each a separate process timed from start to exit (wall time, and CPU time: user +
+system of the process and the processes it waited for), ``--pairs`` rounds, each
+round starting one setting later. ``--threads`` lists OMP_NUM_THREADS settings, each
+run by both tools (``default``: unset, torch's own choice); ``--ddp`` adds lmlab as
+2 processes x 1 thread (``lmlab train --nproc-per-node 2``, DDP over gloo, the same
+global batch). nanoGPT's data files are written as its
 ``data/shakespeare_char/prepare.py`` writes them, from the same text, into a
-working directory under ``--out`` (the checkout is only read). ``--threads N``
-sets OMP_NUM_THREADS for both. Writes ``--out/side_by_side.json``.
+working directory under ``--out`` (the checkout is only read). Writes
+``--out/side_by_side.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import os
 import pickle
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,15 +94,50 @@ def nanogpt_command(max_iters: int, out_dir: str) -> list[str]:
             "--dropout=0.0", f"--out_dir={out_dir}"]
 
 
-def timed(command: list[str], cwd: Path, log: Path, env: dict) -> float:
-    """Run ``command``, its output to ``log``; return its wall seconds."""
+def timed(command: list[str], cwd: Path, log: Path, env: dict) -> tuple[float, float]:
+    """Run ``command``, its output to ``log``; return its (wall seconds, CPU seconds): user + system
+    time of the process and of every process it waited for (torchrun's workers)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed (exit {done.returncode}); see {log}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def lmlab_command(max_iters: int, out_dir: Path, processes: int) -> list[str]:
+    """``lmlab train`` with the CPU preset's settings (nanoGPT README's CPU command), in one
+    process or, with ``processes`` > 1, as many DDP processes sharing the same global batch."""
+    model, train = PRESETS["cpu"]["model"], PRESETS["cpu"]["train"]
+    command = [sys.executable, "-m", "lmlab", "train", "--model", "transformer", "--device", "cpu",
+               "--block-size", str(model["block_size"]), "--n-layer", str(model["n_layer"]),
+               "--n-head", str(model["n_head"]), "--n-embd", str(model["n_embd"]), "--dropout", "0",
+               "--set", "bias=false", "--batch-size", str(train["batch_size"]), "--lr", str(train["lr"]),
+               "--min-lr", str(train["min_lr"]), "--warmup-iters", str(train["warmup_iters"]),
+               "--beta2", str(train["beta2"]), "--eval-interval", str(train["eval_interval"]),
+               "--eval-iters", str(train["eval_iters"]), "--max-iters", str(max_iters),
+               "--lr-decay-iters", str(max_iters), "--no-progress", "--out", str(out_dir)]
+    return command + (["--nproc-per-node", str(processes)] if processes > 1 else [])
+
+
+def variants(threads: list[str], ddp: bool) -> list[dict]:
+    """The settings to alternate: lmlab and nanoGPT at each thread setting ("default": torch's
+    own choice, OMP_NUM_THREADS unset), then lmlab as 2 processes x 1 thread."""
+    out = []
+    for t in threads:
+        for tool in ("lmlab", "nanoGPT"):
+            out.append({"tool": tool, "threads": t, "processes": 1})
+    if ddp:
+        out.append({"tool": "lmlab", "threads": "1", "processes": 2})
+    return out
+
+
+def label(v: dict) -> str:
+    threads = "default threads" if v["threads"] == "default" else f"{v['threads']} thread(s)"
+    return f"{v['tool']}, {v['processes']} process(es) x {threads}"
 
 
 def side_by_side(args) -> None:
@@ -105,44 +145,52 @@ def side_by_side(args) -> None:
     out.mkdir(parents=True, exist_ok=False)
     work = out / "nanogpt"
     prepare_nanogpt(Path(args.nanogpt), work)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     max_iters = args.max_iters or PRESETS["cpu"]["train"]["max_iters"]
+    settings = variants(args.threads, args.ddp)
     runs = []
-    for pair in range(args.pairs):
-        order = ("lmlab", "nanoGPT") if pair % 2 == 0 else ("nanoGPT", "lmlab")
-        for tool in order:
-            log = out / f"{tool}-{pair}.log"
-            if tool == "lmlab":
-                run_dir = out / f"lmlab-{pair}"
-                command = [sys.executable, str(Path(__file__).resolve()), "--preset", "cpu", "--device", "cpu",
-                           "--out", str(run_dir), "--max-iters", str(max_iters), "--no-all-windows"]
-                seconds = timed(command, Path.cwd(), log, env)
-                result = json.loads((run_dir / "benchmark.json").read_text())
-                val, best = result["val_loss"], result["best_val_loss"]
+    for round_ in range(args.pairs):
+        shift = round_ % len(settings)
+        for v in settings[shift:] + settings[:shift]:  # each round starts one setting later
+            env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+            env.pop("OMP_NUM_THREADS", None)
+            if v["threads"] != "default":
+                env["OMP_NUM_THREADS"] = v["threads"]
+            name = f"{v['tool']}-p{v['processes']}-t{v['threads']}-{round_}"
+            log = out / f"{name}.log"
+            if v["tool"] == "lmlab":
+                seconds, cpu = timed(lmlab_command(max_iters, out / name, v["processes"]), Path.cwd(), log, env)
+                text = log.read_text()
+                opening = re.search(r"^\{$", text, re.M)  # the summary `lmlab train` prints last
+                if opening is None:
+                    raise SystemExit(f"error: no summary printed by lmlab train in {log}")
+                summary = json.JSONDecoder().raw_decode(text[opening.start():])[0]
+                val, best = summary["val_loss"], summary["best_val_loss"]
             else:
-                seconds = timed(nanogpt_command(max_iters, f"out-{pair}"), work, log, env)
+                seconds, cpu = timed(nanogpt_command(max_iters, f"out-{name}"), work, log, env)
                 steps = NANOGPT_STEP.findall(log.read_text())
                 if not steps:
                     raise SystemExit(f"error: no 'step N: train loss X, val loss Y' line in {log}")
                 val, best = float(steps[-1][2]), min(float(v) for _, _, v in steps)
-            runs.append({"pair": pair, "tool": tool, "wall_seconds": seconds, "val_loss": val, "best_val_loss": best})
-            print(f"pair {pair} {tool}: {seconds:.1f} s, val loss {val:.4f}", flush=True)
-    ratios = []
-    for pair in range(args.pairs):
-        by_tool = {r["tool"]: r for r in runs if r["pair"] == pair}
-        ratios.append(by_tool["lmlab"]["wall_seconds"] / by_tool["nanoGPT"]["wall_seconds"])
-    summary = {"runs": runs, "wall_ratio_per_pair": ratios, "wall_ratio_median": statistics.median(ratios),
-               "max_iters": max_iters, "threads": args.threads, "torch": torch.__version__,
-               "load_average_after": os.getloadavg()}
+            runs.append({"round": round_, **v, "label": label(v), "wall_seconds": seconds, "cpu_seconds": cpu,
+                         "val_loss": val, "best_val_loss": best, "load_average_after": os.getloadavg()})
+            print(f"round {round_} {label(v)}: {seconds:.1f} s wall, {cpu:.1f} s CPU, val loss {val:.4f}, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    summary = {"runs": runs, "max_iters": max_iters, "torch": torch.__version__}
     (out / "side_by_side.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("| pair | tool | wall s (process) | val loss (20 eval batches) | best val loss |")
-    print("|---|---|---|---|---|")
+    print("| round | run | wall s | CPU s | val loss (20 eval batches) | load average after |")
+    print("|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['pair']} | {r['tool']} | {r['wall_seconds']:.1f} | {r['val_loss']:.4f} | {r['best_val_loss']:.4f} |")
-    print(f"lmlab / nanoGPT wall time per pair: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"median {summary['wall_ratio_median']:.3f}; load average after: {summary['load_average_after']}")
+        print(f"| {r['round']} | {r['label']} | {r['wall_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+              f"{r['val_loss']:.4f} | {r['load_average_after'][0]:.1f} |")
+    for t in args.threads:
+        for other in [(t, 1)] + ([("1", 2)] if args.ddp else []):
+            mine = [r for r in runs if r["tool"] == "lmlab" and (r["threads"], r["processes"]) == other]
+            theirs = [r for r in runs if r["tool"] == "nanoGPT" and r["threads"] == t]
+            ratios = [a["wall_seconds"] / b["wall_seconds"] for a, b in zip(mine, theirs)]
+            if ratios:
+                print(f"lmlab {other[1]} process(es) x {other[0]} thread(s) / nanoGPT at {t} thread(s), wall time "
+                      f"per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
 
 
 def loss_over_all_windows(trainer: Trainer, val_ids: np.ndarray, T: int) -> float:
@@ -169,8 +217,12 @@ def main() -> None:
     parser.add_argument("--no-all-windows", action="store_true",
                         help="skip the validation loss over every window (side by side: nanoGPT has no such pass)")
     parser.add_argument("--nanogpt", help="a nanoGPT checkout: run its train.py side by side (cpu preset)")
-    parser.add_argument("--pairs", type=int, default=2, help="with --nanogpt: alternating pairs of runs")
-    parser.add_argument("--threads", type=int, help="with --nanogpt: OMP_NUM_THREADS for both")
+    parser.add_argument("--pairs", type=int, default=2, help="with --nanogpt: rounds of alternating runs")
+    parser.add_argument("--threads", nargs="+", default=["default"],
+                        help="with --nanogpt: OMP_NUM_THREADS for both tools, one setting or several "
+                             "(e.g. 1 default); 'default' leaves it unset (torch's own choice)")
+    parser.add_argument("--ddp", action="store_true",
+                        help="with --nanogpt: also lmlab train --nproc-per-node 2, 1 thread each (same global batch)")
     args = parser.parse_args()
     if args.nanogpt:
         if args.preset != "cpu" or args.compile:
