@@ -1,15 +1,21 @@
 """Where a training step's time goes: nanoGPT's CPU configuration (4 layers, 4 heads,
 128 wide, block 64, batch 12), forward / backward / clipping / optimizer timed
-separately for the fused and the multi-tensor (foreach) AdamW, interleaved in one
-process, then torch.profiler's table of the ops of the default (fused) step.
+separately (wall and this process's CPU time) for lmlab with the fused AdamW (the
+default) and the multi-tensor (foreach) one and, with ``--nanogpt DIR`` (a checkout of
+karpathy/nanoGPT, only read), for nanoGPT's own model.py and optimizer (its CPU
+choice: the single-tensor AdamW), interleaved in one process; then torch.profiler's
+table of the ops of lmlab's default step.
 
-    python benchmarks/train_step_profile.py --threads 1 --steps 40
+    python benchmarks/train_step_profile.py --threads 1 --steps 40 --nanogpt /path/to/nanoGPT
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
+import sys
 import time
 
 import torch
@@ -19,6 +25,7 @@ from lmlab.models.transformer import TransformerConfig
 from lmlab.train import TrainConfig, lm_loss, make_optimizer
 
 PARTS = ("forward", "backward", "clip", "optimizer")
+SHAPE = dict(block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
 
 
 def main() -> None:
@@ -26,20 +33,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per optimizer")
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--nanogpt", help="a nanoGPT checkout: time its model and optimizer too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = torch.randint(0, 65, (12, 64)), torch.randint(0, 65, (12, 64))
     config = TrainConfig()
 
-    def make(fused: bool):
+    def lmlab(fused: bool):
         torch.manual_seed(0)
-        model = build_model("transformer", TransformerConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4,
-                                                             n_embd=128, bias=False))
-        return model, make_optimizer(model, config, torch.device("cpu"), fused=fused)
+        model = build_model("transformer", TransformerConfig(vocab_size=65, **SHAPE))
+        return model, make_optimizer(model, config, torch.device("cpu"), fused=fused), lambda: lm_loss(model, x, y)
 
-    def step(model, optimizer) -> tuple[float, ...]:
-        t0 = time.perf_counter()
-        loss = lm_loss(model, x, y)
+    def nanogpt():
+        sys.path.insert(0, args.nanogpt)
+        from model import GPT, GPTConfig  # nanoGPT's model.py
+
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(io.StringIO()):  # its parameter counts
+            model = GPT(GPTConfig(vocab_size=65, dropout=0.0, **SHAPE))
+            optimizer = model.configure_optimizers(config.weight_decay, config.lr, (config.beta1, config.beta2), "cpu")
+        return model, optimizer, lambda: model(x, y)[1]
+
+    def step(model, optimizer, loss_of) -> tuple[float, ...]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = loss_of()
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -48,28 +65,29 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, time.process_time() - c0
 
-    runs = {"fused": make(True), "foreach": make(False)}
+    runs = {"lmlab, fused AdamW (default)": lmlab(True), "lmlab, foreach AdamW": lmlab(False)}
+    if args.nanogpt:
+        runs["nanoGPT (model.py, its CPU AdamW)"] = nanogpt()
     times: dict[str, list[tuple[float, ...]]] = {name: [] for name in runs}
     for i in range(5 + args.steps):
-        for name, (model, optimizer) in runs.items():
-            parts = step(model, optimizer)
+        for name, run in runs.items():
+            parts = step(*run)
             if i >= 5:
                 times[name].append(parts)
     print(f"median ms per step, {args.threads} thread(s), {args.steps} steps each (interleaved)")
-    print("| AdamW | " + " | ".join(PARTS) + " | total |")
-    print("|---|" + "---|" * (len(PARTS) + 1))
+    print("| | " + " | ".join(PARTS) + " | step (wall) | step (CPU) |")
+    print("|---|" + "---|" * (len(PARTS) + 2))
     for name, rows in times.items():
-        medians = [statistics.median(r[i] for r in rows) * 1000 for i in range(len(PARTS))]
-        total = statistics.median(sum(r) for r in rows) * 1000
-        print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {total:.2f} |")
+        medians = [statistics.median(r[i] for r in rows) * 1000 for i in range(len(PARTS) + 2)]
+        print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
     from torch.profiler import ProfilerActivity, profile
 
-    model, optimizer = runs["fused"]
+    first = next(iter(runs.values()))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.profile_steps):
-            step(model, optimizer)
+            step(*first)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
