@@ -12,6 +12,8 @@ Paths, one process, one machine, side by side (one path after another, the same 
 - ``int8``: the float32 weights quantized per row (``lmlab.quantize.quantize_model(..., 8)``);
 - ``int4``: the file's own Q4_1 codes kept 4-bit (``read_gguf_model(keep_quantized=True)``);
 - ``int8+bfloat16``, ``int4+bfloat16``: the same codes with bfloat16 activations (``set_dtype``);
+- ``int8+bfloat16+output-int8``, ``int4+bfloat16+output-int8``: besides, the output layer (tied to the
+  embedding, which stays exact) in 8 bits with int8 activations (``lmlab.quantize.quantize_output``);
 - ``llama.cpp`` (only when asked, needs ``pip install llama-cpp-python``): the GGUF file in llama.cpp,
   batch 1 only, no perplexity;
 - ``hf-float32``: the float32 weights as a ``transformers.LlamaForCausalLM``
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from lmlab.gguf_file import read_gguf_model
-from lmlab.quantize import quantize_model, set_dtype
+from lmlab.quantize import quantize_model, quantize_output, set_dtype
 
 
 def smollm2_gguf() -> Path:
@@ -187,6 +189,10 @@ def main() -> None:
             return set_dtype(quantize_model(copy.deepcopy(float32), 8), "bfloat16")
         if name == "int4+bfloat16":
             return set_dtype(copy.deepcopy(int4), "bfloat16")
+        if name == "int8+bfloat16+output-int8":
+            return set_dtype(quantize_output(quantize_model(copy.deepcopy(float32), 8)), "bfloat16")
+        if name == "int4+bfloat16+output-int8":
+            return set_dtype(quantize_output(copy.deepcopy(int4)), "bfloat16")
         if name == "hf-float32":
             from lmlab.hf import lmlab_to_llama
 

@@ -358,7 +358,8 @@ def cmd_score(args) -> int:
     if args.per_text and not args.sequences:
         raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
     model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
-                                       dtype=args.dtype, quantize=args.quantize)
+                                       dtype=args.dtype, quantize=args.quantize,
+                                       quantize_output=args.quantize_output)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
         if not args.per_text:
@@ -492,7 +493,7 @@ def cmd_serve(args) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_tokens_limit=args.max_tokens_limit, device=args.device, dtype=args.dtype, quantize=args.quantize,
-          decoding_threads=args.threads)
+          quantize_output=args.quantize_output, decoding_threads=args.threads)
     return 0
 
 

@@ -103,12 +103,24 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     return angles.cos(), angles.sin()
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., D) with its first half negated: the factor of ``x`` rolled by D/2 in a rotation."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (..., D) with cos, sin broadcasting to it, e.g. x (B, H, T, D) and cos (T, D), or
     x (B, T, H, D) and cos (T, 1, D); rotate pairs (i, i + D/2) by the position angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return rotate(x, cos, signed_sin(sin))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` with the sine table already signed (``signed_sin``): ``x * cos + [-x2, x1] * sin``
+    for x = [x1, x2], written as ``x * cos + [x2, x1] * [-sin1, sin2]`` (the same products), computed
+    in the promoted dtype of x and cos (float32 for a bfloat16 x) and rounded once to x's dtype."""
+    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+    return (wide * cos + wide.roll(x.shape[-1] // 2, -1) * sin_signed).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +134,8 @@ class RMSNorm(nn.Module):
         shape = (x.shape[-1],)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, shape, self.weight, self.eps)  # one kernel, the same values
-        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
+        # rms_norm of a bfloat16/float16 x computes in float32 and rounds once: the same as x.float() first
+        return self.weight * F.rms_norm(x, shape, None, self.eps)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -167,7 +180,7 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim)  # heads of q, then k, then v
         qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
         if rotary is not None:
-            qk = apply_rotary(qk, *rotary)  # q and k heads at once
+            qk = rotate(qk, *rotary)  # q and k heads at once
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
         k_all, v_all, cache = _append(cache, k, v, start)
         repeat = self.n_head // self.n_kv_head
@@ -388,7 +401,8 @@ class Transformer(LanguageModel):
             if positions is None:
                 positions = torch.arange(start, start + T, device=ids.device)
             cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
-            rotary = (cos[..., None, :], sin[..., None, :])  # (T, 1, D) or (B, T, 1, D) against (B, T, H, D)
+            # (T, 1, D) or (B, T, 1, D) against (B, T, H, D); the sine signed once for every layer
+            rotary = (cos[..., None, :], signed_sin(sin)[..., None, :])
         tensors: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             cache = (state.tensors[f"k{i}"], state.tensors[f"v{i}"]) if state is not None else None

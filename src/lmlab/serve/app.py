@@ -843,7 +843,8 @@ class _Empty:
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_tokens_limit: int | None = None, device: str = "cpu",
-          dtype: str | None = None, quantize: str | None = None, decoding_threads: int | None = None,
+          dtype: str | None = None, quantize: str | None = None, quantize_output: str | None = None,
+          decoding_threads: int | None = None,
           log_level: str = "warning") -> None:
     """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``) at the precision
     ``dtype``/``quantize`` asks (as ``lmlab generate`` does) and serve it until interrupted."""
@@ -853,7 +854,8 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
-    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize,
+                                       quantize_output=quantize_output)
     name = model_spec.rstrip("/")
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                      decoding_threads=decoding_threads)
