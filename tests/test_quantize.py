@@ -321,3 +321,15 @@ def test_cli_rejects_an_unknown_dtype(char_checkpoint, capsys):
         main(["generate", "--model", str(char_checkpoint / "ckpt"), "--dtype", "int3"])
     assert e.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_cli_quantize_output_reads_and_refuses_a_float_model(char_checkpoint, capsys):
+    from lmlab.cli import main
+
+    ckpt = str(char_checkpoint / "ckpt")
+    text = str(char_checkpoint / "text.txt")
+    assert main(["score", "--model", ckpt, "--text", text, "--quantize", "int4", "--quantize-output", "int8",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", ckpt, "--text", text, "--quantize-output", "int8"]) == 2
+    assert "quantize the model first" in capsys.readouterr().err

@@ -860,7 +860,7 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                      decoding_threads=decoding_threads)
     server = app.state.server
-    precision = ", ".join(p for p in (dtype, quantize) if p)
+    precision = ", ".join(p for p in (dtype, quantize, quantize_output and f"output {quantize_output}") if p)
     where = "its own process" if getattr(server.scheduler, "threads", None) else "a thread"
     print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}{', ' + precision if precision else ''}, "
           f"{server.scheduler.policy} on {where}, max batch {max_batch}) at http://{host}:{port}/", flush=True)
