@@ -107,10 +107,14 @@ class _Cursor:
             item, count = self.unpack("<IQ")
             if item in _SCALARS:       # skipped unread: the file's own sizes say how far
                 self.at += count * struct.calcsize(_SCALARS[item])
-            elif item == _STRING:      # only the lengths are read
+            elif item == _STRING:      # only the lengths are read (a tokenizer's ~10^5 strings: a tight loop)
+                buffer, at, end, read = self.buffer, self.at, len(self.buffer), struct.Struct("<Q").unpack_from
                 for _ in range(count):
-                    length = self.unpack("<Q")
-                    self.at += length
+                    if at + 8 > end:
+                        raise ValueError(f"{self.where} is not a readable GGUF file: it ends inside its header "
+                                         "(truncated?)")
+                    at += 8 + read(buffer, at)[0]
+                self.at = at
             else:
                 for _ in range(count):
                     self.value(item)
@@ -176,17 +180,38 @@ def _unpermuted_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
+def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> torch.Tensor:
+    """The file's bytes (rows, blocks * block_bytes) as a writable uint8 tensor (rows, blocks, block_bytes)."""
+    return torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)).reshape(rows, -1, block_bytes)
+
+
+def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """(rows, blocks) float32: the float16 stored at byte ``at`` of every block."""
+    return blocks[..., at:at + 2].contiguous().view(torch.float16)[..., 0].float()
+
+
 def _q4_1_codes(raw: np.ndarray, rows: int, cols: int) -> dict[str, torch.Tensor]:
     """Q4_1 blocks (rows, cols/32 * 20 bytes) -> lmlab's packed int4 codes ``qweight`` (rows, cols/2)
     uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32."""
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 20)
-    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]                                    # byte j: element j (low nibble), j + 16 (high)
-    low, high = qs & 0xF, qs >> 4                           # elements 0..15, 16..31 of each block
-    packed = np.concatenate([low[..., 0::2] | (low[..., 1::2] << 4), high[..., 0::2] | (high[..., 1::2] << 4)],
-                            axis=-1).reshape(rows, cols // 2)
-    return {"qweight": torch.from_numpy(packed), "scales": torch.from_numpy(d), "zeros": torch.from_numpy(m + 8 * d)}
+    blocks = _blocks(raw, rows, 20)
+    d, m = _half(blocks, 0), _half(blocks, 2)
+    # Q4_1 byte j holds element j (low nibble) and j + 16 (high); lmlab's byte i elements 2i and 2i + 1:
+    # bytes 0..7 from the low nibbles of file bytes (2i, 2i + 1), bytes 8..15 from their high nibbles.
+    # Each pair of file bytes is read as one little-endian int16: its low byte after ``n | n >> 4``
+    # (n the pair's two low, or two high, nibbles) is the packed byte.
+    pairs = blocks[..., 4:].contiguous().view(torch.int16)          # (rows, blocks, 8)
+    low, high = pairs & 0x0F0F, (pairs >> 4) & 0x0F0F
+    packed = torch.cat([(low | (low >> 4)).to(torch.uint8), (high | (high >> 4)).to(torch.uint8)],
+                       dim=-1).reshape(rows, cols // 2)
+    return {"qweight": packed, "scales": d, "zeros": m + 8 * d}
+
+
+def _q8_0_values(raw: np.ndarray, rows: int, cols: int) -> torch.Tensor:
+    """Q8_0 blocks (rows, cols/32 * 34 bytes: a float16 scale, 32 int8 codes) -> (rows, cols) float32,
+    ``code * scale`` (the same float32 products as ``gguf.quants``, in torch's threads)."""
+    blocks = _blocks(raw, rows, 34)
+    codes = blocks[..., 2:].contiguous().view(torch.int8).float()
+    return (codes * _half(blocks, 0)[..., None]).reshape(rows, cols)
 
 
 def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -> Transformer:
@@ -245,6 +270,9 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
         if keep_quantized and t.type == gguf.GGMLQuantizationType.Q4_1 and lm != "wte.weight":
             quantized[lm.removesuffix(".weight")] = _q4_1_codes(raw, *shape)
             continue
+        if t.type == gguf.GGMLQuantizationType.Q8_0:
+            floats[lm] = _q8_0_values(raw, *shape)
+            continue
         values = np.asarray(gguf.quants.dequantize(raw, t.type), dtype=np.float32).reshape(shape)
         floats[lm] = torch.from_numpy(np.require(values, requirements=["C", "W"]))
     model = model.to_empty(device="cpu")
@@ -253,10 +281,7 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
     if expected != have:
         raise ValueError(f"{str(path)!r}: missing lmlab weights {sorted(expected - have)[:5]}, "
                          f"unexpected {sorted(have - expected)[:5]}")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in floats:
-                p.copy_(floats[name])
+    model.load_state_dict(floats, strict=False, assign=True)  # the tensors read become the parameters, uncopied
     if tie:
         model.lm_head.weight = model.wte.weight
     for name, parts in quantized.items():

@@ -316,10 +316,11 @@ class Transformer(LanguageModel):
         self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = make_output_head(config.n_embd, config.vocab_size, config.lm_head_bias,
                                         config.adaptive_cutoffs, config.adaptive_div_value)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not self.wte.weight.is_meta:  # a skeleton on the meta device (filled from a file) has no values to draw
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.o.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
 
