@@ -199,19 +199,20 @@ def test_int8_activation_rows_do_not_depend_on_the_batch():
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("scheme,activations", [("int8", "float"), ("int8-dynamic", "int8")])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_output_layer_keeps_the_embedding_exact(tmp_path, bits):
+def test_quantized_output_layer_keeps_the_embedding_exact(tmp_path, bits, scheme, activations):
     family, cfg = CONFIGS["llama-like"]
     torch.manual_seed(0)
     reference = build_model(family, {**cfg, "tie_weights": True}).eval()
     embedding = reference.wte.weight.detach().clone()
     with torch.no_grad():
         expected, _ = reference(IDS)
-    model = prepare_model(copy.deepcopy(reference), quantize=bits, quantize_output_layer=True)
+    model = prepare_model(copy.deepcopy(reference), quantize=bits, output=scheme)
     head = model.lm_head
-    assert isinstance(head, QuantizedLinear) and head.activations == "int8" and head.bits == 8
+    assert isinstance(head, QuantizedLinear) and head.activations == activations and head.bits == 8
     assert isinstance(model.wte, torch.nn.Embedding) and torch.equal(model.wte.weight, embedding)
-    assert model.quantization["output"] == {"module": "lm_head", "bits": 8, "activations": "int8"}
+    assert model.quantization["output"] == {"module": "lm_head", "bits": 8, "activations": activations}
     with torch.no_grad():
         full, _ = model(IDS)
         first, state = model(IDS[:, :10])
@@ -221,7 +222,7 @@ def test_quantized_output_layer_keeps_the_embedding_exact(tmp_path, bits):
     assert relative_error(torch.cat([first, rest], 1), full) < 1e-3
     save_model(model, tmp_path / "q")
     loaded = load_model(tmp_path / "q").eval()
-    assert loaded.lm_head.activations == "int8" and torch.equal(loaded.wte.weight, embedding)
+    assert loaded.lm_head.activations == activations and torch.equal(loaded.wte.weight, embedding)
     with torch.no_grad():
         assert torch.equal(loaded(IDS)[0], full)
 
@@ -235,7 +236,9 @@ def test_output_layer_errors_are_clear(tmp_path):
         QuantizedLinear(64, 8, 8, None, bias=False, activations="int4")
     with pytest.raises(ValueError, match="'lm_head' is a QuantizedLinear; accepted: a linear layer"):
         quantize_output(quantize_model(make("llama-like"), 4))  # a 4-bit output layer
-    model = quantize_output(quantize_model(make("mlp"), 8))
+    with pytest.raises(ValueError, match="output quantization 'int4' is not supported; accepted: int8, int8-dynamic"):
+        quantize_output(quantize_model(make("mlp"), 8), "int4")
+    model = quantize_output(quantize_model(make("mlp"), 8), "int8-dynamic")
     save_model(model, tmp_path / "q")
     path = tmp_path / "q" / "config.json"
     config = json.loads(path.read_text())
@@ -328,8 +331,9 @@ def test_cli_quantize_output_reads_and_refuses_a_float_model(char_checkpoint, ca
 
     ckpt = str(char_checkpoint / "ckpt")
     text = str(char_checkpoint / "text.txt")
-    assert main(["score", "--model", ckpt, "--text", text, "--quantize", "int4", "--quantize-output", "int8",
-                 "--json"]) == 0
+    for scheme in ("int8", "int8-dynamic"):
+        assert main(["score", "--model", ckpt, "--text", text, "--quantize", "int4", "--quantize-output", scheme,
+                     "--json"]) == 0
     capsys.readouterr()
     assert main(["score", "--model", ckpt, "--text", text, "--quantize-output", "int8"]) == 2
     assert "quantize the model first" in capsys.readouterr().err

@@ -53,6 +53,7 @@ __all__ = [
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE_CHOICES: dict[str, int] = {"int8": 8, "int4": 4}
 ACTIVATION_CHOICES = ("float", "int8")  # QuantizedLinear: activations as they come, or quantized per row
+OUTPUT_CHOICES: dict[str, str] = {"int8": "float", "int8-dynamic": "int8"}  # quantize_output scheme -> activations
 DEFAULT_GROUP_SIZE = {8: None, 4: 32}  # None: one group per row
 
 
@@ -314,14 +315,18 @@ def _output_layer_name(root: nn.Module) -> str | None:
     return None
 
 
-def quantize_output(model: nn.Module) -> nn.Module:
+def quantize_output(model: nn.Module, scheme: str = "int8") -> nn.Module:
     """The output layer (hidden vectors -> logits, the largest product of a decoding step of a small
-    vocabulary-heavy model) as 8-bit codes, one scale per row, with int8 activations: each input row
-    is quantized on its own and multiplied in integers (FBGEMM's dynamic kernel on an x86 CPU).
+    vocabulary-heavy model) as 8-bit codes, one scale per row. ``scheme``: 'int8' (weight-only, the
+    activations stay float) or 'int8-dynamic' (int8 activations too: each input row quantized on its
+    own and multiplied in integers, FBGEMM's dynamic kernel on an x86 CPU; faster, less exact).
     In place; returns ``model``. The model must already be quantized (:func:`quantize_model`, or a
     GGUF file's 4-bit layers); a float output layer is quantized from its weight (a tied embedding
     keeps its float weight: lookups stay exact), an 8-bit per-row one keeps its codes. Recorded in
     ``model.quantization["output"]``."""
+    if scheme not in OUTPUT_CHOICES:
+        raise ValueError(f"output quantization {scheme!r} is not supported; accepted: {', '.join(OUTPUT_CHOICES)}")
+    activations = OUTPUT_CHOICES[scheme]
     record = getattr(model, "quantization", None)
     if not record:
         raise ValueError("the output layer is quantized on top of quantized layers; quantize the model first "
@@ -330,16 +335,16 @@ def quantize_output(model: nn.Module) -> nn.Module:
     name = _output_layer_name(root)
     layer = root.get_submodule(name) if name is not None else None
     if isinstance(layer, QuantizedLinear) and layer.bits == 8 and layer.group_size == layer.in_features:
-        layer.activations = "int8"
+        layer.activations = activations
         layer._kernel_cache.clear()
     elif type(layer) is nn.Linear:
         q = QuantizedLinear.from_linear(layer, 8, None)
-        q.activations = "int8"
+        q.activations = activations
         _set_submodule(root, name, q)
     else:
         raise ValueError(f"the output layer {name!r} is a {type(layer).__name__}; accepted: a linear layer "
                          "(float, or 8-bit with one scale per row)")
-    record["output"] = {"module": name, "bits": 8, "activations": "int8"}
+    record["output"] = {"module": name, "bits": 8, "activations": activations}
     return model
 
 
@@ -370,13 +375,15 @@ def apply_quantization_layout(model: nn.Module, record: dict) -> nn.Module:
             layer = QuantizedLinear(layer.in_features, layer.out_features, 8, None, layer.bias is not None,
                                     layer.weight.dtype)
             _set_submodule(root, name, layer)
-        if not isinstance(layer, QuantizedLinear) or output != {"module": name, "bits": 8, "activations": "int8"}:
+        activations = output.get("activations") if isinstance(output, dict) else None
+        if not isinstance(layer, QuantizedLinear) or activations not in ACTIVATION_CHOICES \
+                or output != {"module": name, "bits": 8, "activations": activations}:
             raise ValueError(f"the quantization record's output entry {output!r} does not fit the model; accepted: "
-                             "{'module': <its output layer>, 'bits': 8, 'activations': 'int8'}")
-        layer.activations = "int8"  # checks the codes: 8-bit, one scale per row
+                             "{'module': <its output layer>, 'bits': 8, 'activations': 'float' or 'int8'}")
         if layer.bits != 8 or layer.group_size != layer.in_features:
             raise ValueError(f"the quantization record's output layer {name!r} has {layer.bits}-bit codes in groups "
-                             f"of {layer.group_size}; int8 activations need 8-bit codes with one scale per row")
+                             f"of {layer.group_size}; accepted: 8-bit codes with one scale per row")
+        layer.activations = activations
         model.quantization["output"] = dict(output)
     return model
 
@@ -412,18 +419,18 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def prepare_model(model: nn.Module, dtype: str | torch.dtype | None = None, quantize: str | int | None = None,
-                  group_size: int | None = None, quantize_output_layer: bool = False) -> nn.Module:
-    """Quantize (from the float weights), then the output layer with int8 activations
-    (:func:`quantize_output`, when asked), then cast: what ``--quantize``, ``--quantize-output int8``
-    and ``--dtype`` do. None/False leaves that part as it is. Returns ``model``."""
+                  group_size: int | None = None, output: str | None = None) -> nn.Module:
+    """Quantize (from the float weights), then the output layer (``output``: 'int8' | 'int8-dynamic',
+    :func:`quantize_output`), then cast: what ``--quantize``, ``--quantize-output`` and ``--dtype`` do.
+    None leaves that part as it is. Returns ``model``."""
     if dtype is not None:
         dtype = parse_dtype(dtype)
     if (dtype is not None or quantize is not None) and getattr(model, "family", None) == "ngram":
         raise ValueError(f"the {model.family} model counts tokens; it has no float weights for --dtype or --quantize")
     if quantize is not None:
-        quantize_model(model, quantize, group_size, output_layer=not quantize_output_layer)
-    if quantize_output_layer:
-        quantize_output(model)
+        quantize_model(model, quantize, group_size, output_layer=output is None)
+    if output is not None:
+        quantize_output(model, output)
     if dtype is not None:
         set_dtype(model, dtype)
     return model

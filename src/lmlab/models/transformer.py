@@ -249,9 +249,9 @@ def _append(cache, k, v, start):
         grown_k[:, :, :start] = ck[:, :, :start]
         grown_v[:, :, :start] = cv[:, :, :start]
         ck, cv = grown_k, grown_v
-    ck[:, :, start:end] = k
-    cv[:, :, start:end] = v
-    return ck[:, :, :end], cv[:, :, :end], (ck, cv)
+    ck.narrow(2, start, T).copy_(k)
+    cv.narrow(2, start, T).copy_(v)
+    return ck.narrow(2, 0, end), cv.narrow(2, 0, end), (ck, cv)
 
 
 class FeedForward(nn.Module):
@@ -287,7 +287,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache, start, rotary, need_weights=False, mask=None):
-        if self.pre_norm:
+        if self.pre_norm and not self.training:  # dropout is the identity: no call for it (a decoding step)
+            a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
+            x = x + a
+            x = x + self.mlp(self.ln2(x))
+        elif self.pre_norm:
             a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
             x = x + self.drop(a)
             x = x + self.drop(self.mlp(self.ln2(x)))
