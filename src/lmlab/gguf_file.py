@@ -8,9 +8,9 @@ numpy memmap of the file: nothing but the header is parsed in Python.
 Q4_1 matrices stay 4-bit: a Q4_1 block of 32 weights ``w = d * q + m`` is
 exactly lmlab's int4 group of 32 (``scale = d``, ``zero = m + 8 d``,
 :class:`lmlab.quantize.QuantizedLinear`), so its codes are re-ordered into
-lmlab's nibble order, not re-quantized, and never pass through float. Every other
-tensor type is de-quantized by the ``gguf`` package's ``gguf.quants``
-(vectorized numpy) to float32. Names map to Hugging Face's Llama names and from
+lmlab's nibble order, not re-quantized, and never pass through float. Q8_0 tensors
+(SmolLM2's embedding) are de-quantized here in numpy, every other tensor type by
+the ``gguf`` package's ``gguf.quants`` (vectorized numpy), to float32. Names map to Hugging Face's Llama names and from
 there through lmlab's own Llama mapping (``lmlab.hf._llama_names``); the q/k
 rows, which llama.cpp's converter permutes for its rotary layout, are put back
 in the half-split order lmlab uses. The tokenizer comes from the file's metadata
@@ -180,38 +180,40 @@ def _unpermuted_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> torch.Tensor:
-    """The file's bytes (rows, blocks * block_bytes) as a writable uint8 tensor (rows, blocks, block_bytes)."""
-    return torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)).reshape(rows, -1, block_bytes)
+# One block of each kept type as a numpy record: fields are strided views, read without copies.
+_Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("pairs", "<u2", (8,))])  # 20 bytes: scale, min, 32 nibbles
+_Q8_0_BLOCK = np.dtype([("d", "<f2"), ("codes", "i1", (32,))])              # 34 bytes: scale, 32 int8 codes
 
 
-def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """(rows, blocks) float32: the float16 stored at byte ``at`` of every block."""
-    return blocks[..., at:at + 2].contiguous().view(torch.float16)[..., 0].float()
+def _blocks(raw: np.ndarray, rows: int, block: np.dtype) -> np.ndarray:
+    """The file's bytes (rows, blocks * block size) as a (rows, blocks) array of ``block`` records."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1).view(block)
 
 
 def _q4_1_codes(raw: np.ndarray, rows: int, cols: int) -> dict[str, torch.Tensor]:
     """Q4_1 blocks (rows, cols/32 * 20 bytes) -> lmlab's packed int4 codes ``qweight`` (rows, cols/2)
-    uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32."""
-    blocks = _blocks(raw, rows, 20)
-    d, m = _half(blocks, 0), _half(blocks, 2)
-    # Q4_1 byte j holds element j (low nibble) and j + 16 (high); lmlab's byte i elements 2i and 2i + 1:
-    # bytes 0..7 from the low nibbles of file bytes (2i, 2i + 1), bytes 8..15 from their high nibbles.
-    # Each pair of file bytes is read as one little-endian int16: its low byte after ``n | n >> 4``
-    # (n the pair's two low, or two high, nibbles) is the packed byte.
-    pairs = blocks[..., 4:].contiguous().view(torch.int16)          # (rows, blocks, 8)
+    uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32.
+
+    Q4_1 byte j holds element j (low nibble) and j + 16 (high); lmlab's byte i elements 2i and 2i + 1:
+    bytes 0..7 from the low nibbles of file bytes (2i, 2i + 1), bytes 8..15 from their high nibbles.
+    Each pair of file bytes is read as one little-endian uint16 n of the two low (or two high)
+    nibbles: the low byte of ``n | n >> 4`` is the packed byte. numpy, one thread: the work is a few
+    passes over memory, and torch's threads only wait on a shared machine."""
+    blocks = _blocks(raw, rows, _Q4_1_BLOCK)
+    d, m = blocks["d"].astype(np.float32), blocks["m"].astype(np.float32)
+    pairs = blocks["pairs"]                                                  # (rows, blocks, 8)
     low, high = pairs & 0x0F0F, (pairs >> 4) & 0x0F0F
-    packed = torch.cat([(low | (low >> 4)).to(torch.uint8), (high | (high >> 4)).to(torch.uint8)],
-                       dim=-1).reshape(rows, cols // 2)
-    return {"qweight": packed, "scales": d, "zeros": m + 8 * d}
+    packed = np.concatenate([(low | (low >> 4)).astype(np.uint8), (high | (high >> 4)).astype(np.uint8)], axis=-1)
+    return {"qweight": torch.from_numpy(packed.reshape(rows, cols // 2)), "scales": torch.from_numpy(d),
+            "zeros": torch.from_numpy(m + 8 * d)}
 
 
 def _q8_0_values(raw: np.ndarray, rows: int, cols: int) -> torch.Tensor:
     """Q8_0 blocks (rows, cols/32 * 34 bytes: a float16 scale, 32 int8 codes) -> (rows, cols) float32,
-    ``code * scale`` (the same float32 products as ``gguf.quants``, in torch's threads)."""
-    blocks = _blocks(raw, rows, 34)
-    codes = blocks[..., 2:].contiguous().view(torch.int8).float()
-    return (codes * _half(blocks, 0)[..., None]).reshape(rows, cols)
+    ``code * scale``: the same float32 products as ``gguf.quants``, without its per-16-rows loop."""
+    blocks = _blocks(raw, rows, _Q8_0_BLOCK)
+    values = blocks["codes"].astype(np.float32) * blocks["d"].astype(np.float32)[..., None]
+    return torch.from_numpy(values.reshape(rows, cols))
 
 
 def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -> Transformer:
