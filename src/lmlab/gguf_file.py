@@ -8,12 +8,13 @@ numpy memmap of the file: nothing but the header is parsed in Python.
 Q4_1 matrices stay 4-bit: a Q4_1 block of 32 weights ``w = d * q + m`` is
 exactly lmlab's int4 group of 32 (``scale = d``, ``zero = m + 8 d``,
 :class:`lmlab.quantize.QuantizedLinear`), so its codes are re-ordered into
-lmlab's nibble order, not re-quantized, and never pass through float. Q8_0 tensors
-(SmolLM2's embedding) are de-quantized here in numpy, every other tensor type by
-the ``gguf`` package's ``gguf.quants`` (vectorized numpy), to float32. Names map to Hugging Face's Llama names and from
-there through lmlab's own Llama mapping (``lmlab.hf._llama_names``); the q/k
-rows, which llama.cpp's converter permutes for its rotary layout, are put back
-in the half-split order lmlab uses. The tokenizer comes from the file's metadata
+lmlab's nibble order, not re-quantized, and never pass through float. Q8_0
+tensors (SmolLM2's embedding) are de-quantized here in numpy, every other tensor
+type by the ``gguf`` package's ``gguf.quants`` (vectorized numpy), to float32.
+Names map to Hugging Face's Llama names and from there through lmlab's own
+Llama mapping (``lmlab.hf._llama_names``); the q/k rows, which llama.cpp's
+converter permutes for its rotary layout, are put back in the half-split order
+lmlab uses. The tokenizer comes from the file's metadata
 (transformers' GGUF tokenizer reader).
 """
 

@@ -276,6 +276,10 @@ class FeedForward(nn.Module):
         return self.proj(h)
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -287,18 +291,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache, start, rotary, need_weights=False, mask=None):
-        if self.pre_norm and not self.training:  # dropout is the identity: no call for it (a decoding step)
+        drop = self.drop if self.training else _unchanged  # in eval, dropout is the identity: no module call
+        if self.pre_norm:
             a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
-            x = x + a
-            x = x + self.mlp(self.ln2(x))
-        elif self.pre_norm:
-            a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
-            x = x + self.drop(a)
-            x = x + self.drop(self.mlp(self.ln2(x)))
+            x = x + drop(a)
+            x = x + drop(self.mlp(self.ln2(x)))
         else:
             a, cache, w = self.attn(x, cache, start, rotary, need_weights, mask)
-            x = self.ln1(x + self.drop(a))
-            x = self.ln2(x + self.drop(self.mlp(x)))
+            x = self.ln1(x + drop(a))
+            x = self.ln2(x + drop(self.mlp(x)))
         return x, cache, w
 
 
