@@ -10,6 +10,8 @@ import typing
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi", reason="lmlab serve needs fastapi and uvicorn: pip install 'lmlab[serve]'")
 pytest.importorskip("uvicorn", reason="lmlab serve needs fastapi and uvicorn: pip install 'lmlab[serve]'")
@@ -392,3 +394,28 @@ def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoin
         assert all(wait_gone(c) for c in children)
     finally:
         server.kill()
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(4, 30), min_size=1, max_size=20), prompt=st.lists(st.integers(4, 30), max_size=4),
+       stop=st.lists(st.text("abcdefghijklmnopqrstuvwxyz ", min_size=1, max_size=3), max_size=3))
+def test_streamed_deltas_never_pass_the_final_text(ids, prompt, stop):
+    """The deltas of a streamed row are a prefix of its final text (cut before a stop string),
+    whatever token ends it: never a character of the stop string."""
+    from lmlab.decode.generate import StopScan, finished_text
+    from lmlab.serve.app import _Row
+    from lmlab.tokenizers import CharTokenizer
+
+    from serve_helpers import TEXT
+
+    tok = CharTokenizer.train(TEXT)
+    row, scan = _Row(tok, prompt, stop, tok.eos_id), StopScan(tok, prompt, stop) if stop else None
+    sent, reason = "", "length"
+    for k, t in enumerate(ids, 1):
+        sent += row.add(t)
+        if scan is not None and scan.add(t):
+            reason = "stop"
+            break
+    final = finished_text(tok, prompt, ids[:k], reason, stop)
+    assert final.startswith(sent)
+    assert sent + row.rest(final) == final

@@ -165,3 +165,24 @@ def test_the_window_stays_short():
     text = "".join(stream.add(t) for t in ids[500:]) + stream.pending
     assert text == continuation_text(tok, ids[:500], ids[500:])
     assert max(calls[1:]) <= 8  # after the one decode of the prompt: windows of a few tokens
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "byte-level bpe", "sentencepiece bpe"])
+@SETTINGS
+@given(data=st.data())
+def test_stop_scan_fires_at_the_first_token_whose_continuation_holds_a_stop_string(kind, data):
+    from lmlab.decode.generate import StopScan
+
+    tok = tokenizer(kind)
+    text = data.draw(TEXT, label="text")
+    ids = tok.encode(text)
+    cut = data.draw(st.integers(0, len(ids)), label="cut")
+    prompt, ids = ids[:cut], ids[cut:]
+    whole = continuation_text(tok, prompt, ids)
+    stops = data.draw(st.lists(st.one_of(st.text("the cat, a hat.\n é€🙂xyZ", min_size=1, max_size=4),
+                                         st.just(whole[-3:] or "x")).filter(bool), min_size=1, max_size=3), label="stops")
+    scan = StopScan(tok, prompt, stops)
+    fired = next((k for k, t in enumerate(ids, 1) if scan.add(t)), None)
+    expected = next((k for k in range(1, len(ids) + 1)
+                     if any(s in continuation_text(tok, prompt, ids[:k]) for s in stops)), None)
+    assert fired == expected

@@ -33,7 +33,7 @@ import torch
 
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
 from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, states_merge
-from lmlab.tokenizers import continuation_text
+from lmlab.tokenizers import TextStream
 
 try:
     from fastapi import FastAPI, Request
@@ -267,22 +267,25 @@ class _Server:
 
 
 class _Row:
-    """Text of one streamed row so far: deltas hold back what could still become a stop string
-    or an unfinished character."""
+    """Text of one streamed row so far: each token decodes a few tokens (``TextStream``); deltas
+    hold back what is not settled yet (an unfinished character) and the last characters that
+    could still begin a stop string (the row's final text is cut before it)."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], eos_id: int | None) -> None:
-        self.tokenizer, self.prompt_ids, self.eos_id = tokenizer, prompt_ids, eos_id
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.tokens: list[int] = []
+        self.stream, self.eos_id = TextStream(tokenizer, prompt_ids), eos_id
+        self.hold = max((len(s) for s in stop), default=0)
+        self.unsent = ""
         self.sent = 0
 
     def add(self, token: int) -> str:
-        if token != self.eos_id:
-            self.tokens.append(token)
-        text = continuation_text(self.tokenizer, self.prompt_ids, self.tokens).rstrip("\ufffd")
-        safe = max(len(text) - self.hold, self.sent)
-        delta = text[self.sent : safe]
-        self.sent = safe
+        if token == self.eos_id:
+            return ""
+        self.unsent += self.stream.add(token)
+        cut = len(self.unsent) - self.hold
+        if cut <= 0:
+            return ""
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
+        self.sent += cut
         return delta
 
     def rest(self, final_text: str) -> str:

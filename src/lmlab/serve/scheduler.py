@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmlab.decode.generate import Generation, finished_text
+from lmlab.decode.generate import Generation, StopScan, finished_text
 from lmlab.decode.processors import apply_processors
 from lmlab.decode.search import _check_pickable, greedy_pick
 from lmlab.models.base import require_causal
@@ -89,7 +89,7 @@ class Job:
 class _Active:
     """A job in the running batch: its tokens so far, its generator and its rows' progress."""
 
-    def __init__(self, job: Job, device: torch.device) -> None:
+    def __init__(self, job: Job, device: torch.device, tokenizer) -> None:
         self.job = job
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
@@ -97,6 +97,8 @@ class _Active:
         self.generated = 0
         self.rows = [Generation(prompt_ids=list(job.prompt_ids)) for _ in range(job.n)]
         self.running = [True] * job.n
+        self.stop_scans = [StopScan(tokenizer, job.prompt_ids, job.stop_strings) for _ in range(job.n)] \
+            if job.stop_strings else None
         # Jobs with equal processors (frozen dataclasses: equal reprs) run them as one block.
         self.setup_key = (repr(list(job.processors)), job.alternatives > 0)
 
@@ -252,7 +254,7 @@ class Scheduler:
                 job.results, job.error = [], "cancelled"
                 _done(job)
                 continue
-            active = _Active(job, self.device)
+            active = _Active(job, self.device, self.tokenizer)
             try:
                 logits, state = self.model.next_token_logits(active.ids, None)
             except Exception as e:
@@ -366,7 +368,7 @@ class Scheduler:
                 job.on_event(TokenEvent(r, tokens[r], picked[r], picked_processed[r], alts))
             if job.eos_id is not None and tokens[r] == job.eos_id:
                 row.finish_reason = "eos"
-            elif job.stop_strings and any(s in self.tokenizer.decode(row.token_ids) for s in job.stop_strings):
+            elif a.stop_scans is not None and a.stop_scans[r].add(tokens[r]):
                 row.finish_reason = "stop"
             elif a.generated >= job.max_new_tokens:
                 row.finish_reason = "length"
