@@ -43,7 +43,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("lmlab serve needs the optional packages fastapi and uvicorn: pip install 'lmlab[serve]'") from e
 
-__all__ = ["create_app", "serve", "APIError", "DEFAULT_MAX_BODY_BYTES"]
+__all__ = ["create_app", "serve", "serving_model", "APIError", "DEFAULT_MAX_BODY_BYTES"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_LOGPROBS = 20
@@ -316,10 +316,40 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def serving_model(model, convert_hf: bool = True) -> tuple[Any, str | None]:
+    """(the model to serve, how it is served): a Hugging Face model (``hf:DIR``) of an architecture
+    that converts exactly (GPT-2, Llama: the same logits up to float rounding) becomes lmlab's
+    Transformer with its weights, whose states merge, so concurrent requests share the decoding
+    loop; other models are served as they are. ``how``: one line for the startup message and
+    ``/v1/info`` (None for a model that is lmlab's own)."""
+    converted_from = getattr(model, "converted_from", None)
+    if converted_from:
+        return model, f"lmlab's transformer, converted from the Hugging Face {converted_from} model"
+    if getattr(model, "family", None) != "hf":
+        return model, None
+    if not convert_hf:
+        return model, "the Hugging Face model as it is (conversion turned off)"
+    if getattr(model, "quantization", None):
+        return model, "the Hugging Face model as it is (quantized before it could be converted)"
+    from lmlab.hf import to_lmlab
+
+    try:
+        converted = to_lmlab(model.hf, dtype=next(model.hf.parameters()).dtype)
+    except ValueError as e:
+        return model, f"the Hugging Face model as it is ({e})"
+    converted = converted.to(model.device).eval()
+    converted.converted_from = model.config.model_type
+    return serving_model(converted)
+
+
 def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = None, max_batch: int = 16,
                max_tokens_limit: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               decoding_process: bool | None = None, decoding_threads: int | None = None) -> FastAPI:
+               decoding_process: bool | None = None, decoding_threads: int | None = None,
+               convert_hf: bool = True) -> FastAPI:
     """The FastAPI app serving ``model`` (an lmlab model) with ``tokenizer`` under the id ``name``.
+
+    ``convert_hf``: serve a Hugging Face model that converts exactly as lmlab's Transformer
+    (``serving_model``: continuous batching); False keeps it as it is (one request at a time).
 
     ``decoding_process``: run the decoding loop in a process of its own (``WorkerScheduler``)
     rather than on a thread of this one; None (default): a process when the model's states merge
@@ -328,7 +358,9 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
     process (default: every core but one)."""
     if tokenizer is None:
         raise ValueError("lmlab serve needs the model's tokenizer")
+    model, served_as = serving_model(model, convert_hf)
     server = _Server(model, tokenizer, name, max_batch, max_tokens_limit, decoding_process, decoding_threads)
+    server.served_as = served_as
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -386,7 +418,7 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
         return {"model": name, "family": getattr(model, "family", type(model).__name__),
                 "vocab_size": int(model.vocab_size), "context": server.context,
                 "layers": _attention_layers(model), "heads": _attention_heads(model),
-                "chat": _has_chat_template(tokenizer), "policy": server.scheduler.policy,
+                "chat": _has_chat_template(tokenizer), "policy": server.scheduler.policy, "served_as": served_as,
                 "max_batch": server.scheduler.max_batch, "max_tokens_limit": server.max_tokens_limit}
 
     # ------------------------------------------------------------ completions
@@ -847,22 +879,28 @@ class _Empty:
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_tokens_limit: int | None = None, device: str = "cpu",
           dtype: str | None = None, quantize: str | None = None, decoding_threads: int | None = None,
-          log_level: str = "warning") -> None:
-    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``) at the precision
-    ``dtype``/``quantize`` asks (as ``lmlab generate`` does) and serve it until interrupted."""
+          log_level: str = "warning", convert_hf: bool = True) -> None:
+    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``; an ``hf:`` model
+    that converts exactly becomes lmlab's Transformer unless ``convert_hf=False``, see
+    ``serving_model``) at the precision ``dtype``/``quantize`` asks (as ``lmlab generate`` does)
+    and serve it until interrupted."""
     import uvicorn
 
     from lmlab.checkpoints import load_checkpoint
+    from lmlab.quantize import prepare_model
 
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
-    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load_checkpoint(model_spec, device)
+    model, served_as = serving_model(model, convert_hf)  # converted from the float weights, then quantized
+    prepare_model(model, dtype=dtype, quantize=quantize)
     name = model_spec.rstrip("/")
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                      decoding_threads=decoding_threads)
     server = app.state.server
     precision = ", ".join(p for p in (dtype, quantize) if p)
     where = "its own process" if getattr(server.scheduler, "threads", None) else "a thread"
-    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}{', ' + precision if precision else ''}, "
-          f"{server.scheduler.policy} on {where}, max batch {max_batch}) at http://{host}:{port}/", flush=True)
+    print(f"lmlab serve: {name} ({served_as or getattr(model, 'family', 'model')}"
+          f"{', ' + precision if precision else ''}, {server.scheduler.policy} on {where}, max batch {max_batch}) "
+          f"at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
