@@ -19,6 +19,7 @@ a body over ``max_body_bytes`` 413, refused before it is parsed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -178,12 +179,17 @@ class _Server:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         if decoding_process is None:
             decoding_process = states_merge(model)
+        self._woken: collections.deque[_Inbox] = collections.deque()  # inboxes with news since the last delivery
+        self._delivery_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token_texts: dict[int, str] = {}
         if decoding_process:
             from lmlab.serve.worker import WorkerScheduler
 
-            self.scheduler = WorkerScheduler(model, tokenizer, max_batch=max_batch, threads=decoding_threads)
+            self.scheduler = WorkerScheduler(model, tokenizer, max_batch=max_batch, threads=decoding_threads,
+                                             on_iteration=self._deliver_soon)
         else:
-            self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+            self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, on_iteration=self._deliver_soon)
         self.context = model.max_context
         self.max_tokens_limit = max_tokens_limit or self.context or 4096
         self.created = int(time.time())
@@ -250,7 +256,42 @@ class _Server:
         return setup.processors(eos_id=self.eos_id, special_ids=specials)
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    # ------------------------------------------------------------ streamed events
+
+    def inbox(self) -> "_Inbox":
+        """An inbox for one streaming request's events (made on the event loop's thread)."""
+        self._loop = asyncio.get_running_loop()
+        return _Inbox()
+
+    def post(self, inbox: "_Inbox", item: tuple) -> None:
+        """``item`` for ``inbox`` (the scheduler's thread); it is delivered after the pass of the
+        decoding loop that made it, with the other requests' news: one wake-up of the event loop
+        per pass, not one per token."""
+        inbox.items.append(item)
+        if not inbox.flagged:
+            inbox.flagged = True
+            self._woken.append(inbox)
+
+    def _deliver_soon(self) -> None:
+        """The end of a pass of the decoding loop (the scheduler's thread)."""
+        if self._woken and not self._delivery_due and self._loop is not None:
+            self._delivery_due = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
+
+    def _deliver(self) -> None:
+        self._delivery_due = False
+        while self._woken:
+            inbox = self._woken.popleft()
+            inbox.flagged = False
+            inbox.ready.set()
 
     async def run(self, fn: Callable[..., Any], *args) -> Any:
         """``fn(model, tokenizer, *args)`` where the scheduler runs the model (between two decoding
@@ -264,6 +305,16 @@ class _Server:
         prompt_tokens = sum(len(p) for p in prompts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Inbox:
+    """Events for one streaming request: ``items`` filled by the scheduler's thread, ``ready``
+    set on the event loop once a pass of the decoding loop has added some."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple] = collections.deque()
+        self.ready = asyncio.Event()
+        self.flagged = False
 
 
 class _Row:
@@ -651,6 +702,11 @@ class _Request:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        # Every streamed chunk is this request's fixed fields around its choices: serialized once.
+        head = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.created, "model": server.name, "system_fingerprint": None}
+        self._chunk_head = "data: " + json.dumps(head)[:-1] + ", \"choices\": "
+        self._chunk_tail = ", \"usage\": null}\n\n" if self.include_usage else "}\n\n"
 
     # ------------------------------------------------------------ running
 
@@ -773,26 +829,23 @@ class _Request:
                                   "bytes": list(self.server.token_text(t).encode("utf-8"))} for t, lp, _ in alts]}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.name, "system_fingerprint": None, "choices": choices}
-        if usage is not None or self.include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        """One server-sent event: ``data: {id, object, created, model, system_fingerprint, choices[, usage]}``."""
+        tail = self._chunk_tail if usage is None else f", \"usage\": {json.dumps(usage)}}}\n\n"
+        return self._chunk_head + json.dumps(choices) + tail
 
     async def events(self) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token per row, a last chunk with the finish reason per
         row, the usage (stream_options.include_usage), then ``data: [DONE]``."""
         server = self.server
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = server.inbox()
         rows = {(i, j): _Row(server.tokenizer, self.prompts[i], self.stop, server.eos_id)
                 for i in range(len(self.prompts)) for j in range(self.n)}
         offsets = {k: 0 for k in rows}
 
         def on_event(i: int, e: TokenEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", i, e))
+            server.post(inbox, ("token", i, e))
 
-        jobs = self.jobs(on_event=on_event, on_done=lambda: loop.call_soon_threadsafe(queue.put_nowait, ("done",)))
+        jobs = self.jobs(on_event=on_event, on_done=lambda: server.post(inbox, ("done",)))
         try:
             prompt_lps = await self.prompt_logprobs()
             if self.chat:
@@ -813,9 +866,11 @@ class _Request:
             pending = len(jobs)
             while pending:
                 # Tokens that arrived while the last chunk was sent go out together, one chunk per row.
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
+                await inbox.ready.wait()
+                inbox.ready.clear()
+                items = []
+                while inbox.items:
+                    items.append(inbox.items.popleft())
                 grouped: dict[tuple[int, int], list[TokenEvent]] = {}
                 for item in items:
                     if item[0] == "done":
@@ -826,6 +881,7 @@ class _Request:
                     delta = "".join(rows[key].add(e.token_id) for e in events)
                     yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events, offsets, key)])
             completion_tokens = 0
+            last = []  # the closing events go out in one write
             for i, job in enumerate(jobs):
                 if job.error:
                     yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
@@ -835,11 +891,12 @@ class _Request:
                     rest = rows[(i, j)].rest(r.text)
                     key = "delta" if self.chat else "text"
                     value = {"content": rest} if self.chat else rest
-                    yield self.chunk([{"index": i * self.n + j, key: value, "logprobs": None,
-                                       "finish_reason": _finish_reason(r.finish_reason)}])
+                    last.append(self.chunk([{"index": i * self.n + j, key: value, "logprobs": None,
+                                             "finish_reason": _finish_reason(r.finish_reason)}]))
             if self.include_usage:
-                yield self.chunk([], usage=server.usage(self.prompts, completion_tokens))
-            yield "data: [DONE]\n\n"
+                last.append(self.chunk([], usage=server.usage(self.prompts, completion_tokens)))
+            last.append("data: [DONE]\n\n")
+            yield "".join(last)
         finally:  # also when the client disconnects: the rows leave the batch at the next step
             for job in jobs:
                 if not job.done.is_set():
