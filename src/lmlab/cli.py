@@ -493,7 +493,7 @@ def cmd_serve(args) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_tokens_limit=args.max_tokens_limit, device=args.device, dtype=args.dtype, quantize=args.quantize,
-          quantize_output=args.quantize_output, decoding_threads=args.threads)
+          quantize_output=args.quantize_output, decoding_threads=args.threads, convert_hf=not args.hf_as_is)
     return 0
 
 
@@ -666,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch threads of the decoding process (default: every core but one; the HTTP process "
                         "keeps one for its own work)")
+    p.add_argument("--hf-as-is", action="store_true",
+                   help="serve an hf:DIR model through transformers, one request at a time (default: a GPT-2 or "
+                        "Llama model is converted to lmlab's transformer, the same logits up to float rounding, "
+                        "and gets continuous batching)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")
