@@ -401,7 +401,7 @@ def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
     """Streamed deltas and whole texts are what the tokens add after the prompt (a leading space
     for a word tokenizer), as ``lmlab generate`` prints them."""
     from lmlab.models import build_model, save_model
-    from lmlab.tokenizers import WordTokenizer
+    from lmlab.tokenizers import WordTokenizer, text_offsets
 
     tok = WordTokenizer.train("the cat sat on the mat and the dog ran to the cat")
     torch.manual_seed(0)
@@ -420,6 +420,14 @@ def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
         options = dict(model="words", prompt="the cat", max_tokens=6, seed=2, logit_bias={str(tok.eos_id): -100})
         assert client.completions.create(**options).choices[0].text == expected["text"]
         assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **options)) == expected["text"]
+        # text_offset: where each token's text (with its space) begins in the echoed text, whole and streamed
+        whole = client.completions.create(echo=True, logprobs=0, **options).choices[0]
+        assert whole.text == "the cat" + expected["text"]
+        offsets = text_offsets(tok, [], tok.encode(whole.text))
+        assert offsets[:3] == [0, 3, 7] and whole.logprobs.text_offset == offsets
+        streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, echo=True, logprobs=0,
+                                                                                  **options)]
+        assert [o for lp in streamed if lp is not None for o in lp.text_offset] == offsets
 
 
 def _children(pid: int) -> list[int]:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmlab.tokenizers import BPETokenizer, CharTokenizer, RegexTokenizer, TextStream, WordTokenizer, continuation_text
+from lmlab.tokenizers import (BPETokenizer, CharTokenizer, RegexTokenizer, TextStream, WordTokenizer, continuation_text,
+                              text_offsets)
 
 from test_tokenizers import small_text
 
@@ -186,3 +187,29 @@ def test_stop_scan_fires_at_the_first_token_whose_continuation_holds_a_stop_stri
     expected = next((k for k in range(1, len(ids) + 1)
                      if any(s in continuation_text(tok, prompt, ids[:k]) for s in stops)), None)
     assert fired == expected
+
+
+def test_text_offsets_point_every_part_of_a_split_character_at_its_start():
+    tok = tokenizer("sentencepiece bpe")
+    prompt = tok.encode("the")
+    ids = tok.encode("the é a")[len(prompt):]  # "▁", "<0xC3>", "<0xA9>", "▁a" -> " é a"
+    assert text_offsets(tok, prompt, ids) == [0, 1, 1, 2]
+    word = tokenizer("word")
+    ids = word.encode("we hear the people.")
+    assert text_offsets(word, [], ids) == [0, 2, 7, 11]  # "we", " hear", " the", " people."
+    assert text_offsets(word, ids[:1], ids[1:]) == [0, 5, 9]  # after the prompt "we"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(data=st.data())
+def test_text_offsets_are_the_text_before_each_token_less_an_unfinished_character(kind, data):
+    tok = tokenizer(kind)
+    ids = st.integers(0, tok.vocab_size - 1)
+    prompt = data.draw(st.lists(ids, max_size=6), label="prompt")
+    ids = data.draw(st.lists(ids, max_size=12), label="ids")
+    offsets = text_offsets(tok, prompt, ids)
+    assert offsets == sorted(offsets)
+    for k, offset in enumerate(offsets):
+        before = continuation_text(tok, prompt, ids[:k])
+        assert len(before.rstrip("\ufffd")) <= offset <= len(before)

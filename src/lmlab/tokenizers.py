@@ -1061,6 +1061,8 @@ class TextStream:
         self._read = len(self._window)
         self._run_open = bool(prompt) and not self._run_closed(prompt)
         self._pending: str | None = ""
+        self._settled = 0  # characters returned by add so far
+        self._offset = 0  # the last offset given
 
     def _prompt_tail(self, prompt: list[int]) -> tuple[list[int], str]:
         """The last tokens of the prompt (and their text) that start the window: text that does
@@ -1122,7 +1124,17 @@ class TextStream:
         self._read = len(self._window)
         self._prefix = self.tokenizer.decode(self._window)
         self._pending = ""
+        self._settled += len(piece)
         return piece
+
+    @property
+    def offset(self) -> int:
+        """Where the next token's text will begin in the continuation: the text so far without
+        a trailing unfinished character (the next token may complete it, and then points at its
+        start). Never less than before: bytes that turn out invalid may turn earlier text into
+        U+FFFD."""
+        self._offset = max(self._offset, self._settled + len(self.pending.rstrip(REPLACEMENT_CHAR)))
+        return self._offset
 
     @property
     def pending(self) -> str:
@@ -1135,6 +1147,19 @@ class TextStream:
                 self._pending = self.tokenizer.decode(self._ids)
         return self._pending
 
+
+
+def text_offsets(tokenizer: Any, prompt_ids: Sequence[int], ids: Sequence[int]) -> list[int]:
+    """Where each of ``ids`` begins in ``continuation_text(tokenizer, prompt_ids, ids)`` (the
+    ``text_offset`` of the OpenAI API, :attr:`TextStream.offset` before each token): the
+    length of the text of the tokens before it, less a trailing unfinished character, so that
+    the tokens of a character split across several point at its start (a sum of per-token
+    decodes would count a replacement character for each part)."""
+    stream, offsets = TextStream(tokenizer, prompt_ids), []
+    for token in ids:
+        offsets.append(stream.offset)
+        stream.add(token)
+    return offsets
 
 # ---------------------------------------------------------------------------
 # Building and loading

@@ -34,7 +34,7 @@ import torch
 
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
 from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, states_merge
-from lmlab.tokenizers import TextStream
+from lmlab.tokenizers import TextStream, text_offsets
 
 try:
     from fastapi import FastAPI, Request
@@ -327,8 +327,10 @@ class _Row:
         self.hold = max((len(s) for s in stop), default=0)
         self.unsent = ""
         self.sent = 0
+        self.offsets: list[int] = []  # per token added, where its text begins (text_offsets)
 
     def add(self, token: int) -> str:
+        self.offsets.append(self.stream.offset)
         if token == self.eos_id:
             return ""
         self.unsent += self.stream.add(token)
@@ -797,30 +799,31 @@ class _Request:
         text = r.text
         lp = None
         prompt = self.prompts[prompt_index]
-        if self.echo:
-            text = self.server.tokenizer.decode(prompt) + text
+        tokenizer = self.server.tokenizer
+        prompt_text = tokenizer.decode(prompt) if self.echo else ""
+        text = prompt_text + text
         if self.logprobs is not None:
             tokens = list(r.token_ids)
             token_lps: list[float | None] = list(r.logprobs)
             tops: list[dict | None] = [self.top_dict((t, l) for t, l, _ in a) for a in alts]
+            offsets = [len(prompt_text) + o for o in text_offsets(tokenizer, prompt, tokens)]
             if self.echo:
                 p_lps, p_tops = prompt_lps
                 tokens = prompt + tokens
                 token_lps = [None, *p_lps, *token_lps]
                 tops = [None, *[self.top_dict(alts) for alts in p_tops], *tops]
-            lp = self.legacy_logprobs(tokens, token_lps, tops)
+                offsets = text_offsets(tokenizer, [], prompt) + offsets
+            lp = self.legacy_logprobs(tokens, token_lps, tops, offsets)
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
     def top_dict(self, alts) -> dict[str, float]:
         return {self.server.token_text(t): float(lp) for t, lp in alts}
 
-    def legacy_logprobs(self, tokens: list[int], lps: list, tops: list, offset: int = 0) -> dict:
-        texts = [self.server.token_text(t) for t in tokens]
-        offsets = []
-        for t in texts:
-            offsets.append(offset)
-            offset += len(t)
-        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    def legacy_logprobs(self, tokens: list[int], lps: list, tops: list, offsets: list[int]) -> dict:
+        """The completions API's logprobs object; ``offsets``: where each token's text begins
+        (:func:`~lmlab.tokenizers.text_offsets`)."""
+        return {"tokens": [self.server.token_text(t) for t in tokens], "token_logprobs": lps,
+                "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprob(self, token: int, logprob: float, alts) -> dict:
         text = self.server.token_text(token)
@@ -858,7 +861,8 @@ class _Request:
                     if self.logprobs is not None:
                         p_lps, p_tops = prompt_lps[i]
                         lp = self.legacy_logprobs(self.prompts[i], [None, *p_lps],
-                                                  [None, *[self.top_dict(a) for a in p_tops]])
+                                                  [None, *[self.top_dict(a) for a in p_tops]],
+                                                  text_offsets(server.tokenizer, [], self.prompts[i]))
                         offsets[(i, j)] = len(text)
                     yield self.chunk([{"index": i * self.n + j, "text": text, "logprobs": lp, "finish_reason": None}])
             for job in jobs:
@@ -879,7 +883,8 @@ class _Request:
                         grouped.setdefault((item[1], item[2].row), []).append(item[2])
                 for key, events in grouped.items():
                     delta = "".join(rows[key].add(e.token_id) for e in events)
-                    yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events, offsets, key)])
+                    yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events,
+                                                         offsets[key], rows[key])])
             completion_tokens = 0
             last = []  # the closing events go out in one write
             for i, job in enumerate(jobs):
@@ -902,8 +907,9 @@ class _Request:
                 if not job.done.is_set():
                     server.scheduler.cancel(job)
 
-    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], offsets: dict, key) -> dict:
-        """A chunk's choice for one row: the text of ``events`` (one or more new tokens)."""
+    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], base: int, row: _Row) -> dict:
+        """A chunk's choice for one row: the text of ``events`` (one or more new tokens, already
+        added to ``row``); ``base``: where the row's generated text begins (after an echoed prompt)."""
         lp = None
         if self.logprobs is not None:
             if self.chat:
@@ -911,8 +917,7 @@ class _Request:
             else:
                 lp = self.legacy_logprobs([e.token_id for e in events], [e.logprob for e in events],
                                           [self.top_dict((t, l) for t, l, _ in e.alternatives) for e in events],
-                                          offsets[key])
-                offsets[key] += sum(len(t) for t in lp["tokens"])
+                                          [base + o for o in row.offsets[len(row.offsets) - len(events):]])
                 # lmlab's extras for the playground: the processed log-prob and the alternatives before/after.
                 lp["processed_logprobs"] = [None if e.processed_logprob is None else _finite(e.processed_logprob)
                                             for e in events]
