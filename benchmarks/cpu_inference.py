@@ -12,6 +12,9 @@ Paths, one process, one machine, side by side (one path after another, the same 
 - ``int8``: the float32 weights quantized per row (``lmlab.quantize.quantize_model(..., 8)``);
 - ``int4``: the file's own Q4_1 codes kept 4-bit (``read_gguf_model(keep_quantized=True)``);
 - ``int8+bfloat16``, ``int4+bfloat16``: the same codes with bfloat16 activations (``set_dtype``);
+- ``...+output-int8``, ``...+output-int8-dynamic`` after an int8 or int4 path (e.g.
+  ``int4+bfloat16+output-int8``): besides, the output layer (tied to the embedding, which stays
+  exact) in 8 bits per row, with float or int8 activations (``lmlab.quantize.quantize_output``);
 - ``llama.cpp`` (only when asked, needs ``pip install llama-cpp-python``): the GGUF file in llama.cpp,
   batch 1 only, no perplexity;
 - ``hf-float32``: the float32 weights as a ``transformers.LlamaForCausalLM``
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 from lmlab.gguf_file import read_gguf_model
-from lmlab.quantize import quantize_model, set_dtype
+from lmlab.quantize import quantize_model, quantize_output, set_dtype
 
 
 def smollm2_gguf() -> Path:
@@ -175,6 +178,11 @@ def main() -> None:
         print(f"load {name}: {seconds:.2f} s", flush=True)
 
     def build(name: str):
+        base, _, output = name.partition("+output-")
+        if output:  # an int8/int4 path with its output layer in 8 bits: quantized, then cast
+            model = copy.deepcopy(int4) if base.startswith("int4") else quantize_model(copy.deepcopy(float32), 8)
+            quantize_output(model, output)
+            return set_dtype(model, "bfloat16") if base.endswith("+bfloat16") else model
         if name == "float32":
             return float32
         if name == "bfloat16":

@@ -17,19 +17,22 @@ import torch
 
 from cpu_inference import smollm2_gguf
 from lmlab.gguf_file import read_gguf_model
-from lmlab.quantize import quantize_model, set_dtype
+from lmlab.quantize import quantize_model, quantize_output, set_dtype
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("path", choices=["float32", "bfloat16", "int8+bfloat16", "int4+bfloat16"])
+    ap.add_argument("path", choices=["float32", "bfloat16", "int8+bfloat16", "int4+bfloat16"]
+                    + [f"{p}+output-{s}" for p in ("int8+bfloat16", "int4+bfloat16") for s in ("int8", "int8-dynamic")])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = read_gguf_model(smollm2_gguf(), keep_quantized=args.path == "int4+bfloat16")
-    if args.path == "int8+bfloat16":
+    model = read_gguf_model(smollm2_gguf(), keep_quantized=args.path.startswith("int4"))
+    if args.path.startswith("int8"):
         quantize_model(model, 8)
+    if "+output-" in args.path:
+        quantize_output(model, args.path.partition("+output-")[2])
     if args.path != "float32":
         set_dtype(model, "bfloat16")
     ids = torch.randint(100, 40000, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -107,13 +107,13 @@ class Server:
         tasks = Path(f"/proc/{self.proc.pid}/task")
         return [self.proc.pid, *(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())]
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server's processes so far."""
-        total = 0
+    def cpu_by_process(self) -> tuple[float, float]:
+        """(HTTP process, its children: the decoding process) user + system CPU seconds so far."""
+        times = []
         for pid in self.pids():
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+            times.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return times[0], sum(times[1:])
 
     def rss_mb(self) -> float:
         """Resident memory of the server's processes (MB)."""
@@ -184,13 +184,15 @@ def drive(server: "Server", clients: int, requests_per_client: int, body: dict) 
             with lock:
                 results.append(out)
 
-    t0, cpu0, client_cpu0 = time.perf_counter(), server.cpu_seconds(), time.process_time()
+    t0, cpu0, client_cpu0 = time.perf_counter(), server.cpu_by_process(), time.process_time()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - t0, server.cpu_seconds() - cpu0
+    wall, cpu1 = time.perf_counter() - t0, server.cpu_by_process()
+    http_cpu, decoder_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    cpu = http_cpu + decoder_cpu
     client_cpu = time.process_time() - client_cpu0
     for connection in connections:
         connection.close()
@@ -200,6 +202,7 @@ def drive(server: "Server", clients: int, requests_per_client: int, body: dict) 
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"clients": clients, "requests": len(results), "ok": len(ok), "tokens": tokens, "seconds": wall,
             "tokens_per_s": tokens / wall, "server_cpu_s": cpu, "tokens_per_server_cpu_s": tokens / cpu,
+            "http_cpu_ms_per_token": 1000 * http_cpu / tokens, "decoder_cpu_ms_per_token": 1000 * decoder_cpu / tokens,
             "client_cpu_s": client_cpu, "load_average_1min": os.getloadavg()[0],
             "ttft_p50_ms": 1000 * percentile(ttft, 50),
             "ttft_p99_ms": 1000 * percentile(ttft, 99), "itl_p50_ms": 1000 * percentile(itl, 50),
@@ -453,6 +456,10 @@ def main() -> None:
             print("\nMedians over the rounds:")
             for row in result["rows"]:
                 print(_row(row), flush=True)
+            for row in result["rows"]:
+                print(f"{row['server']}, {row['clients']} clients: CPU ms per token, HTTP process "
+                      f"{row['http_cpu_ms_per_token']:.3f}, decoding process {row['decoder_cpu_ms_per_token']:.3f} "
+                      "(the round with the median tokens/s)")
             if result["speedup_16_clients_median"] is not None:
                 print(f"16 clients, batched / one request at a time: {result['speedup_16_clients_median']:.1f}x "
                       f"(median of the rounds; per server CPU s: {result['speedup_16_clients_per_cpu_median']:.1f}x)")

@@ -178,3 +178,34 @@ def test_a_truncated_file_is_refused_by_name(tmp_path):
         (tmp_path / "cut.gguf").write_bytes(raw[:cut])
         with pytest.raises(ValueError, match="cut.gguf' is not a readable GGUF file: .*truncated"):
             read_gguf_model(tmp_path / "cut.gguf")
+
+
+def _random_blocks(kind: str, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols/32 * bytes) random blocks of ``kind`` with finite float16 scales."""
+    rng = np.random.default_rng(0)
+    n = rows * cols // 32
+    halves = (rng.standard_normal((n, 2)) * 0.1).astype(np.float16).view(np.uint8)
+    codes = rng.integers(0, 256, (n, 32 if kind == "Q8_0" else 16), dtype=np.uint8)
+    head = halves[:, :2] if kind == "Q8_0" else halves
+    return np.concatenate([head, codes], axis=1).reshape(rows, -1)
+
+
+def test_block_decoding_agrees_with_the_gguf_package():
+    from lmlab.gguf_file import _q4_1_codes, _q8_0_values
+
+    rows, cols = 6, 96
+    raw = _random_blocks("Q8_0", rows, cols)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(rows, cols)
+    assert np.array_equal(_q8_0_values(raw, rows, cols).numpy(), expected)  # the same float32 products
+    raw = _random_blocks("Q4_1", rows, cols)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).reshape(rows, cols)
+    layer = QuantizedLinear(cols, rows, 4, 32, bias=False)
+    for key, value in _q4_1_codes(raw, rows, cols).items():
+        getattr(layer, key).copy_(value)
+    d = np.repeat(layer.scales.numpy(), 32, axis=1)
+    m = np.repeat((layer.zeros - 8 * layer.scales).numpy(), 32, axis=1)
+    codes = np.rint((expected - m) / np.where(d == 0, 1, d))
+    from lmlab.quantize import _unpack_nibbles
+
+    assert np.array_equal(_unpack_nibbles(layer.qweight).numpy()[d != 0], codes[d != 0])
+    assert np.allclose(layer.dequantized_weight().numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -17,13 +17,15 @@ Bounds used here, and why:
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 from lmlab.models import build_model, load_model, save_model
-from lmlab.quantize import QuantizedLinear, model_dtype, parse_dtype, prepare_model, quantize_model, set_dtype
+from lmlab.quantize import (QuantizedLinear, _int8_rows_emulated, model_dtype, parse_dtype, prepare_model,
+                            quantize_model, quantize_output, set_dtype)
 
 V = 96
 CONFIGS = {
@@ -166,6 +168,86 @@ def test_bad_values_have_clear_errors():
         prepare_model(ngram, dtype="bfloat16")
 
 
+def int8_activation_layer(n_in=64, n_out=48, bias=False):
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(n_in, n_out, bias=bias), 8, None)
+    q.activations = "int8"
+    return q
+
+
+def test_int8_activation_kernel_computes_its_integer_formula():
+    q = int8_activation_layer()
+    x = torch.randn(5, 64) * torch.linspace(0.1, 10, 5)[:, None]
+    x[2] = x[2].abs()  # a row with no negative value: zero point 0
+    assert q._kernel_operands(torch.float32) is not None  # FBGEMM's kernel ran
+    y = q(x)
+    emulated = _int8_rows_emulated(x, q.qweight, q.scales[:, 0])
+    assert torch.allclose(y, emulated, rtol=1e-5, atol=1e-5 * emulated.abs().max().item())
+    # 7-bit activations: each input moves by at most half a step of its row, besides the weight's own rounding
+    step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 127
+    w = q.dequantized_weight()
+    bound = step / 2 * w.abs().sum(-1) * (1 + 1e-4) + 1e-5
+    assert ((y - x @ w.t()).abs() <= bound).all()
+
+
+def test_int8_activation_rows_do_not_depend_on_the_batch():
+    q = int8_activation_layer(bias=True)
+    x = torch.randn(4, 3, 64)
+    x[1] *= 100  # one row with a much wider range would coarsen the others' codes if they shared a scale
+    together = q(x)
+    alone = torch.stack([q(x[i]) for i in range(4)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("scheme,activations", [("int8", "float"), ("int8-dynamic", "int8")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_output_layer_keeps_the_embedding_exact(tmp_path, bits, scheme, activations):
+    family, cfg = CONFIGS["llama-like"]
+    torch.manual_seed(0)
+    reference = build_model(family, {**cfg, "tie_weights": True}).eval()
+    embedding = reference.wte.weight.detach().clone()
+    with torch.no_grad():
+        expected, _ = reference(IDS)
+    model = prepare_model(copy.deepcopy(reference), quantize=bits, output=scheme)
+    head = model.lm_head
+    assert isinstance(head, QuantizedLinear) and head.activations == activations and head.bits == 8
+    assert isinstance(model.wte, torch.nn.Embedding) and torch.equal(model.wte.weight, embedding)
+    assert model.quantization["output"] == {"module": "lm_head", "bits": 8, "activations": activations}
+    with torch.no_grad():
+        full, _ = model(IDS)
+        first, state = model(IDS[:, :10])
+        rest, _ = model(IDS[:, 10:], state)
+    assert relative_error(full, expected) <= BOUNDS[(None, f"int{bits}")]
+    # decoding agrees with scoring up to float rounding (a rounding of an activation code at most)
+    assert relative_error(torch.cat([first, rest], 1), full) < 1e-3
+    save_model(model, tmp_path / "q")
+    loaded = load_model(tmp_path / "q").eval()
+    assert loaded.lm_head.activations == activations and torch.equal(loaded.wte.weight, embedding)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS)[0], full)
+
+
+def test_output_layer_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="quantize the model first"):
+        quantize_output(make("llama-like"))
+    with pytest.raises(ValueError, match="int8 activations need 8-bit codes with one scale per row"):
+        QuantizedLinear(64, 8, 4, 32, bias=False, activations="int8")
+    with pytest.raises(ValueError, match="activations='int4' is not supported; accepted: float, int8"):
+        QuantizedLinear(64, 8, 8, None, bias=False, activations="int4")
+    with pytest.raises(ValueError, match="'lm_head' is a QuantizedLinear; accepted: a linear layer"):
+        quantize_output(quantize_model(make("llama-like"), 4))  # a 4-bit output layer
+    with pytest.raises(ValueError, match="output quantization 'int4' is not supported; accepted: int8, int8-dynamic"):
+        quantize_output(quantize_model(make("mlp"), 8), "int4")
+    model = quantize_output(quantize_model(make("mlp"), 8), "int8-dynamic")
+    save_model(model, tmp_path / "q")
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization"]["output"]["module"] = "hidden"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="output entry .* does not fit the model"):
+        load_model(tmp_path / "q")
+
+
 def test_load_refuses_a_record_naming_a_missing_layer(tmp_path):
     model = quantize_model(make("mlp"), 8)
     save_model(model, tmp_path / "q")
@@ -242,3 +324,16 @@ def test_cli_rejects_an_unknown_dtype(char_checkpoint, capsys):
         main(["generate", "--model", str(char_checkpoint / "ckpt"), "--dtype", "int3"])
     assert e.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_cli_quantize_output_reads_and_refuses_a_float_model(char_checkpoint, capsys):
+    from lmlab.cli import main
+
+    ckpt = str(char_checkpoint / "ckpt")
+    text = str(char_checkpoint / "text.txt")
+    for scheme in ("int8", "int8-dynamic"):
+        assert main(["score", "--model", ckpt, "--text", text, "--quantize", "int4", "--quantize-output", scheme,
+                     "--json"]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", ckpt, "--text", text, "--quantize-output", "int8"]) == 2
+    assert "quantize the model first" in capsys.readouterr().err

@@ -50,7 +50,9 @@ def run(scheduler, jobs, every=1):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("setup", ["greedy", "temperature 0.9, top-k 8, repetition-penalty 1.2"])
+@pytest.mark.parametrize("setup", ["greedy", "temperature 0.9, top-k 8, repetition-penalty 1.2",
+                                   "top-p 0.9, min-p 0.05, min-new-tokens 3",
+                                   "temperature 1.2, no-repeat-ngram-size 2, presence-penalty 0.5"])
 def test_a_request_gives_the_same_tokens_alone_or_among_15_others(family, setup):
     model, setup = peaked(family), DecodingSetup.parse(setup)
     alone = Scheduler(model, None, max_batch=2)

@@ -10,6 +10,8 @@ import typing
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi", reason="lmlab serve needs fastapi and uvicorn: pip install 'lmlab[serve]'")
 pytest.importorskip("uvicorn", reason="lmlab serve needs fastapi and uvicorn: pip install 'lmlab[serve]'")
@@ -297,8 +299,9 @@ def test_chat_completions_equal_lmlab_generation_on_the_template(chat_model_dir)
     model, tokenizer = load_checkpoint(f"hf:{chat_model_dir}")
     messages = [{"role": "user", "content": "hello there"}]
     prompt = chat_ids(tokenizer, messages)
-    app = create_app(model, tokenizer, "chat", max_batch=4)
+    app = create_app(model, tokenizer, "chat", max_batch=4, convert_hf=False)
     assert app.state.server.scheduler.policy == "one request at a time"  # a Hugging Face cache does not merge
+    assert app.state.server.served_as == "the Hugging Face model as it is (conversion turned off)"
     with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         for options, setup in [(dict(temperature=0, seed=0), "greedy"), (dict(seed=5, top_p=0.9), "top-p 0.9")]:
@@ -318,11 +321,87 @@ def test_chat_completions_equal_lmlab_generation_on_the_template(chat_model_dir)
         assert info.value.body["param"] == "messages"
 
 
+@pytest.fixture(scope="module")
+def gpt2_model_dir(tmp_path_factory):
+    """A tiny GPT-2 saved as a Hugging Face directory with a byte-level BPE tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from lmlab.tokenizers import BPETokenizer
+
+    bpe = BPETokenizer.train("the quick brown fox jumps over the lazy dog. " * 20 + "ROMEO: hello there\n" * 10,
+                             vocab_size=300)
+    directory = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(vocab_size=bpe.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=4,
+                                     initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(str(directory))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.backend, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>").save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_models_are_converted_for_continuous_batching(arch, chat_model_dir, gpt2_model_dir):
+    """An hf: GPT-2 or Llama is served as lmlab's transformer: transformers' logits, the tokens of
+    lmlab generate on the Hugging Face model itself (greedy and seeded), the same alone or 16 at once."""
+    from lmlab.decode.setups import DecodingSetup, run_setup
+
+    directory = chat_model_dir if arch == "llama" else gpt2_model_dir
+    model, tokenizer = load_checkpoint(f"hf:{directory}")
+    app = create_app(model, tokenizer, arch, max_batch=16, max_tokens_limit=40)
+    server = app.state.server
+    assert server.scheduler.policy == "continuous batching"
+    assert server.served_as == f"lmlab's transformer, converted from the Hugging Face {arch} model"
+    prompts = [tokenizer.encode(t) for t in ("hello there", "the quick", "o", "ROMEO: the lazy dog")]
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            torch.testing.assert_close(server.model.next_token_logits(ids)[0], model.hf(ids).logits[:, -1],
+                                       atol=1e-4, rtol=0)
+    requests = [dict(prompt=prompts[i % 4], max_tokens=6 + i % 7, seed=i, temperature=0 if i % 3 == 0 else 0.9,
+                     top_p=1.0 if i % 2 else 0.9) for i in range(16)]
+    expected = []
+    for r in requests:
+        setup = DecodingSetup(temperature=r["temperature"], top_p=r["top_p"])
+        result = run_setup(model, tokenizer, [r["prompt"]], setup, r["max_tokens"], seed=r["seed"])[0][0]
+        expected.append(result.text)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        alone = [client.completions.create(model=arch, **r).choices[0].text for r in requests]
+        together = [None] * 16
+
+        def ask(i):
+            together[i] = client.completions.create(model=arch, **requests[i]).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        info = httpx.get(url + "/v1/info").json()
+    assert alone == expected
+    assert together == alone
+    assert info["policy"] == "continuous batching" and arch in info["served_as"]
+
+
+def test_hf_models_that_do_not_convert_are_served_as_they_are(chat_model_dir):
+    from lmlab.hf import HFModel
+    from lmlab.serve.app import serving_model
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=64,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = HFModel(transformers.LlamaForCausalLM(config).eval())
+    served, how = serving_model(model)
+    assert served is model
+    assert how.startswith("the Hugging Face model as it is (") and "rope type 'linear'" in how
+
+
 def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
     """Streamed deltas and whole texts are what the tokens add after the prompt (a leading space
     for a word tokenizer), as ``lmlab generate`` prints them."""
     from lmlab.models import build_model, save_model
-    from lmlab.tokenizers import WordTokenizer
+    from lmlab.tokenizers import WordTokenizer, text_offsets
 
     tok = WordTokenizer.train("the cat sat on the mat and the dog ran to the cat")
     torch.manual_seed(0)
@@ -341,6 +420,14 @@ def test_word_level_text_keeps_the_spaces_between_words(tmp_path):
         options = dict(model="words", prompt="the cat", max_tokens=6, seed=2, logit_bias={str(tok.eos_id): -100})
         assert client.completions.create(**options).choices[0].text == expected["text"]
         assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **options)) == expected["text"]
+        # text_offset: where each token's text (with its space) begins in the echoed text, whole and streamed
+        whole = client.completions.create(echo=True, logprobs=0, **options).choices[0]
+        assert whole.text == "the cat" + expected["text"]
+        offsets = text_offsets(tok, [], tok.encode(whole.text))
+        assert offsets[:3] == [0, 3, 7] and whole.logprobs.text_offset == offsets
+        streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, echo=True, logprobs=0,
+                                                                                  **options)]
+        assert [o for lp in streamed if lp is not None for o in lp.text_offset] == offsets
 
 
 def _children(pid: int) -> list[int]:
@@ -392,3 +479,28 @@ def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoin
         assert all(wait_gone(c) for c in children)
     finally:
         server.kill()
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(4, 30), min_size=1, max_size=20), prompt=st.lists(st.integers(4, 30), max_size=4),
+       stop=st.lists(st.text("abcdefghijklmnopqrstuvwxyz ", min_size=1, max_size=3), max_size=3))
+def test_streamed_deltas_never_pass_the_final_text(ids, prompt, stop):
+    """The deltas of a streamed row are a prefix of its final text (cut before a stop string),
+    whatever token ends it: never a character of the stop string."""
+    from lmlab.decode.generate import StopScan, finished_text
+    from lmlab.serve.app import _Row
+    from lmlab.tokenizers import CharTokenizer
+
+    from serve_helpers import TEXT
+
+    tok = CharTokenizer.train(TEXT)
+    row, scan = _Row(tok, prompt, stop, tok.eos_id), StopScan(tok, prompt, stop) if stop else None
+    sent, reason = "", "length"
+    for k, t in enumerate(ids, 1):
+        sent += row.add(t)
+        if scan is not None and scan.add(t):
+            reason = "stop"
+            break
+    final = finished_text(tok, prompt, ids[:k], reason, stop)
+    assert final.startswith(sent)
+    assert sent + row.rest(final) == final

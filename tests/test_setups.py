@@ -279,6 +279,17 @@ def test_stream_prints_the_same_text_as_batched(checkpoint):
         assert f"--- sample {i} (sample)\n{text}\n[" in streamed
 
 
+def test_stream_with_stop_strings_prints_the_same_text_as_batched(checkpoint):
+    common = ["--prompt", "to", "--num-samples", "3", "--max-new-tokens", "30", "--seed", "2", "--stop", "e",
+              "--stop", "o "]
+    batched = json.loads(run(checkpoint, *common, "--json"))
+    streamed = run(checkpoint, *common, "--stream")
+    results = [r for rs in batched["results"] for r in rs]
+    assert any(r["finish_reason"] == "stop" for r in results)
+    for i, r in enumerate(results):
+        assert f"--- sample {i} (sample)\n{r['prompt'] + r['text']}\n[{r['finish_reason']}, " in streamed
+
+
 def test_compare_prints_setups_side_by_side(checkpoint):
     out = run(checkpoint, "--prompt", "to be", "--prompt", "q", "--max-new-tokens", "8", "--width", "90",
               "--compare", "greedy", "top-k 20", "beam 3, num-return-sequences 2")

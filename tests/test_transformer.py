@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmlab.models import build_model, load_model, save_model
 from lmlab.models.transformer import TransformerConfig, sinusoidal_table
@@ -161,3 +162,23 @@ def test_attention_heads_are_views_whose_backward_fills_no_zeros(positions):
     names = backward_nodes(logits.sum())
     assert "SliceBackward0" not in names and "ScaledDotProductFlashAttentionForCpuBackward0" in names
     assert ("SplitWithSizesBackward0" in names) == (positions == "rotary")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotation_and_rms_norm_round_as_the_textbook_formulas(dtype):
+    """The decoding step's shorter forms give the same bits as the formulas they replace: the
+    rotation with a rolled x and a signed sine, computed in float32 and rounded once, and RMSNorm
+    of a low-precision x normalized in float32 and rounded before the weight."""
+    from lmlab.models.transformer import RMSNorm, apply_rotary, rotary_cos_sin
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 6, 16) * 4).to(dtype)
+    cos, sin = rotary_cos_sin(torch.arange(7, 12), 16, 10000.0)
+    cos, sin = cos[:, None], sin[:, None]
+    rotated = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+    assert torch.equal(apply_rotary(x, cos, sin), (x * cos + rotated * sin).to(dtype))
+    norm = RMSNorm(16, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        expected = norm.weight * F.rms_norm(x.float(), (16,), None, 1e-5).to(dtype)
+        assert torch.equal(norm(x), expected)

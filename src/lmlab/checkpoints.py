@@ -70,26 +70,33 @@ TRUST_REMOTE_CODE_HELP = ("let an hf:<dir> model run the Python code its directo
 
 
 def add_precision_arguments(p) -> None:
-    """``--dtype`` and ``--quantize`` for a command that loads a model for inference."""
+    """``--dtype``, ``--quantize`` and ``--quantize-output`` for a command that loads a model for inference."""
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="run the model in this float dtype (default: float32; the float32 path is exact)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers at load (int8 per row, int4 groups of 32)")
+    p.add_argument("--quantize-output", choices=["int8", "int8-dynamic"], default=None,
+                   help="also the output layer (hidden -> logits) in 8 bits per row; int8-dynamic: with int8 "
+                        "activations too, each row quantized on its own (faster, less exact). Needs a quantized "
+                        "model: --quantize, a quantized checkpoint or a GGUF file")
 
 
 def load_checkpoint(spec: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False,
-                    dtype: str | torch.dtype | None = None, quantize: str | int | None = None):
+                    dtype: str | torch.dtype | None = None, quantize: str | int | None = None,
+                    quantize_output: str | None = None):
     """(model, tokenizer) from a checkpoint directory, ``gguf:<file>`` or ``hf:<path>``; the vocabularies must agree.
 
     ``trust_remote_code`` applies to ``hf:`` directories only: an lmlab checkpoint never runs
     code from its directory (a tokenizer file there with an ``auto_map`` is refused).
     ``quantize`` ('int8' | 'int4') and ``dtype`` ('float32' | 'bfloat16' | 'float16') set the
-    inference precision (:func:`lmlab.quantize.prepare_model`); None keeps the model as saved."""
+    inference precision (:func:`lmlab.quantize.prepare_model`); ``quantize_output`` ('int8' |
+    'int8-dynamic') quantizes the output layer too (:func:`lmlab.quantize.quantize_output`). None keeps
+    the model as saved."""
     model, tokenizer = _load_checkpoint(spec, device, trust_remote_code)
-    if dtype is not None or quantize is not None:
+    if dtype is not None or quantize is not None or quantize_output is not None:
         from lmlab.quantize import prepare_model
 
-        prepare_model(model, dtype=dtype, quantize=quantize)
+        prepare_model(model, dtype=dtype, quantize=quantize, output=quantize_output)
     return model, tokenizer
 
 

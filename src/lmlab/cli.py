@@ -358,7 +358,8 @@ def cmd_score(args) -> int:
     if args.per_text and not args.sequences:
         raise ValueError("--per-text averages the perplexities of the lines of --text; add --sequences")
     model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
-                                       dtype=args.dtype, quantize=args.quantize)
+                                       dtype=args.dtype, quantize=args.quantize,
+                                       quantize_output=args.quantize_output)
     if args.sequences:
         result = score_sequences(model, tokenizer, data_mod.read_lines(args.text))
         if not args.per_text:
@@ -492,7 +493,7 @@ def cmd_serve(args) -> int:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_tokens_limit=args.max_tokens_limit, device=args.device, dtype=args.dtype, quantize=args.quantize,
-          decoding_threads=args.threads)
+          quantize_output=args.quantize_output, decoding_threads=args.threads, convert_hf=not args.hf_as_is)
     return 0
 
 
@@ -665,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch threads of the decoding process (default: every core but one; the HTTP process "
                         "keeps one for its own work)")
+    p.add_argument("--hf-as-is", action="store_true",
+                   help="serve an hf:DIR model through transformers, one request at a time (default: a GPT-2 or "
+                        "Llama model is converted to lmlab's transformer, the same logits up to float rounding, "
+                        "and gets continuous batching)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a char transformer on the bundled corpus, report, generate")

@@ -8,12 +8,13 @@ numpy memmap of the file: nothing but the header is parsed in Python.
 Q4_1 matrices stay 4-bit: a Q4_1 block of 32 weights ``w = d * q + m`` is
 exactly lmlab's int4 group of 32 (``scale = d``, ``zero = m + 8 d``,
 :class:`lmlab.quantize.QuantizedLinear`), so its codes are re-ordered into
-lmlab's nibble order, not re-quantized, and never pass through float. Every other
-tensor type is de-quantized by the ``gguf`` package's ``gguf.quants``
-(vectorized numpy) to float32. Names map to Hugging Face's Llama names and from
-there through lmlab's own Llama mapping (``lmlab.hf._llama_names``); the q/k
-rows, which llama.cpp's converter permutes for its rotary layout, are put back
-in the half-split order lmlab uses. The tokenizer comes from the file's metadata
+lmlab's nibble order, not re-quantized, and never pass through float. Q8_0
+tensors (SmolLM2's embedding) are de-quantized here in numpy, every other tensor
+type by the ``gguf`` package's ``gguf.quants`` (vectorized numpy), to float32.
+Names map to Hugging Face's Llama names and from there through lmlab's own
+Llama mapping (``lmlab.hf._llama_names``); the q/k rows, which llama.cpp's
+converter permutes for its rotary layout, are put back in the half-split order
+lmlab uses. The tokenizer comes from the file's metadata
 (transformers' GGUF tokenizer reader).
 """
 
@@ -107,10 +108,14 @@ class _Cursor:
             item, count = self.unpack("<IQ")
             if item in _SCALARS:       # skipped unread: the file's own sizes say how far
                 self.at += count * struct.calcsize(_SCALARS[item])
-            elif item == _STRING:      # only the lengths are read
+            elif item == _STRING:      # only the lengths are read (a tokenizer's ~10^5 strings: a tight loop)
+                buffer, at, end, read = self.buffer, self.at, len(self.buffer), struct.Struct("<Q").unpack_from
                 for _ in range(count):
-                    length = self.unpack("<Q")
-                    self.at += length
+                    if at + 8 > end:
+                        raise ValueError(f"{self.where} is not a readable GGUF file: it ends inside its header "
+                                         "(truncated?)")
+                    at += 8 + read(buffer, at)[0]
+                self.at = at
             else:
                 for _ in range(count):
                     self.value(item)
@@ -176,17 +181,40 @@ def _unpermuted_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
+# One block of each kept type as a numpy record: fields are strided views, read without copies.
+_Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("pairs", "<u2", (8,))])  # 20 bytes: scale, min, 32 nibbles
+_Q8_0_BLOCK = np.dtype([("d", "<f2"), ("codes", "i1", (32,))])              # 34 bytes: scale, 32 int8 codes
+
+
+def _blocks(raw: np.ndarray, rows: int, block: np.dtype) -> np.ndarray:
+    """The file's bytes (rows, blocks * block size) as a (rows, blocks) array of ``block`` records."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1).view(block)
+
+
 def _q4_1_codes(raw: np.ndarray, rows: int, cols: int) -> dict[str, torch.Tensor]:
     """Q4_1 blocks (rows, cols/32 * 20 bytes) -> lmlab's packed int4 codes ``qweight`` (rows, cols/2)
-    uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32."""
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 20)
-    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]                                    # byte j: element j (low nibble), j + 16 (high)
-    low, high = qs & 0xF, qs >> 4                           # elements 0..15, 16..31 of each block
-    packed = np.concatenate([low[..., 0::2] | (low[..., 1::2] << 4), high[..., 0::2] | (high[..., 1::2] << 4)],
-                            axis=-1).reshape(rows, cols // 2)
-    return {"qweight": torch.from_numpy(packed), "scales": torch.from_numpy(d), "zeros": torch.from_numpy(m + 8 * d)}
+    uint8 (even column in the low nibble), ``scales`` and ``zeros`` (rows, cols/32) float32.
+
+    Q4_1 byte j holds element j (low nibble) and j + 16 (high); lmlab's byte i elements 2i and 2i + 1:
+    bytes 0..7 from the low nibbles of file bytes (2i, 2i + 1), bytes 8..15 from their high nibbles.
+    Each pair of file bytes is read as one little-endian uint16 n of the two low (or two high)
+    nibbles: the low byte of ``n | n >> 4`` is the packed byte. numpy, one thread: the work is a few
+    passes over memory, and torch's threads only wait on a shared machine."""
+    blocks = _blocks(raw, rows, _Q4_1_BLOCK)
+    d, m = blocks["d"].astype(np.float32), blocks["m"].astype(np.float32)
+    pairs = blocks["pairs"]                                                  # (rows, blocks, 8)
+    low, high = pairs & 0x0F0F, (pairs >> 4) & 0x0F0F
+    packed = np.concatenate([(low | (low >> 4)).astype(np.uint8), (high | (high >> 4)).astype(np.uint8)], axis=-1)
+    return {"qweight": torch.from_numpy(packed.reshape(rows, cols // 2)), "scales": torch.from_numpy(d),
+            "zeros": torch.from_numpy(m + 8 * d)}
+
+
+def _q8_0_values(raw: np.ndarray, rows: int, cols: int) -> torch.Tensor:
+    """Q8_0 blocks (rows, cols/32 * 34 bytes: a float16 scale, 32 int8 codes) -> (rows, cols) float32,
+    ``code * scale``: the same float32 products as ``gguf.quants``, without its per-16-rows loop."""
+    blocks = _blocks(raw, rows, _Q8_0_BLOCK)
+    values = blocks["codes"].astype(np.float32) * blocks["d"].astype(np.float32)[..., None]
+    return torch.from_numpy(values.reshape(rows, cols))
 
 
 def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -> Transformer:
@@ -245,6 +273,9 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
         if keep_quantized and t.type == gguf.GGMLQuantizationType.Q4_1 and lm != "wte.weight":
             quantized[lm.removesuffix(".weight")] = _q4_1_codes(raw, *shape)
             continue
+        if t.type == gguf.GGMLQuantizationType.Q8_0:
+            floats[lm] = _q8_0_values(raw, *shape)
+            continue
         values = np.asarray(gguf.quants.dequantize(raw, t.type), dtype=np.float32).reshape(shape)
         floats[lm] = torch.from_numpy(np.require(values, requirements=["C", "W"]))
     model = model.to_empty(device="cpu")
@@ -253,10 +284,7 @@ def read_gguf_model(path: str | os.PathLike[str], keep_quantized: bool = True) -
     if expected != have:
         raise ValueError(f"{str(path)!r}: missing lmlab weights {sorted(expected - have)[:5]}, "
                          f"unexpected {sorted(have - expected)[:5]}")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in floats:
-                p.copy_(floats[name])
+    model.load_state_dict(floats, strict=False, assign=True)  # the tensors read become the parameters, uncopied
     if tie:
         model.lm_head.weight = model.wte.weight
     for name, parts in quantized.items():

@@ -524,7 +524,8 @@ def run_eval_generation(args, out=None) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         prompts, refs = prompts[: args.limit], refs[: args.limit]
     model, tokenizer = load_checkpoint(args.model, args.device, trust_remote_code=args.trust_remote_code,
-                                       dtype=args.dtype, quantize=args.quantize)
+                                       dtype=args.dtype, quantize=args.quantize,
+                                       quantize_output=args.quantize_output)
     oracle = load_oracle(args.oracle, args.device, add_bos=args.oracle_bos) if args.oracle else None
     classifier = load_classifier(args.classifier, args.device) if args.classifier else None
     study = run_study(

@@ -43,6 +43,7 @@ standard Hugging Face ``tokenizer.json`` (loadable by
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -71,6 +72,7 @@ __all__ = [
     "ASCII_WHITESPACE",
     "read_vocab_file",
     "continuation_text",
+    "TextStream",
     "BPETokenizer",
     "HFTokenizer",
     "from_pretrained_dir",
@@ -142,6 +144,12 @@ class Tokenizer(ABC):
         ids = _as_id_list(ids)
         self._check_ids(ids)
         return self._decode(ids)
+
+    @property
+    def unsettled_ids(self) -> frozenset[int]:
+        """Ids whose text depends on the tokens after them (byte-fallback pieces ``<0xHH>``, decoded
+        together with the whole run of such pieces): streamed text waits for the next token."""
+        return frozenset()
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """``[encode(t) for t in texts]`` (BPE does it in parallel)."""
@@ -676,6 +684,14 @@ def _safe_chunks(text: str, size: int) -> list[str]:
     return chunks
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_piece_ids(vocab: dict[str, int]) -> frozenset[int]:
+    """Ids of the ``<0xHH>`` tokens of a vocabulary (what a ByteFallback decoder turns into bytes)."""
+    return frozenset(i for t, i in vocab.items() if len(t) == 6 and _BYTE_PIECE.fullmatch(t))
+
+
 def _decode_segments(tok: Tokenizer, ids: list[int], dec: Any) -> str:
     """Drop pad/bos/eos, decode the runs between ``unk_id`` with ``dec`` and join them with ``unk_text``."""
     skip = {tok.pad_id, tok.bos_id, tok.eos_id}
@@ -859,6 +875,10 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return _decode_segments(self, ids, lambda xs: self.backend.decode(xs, skip_special_tokens=True))
 
+    @functools.cached_property
+    def unsettled_ids(self) -> frozenset[int]:
+        return _byte_piece_ids(self.backend.get_vocab(with_added_tokens=True))
+
     def id_to_token(self, id: int) -> str:
         self._check_ids([id])
         tok = self.backend.id_to_token(id)
@@ -953,6 +973,10 @@ class HFTokenizer(Tokenizer):
         self._check_ids([id])
         return self.hf.convert_ids_to_tokens(id)
 
+    @functools.cached_property
+    def unsettled_ids(self) -> frozenset[int]:
+        return _byte_piece_ids(self.hf.get_vocab())
+
     def to_json(self) -> str:
         if self.source_dir is None:
             raise ValueError(
@@ -1002,6 +1026,140 @@ def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], ids: Sequence[i
     full = tokenizer.decode(prompt_ids + ids)
     return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
 
+
+class TextStream:
+    """``continuation_text(tokenizer, prompt_ids, ids)`` piece by piece as the ids arrive, each
+    token decoding only the few tokens since the last settled point (not the whole text):
+
+        stream = TextStream(tokenizer, prompt_ids)
+        pieces = [stream.add(t) for t in ids]
+        "".join(pieces) + stream.pending == continuation_text(tokenizer, prompt_ids, ids)
+
+    ``add`` returns text once it is settled: the window of recent tokens decodes to more than
+    its settled part, not ending in U+FFFD (an unfinished multi-byte character) nor in a
+    byte-fallback piece (``tokenizer.unsettled_ids``, whose run decodes as a whole). The
+    window then moves up to the token before: a short look-back keeps the context that
+    decoders need (the space between two words, SentencePiece's leading space, the bytes of a
+    character split across tokens). ``pending`` is the rest, which a later token may still
+    change (text ending in U+FFFD, an <unk>, ...); it is decoded only when asked for.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self._unsettled = getattr(tokenizer, "unsettled_ids", frozenset())
+        self._silent_ids: dict[int, bool] = {}
+        prompt = list(prompt_ids)
+        head = tokenizer.decode(prompt) if prompt else ""
+        # As continuation_text: the text after the prompt's, or (the prompt decodes to nothing, or a
+        # prompt ending in a part of a character that the continuation changes) the ids' text alone.
+        self._window: list[int] = []  # the tokens from the window start; _read of them are settled
+        self._prefix = ""  # text of the settled tokens of the window
+        self._ids: list[int] | None = None  # all ids while it is not yet known which of the two it is
+        if head:
+            self._window, self._prefix = self._prompt_tail(prompt)
+            self._ids = []
+        self._read = len(self._window)
+        self._run_open = bool(prompt) and not self._run_closed(prompt)
+        self._pending: str | None = ""
+        self._settled = 0  # characters returned by add so far
+        self._offset = 0  # the last offset given
+
+    def _prompt_tail(self, prompt: list[int]) -> tuple[list[int], str]:
+        """The last tokens of the prompt (and their text) that start the window: text that does
+        not start inside a character (U+FFFD) nor inside a run of byte-fallback pieces, so that
+        the tokens before the window cannot change what follows."""
+        k = 4
+        while True:
+            start = max(0, len(prompt) - k)
+            text = self.tokenizer.decode(prompt[start:])
+            if start == 0 or (text and not text.startswith(REPLACEMENT_CHAR) and self._run_closed(prompt[:start])):
+                return prompt[start:], text
+            k *= 2
+
+    def _silent(self, token: int) -> bool:
+        """Whether ``token`` decodes to nothing alone (a skipped special token): it does not end a
+        run of byte-fallback pieces, whose decoder sees the run without it."""
+        silent = self._silent_ids.get(token)
+        if silent is None:
+            silent = self._silent_ids[token] = self.tokenizer.decode([token]) == ""
+        return silent
+
+    def _run_closed(self, ids: list[int]) -> bool:
+        """Whether ``ids`` end outside a run of byte-fallback pieces (silent tokens looked through)."""
+        for t in reversed(ids):
+            if t in self._unsettled:
+                return False
+            if not self._silent(t):
+                return True
+        return True
+
+    def add(self, token: int) -> str:
+        """Append ``token``; the text settled by it (often empty)."""
+        self._window.append(token)
+        self._pending = None
+        if self._ids is not None:
+            self._ids.append(token)
+        if token in self._unsettled:
+            self._run_open = True
+            return ""
+        if self._run_open:
+            if self._silent(token):
+                return ""
+            self._run_open = False
+        text = self.tokenizer.decode(self._window)
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        if self._ids is not None:  # the prompt's text is settled: decide as continuation_text does
+            if not text.startswith(self._prefix):
+                self._window, self._prefix, self._read = self._ids, "", 0
+                text = self.tokenizer.decode(self._window)
+            self._ids = None
+            if text.endswith(REPLACEMENT_CHAR):
+                return ""
+        if len(text) <= len(self._prefix):
+            self._pending = ""
+            return ""
+        piece = text[len(self._prefix):]
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+        self._prefix = self.tokenizer.decode(self._window)
+        self._pending = ""
+        self._settled += len(piece)
+        return piece
+
+    @property
+    def offset(self) -> int:
+        """Where the next token's text will begin in the continuation: the text so far without
+        a trailing unfinished character (the next token may complete it, and then points at its
+        start). Never less than before: bytes that turn out invalid may turn earlier text into
+        U+FFFD."""
+        self._offset = max(self._offset, self._settled + len(self.pending.rstrip(REPLACEMENT_CHAR)))
+        return self._offset
+
+    @property
+    def pending(self) -> str:
+        """The text of the ids added so far that ``add`` has not returned yet."""
+        if self._pending is None:
+            text = self.tokenizer.decode(self._window)
+            if self._ids is None or text.startswith(self._prefix):
+                self._pending = text[len(self._prefix):]
+            else:  # only before the prompt's text is settled: continuation_text's other case
+                self._pending = self.tokenizer.decode(self._ids)
+        return self._pending
+
+
+
+def text_offsets(tokenizer: Any, prompt_ids: Sequence[int], ids: Sequence[int]) -> list[int]:
+    """Where each of ``ids`` begins in ``continuation_text(tokenizer, prompt_ids, ids)`` (the
+    ``text_offset`` of the OpenAI API, :attr:`TextStream.offset` before each token): the
+    length of the text of the tokens before it, less a trailing unfinished character, so that
+    the tokens of a character split across several point at its start (a sum of per-token
+    decodes would count a replacement character for each part)."""
+    stream, offsets = TextStream(tokenizer, prompt_ids), []
+    for token in ids:
+        offsets.append(stream.offset)
+        stream.add(token)
+    return offsets
 
 # ---------------------------------------------------------------------------
 # Building and loading

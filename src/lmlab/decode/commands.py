@@ -26,7 +26,8 @@ import torch
 
 from lmlab import data
 from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
-from lmlab.tokenizers import continuation_text
+from lmlab.decode.generate import StopScan, finished_text
+from lmlab.tokenizers import TextStream, continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
     DecodingSetup,
@@ -294,7 +295,9 @@ def _run_single(args, model, tokenizer, prompts, setup, out) -> int:
 class _LivePrinter:
     """Prints the rows of one batched generation as their tokens arrive: the first
     unfinished row live, the others as soon as every row before them is done
-    (rows are produced in lock-step, so the text is the same as without --stream)."""
+    (rows are produced in lock-step, so the text is the same as without --stream).
+    Each token decodes a few tokens (``TextStream``); the last characters that could still
+    start a stop string are held back until the row's end."""
 
     def __init__(self, tokenizer, prompts: list[str], setup: DecodingSetup, args, out: TextIO) -> None:
         self.tok, self.prompts, self.setup, self.out = tokenizer, prompts, setup, out
@@ -303,6 +306,10 @@ class _LivePrinter:
         self.eos = tokenizer.eos_id if setup.suppress_specials != "all" else None
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.reason: list[str | None] = [None] * len(prompts)
+        self.streams = [TextStream(tokenizer, p) for p in self.prompt_ids]
+        self.scans = [StopScan(tokenizer, p, self.stops) for p in self.prompt_ids] if self.stops else None
+        self.hold = max((len(s) for s in self.stops), default=0)
+        self.texts = [""] * len(prompts)  # settled text of each row
         self.shown = [0] * len(prompts)
         self.current = 0
         self._header(0)
@@ -311,16 +318,11 @@ class _LivePrinter:
         self.out.write(f"--- sample {row} ({self.setup.name})\n{self.prompts[row]}")
         self.out.flush()
 
-    def _text(self, row: int) -> str:
-        toks = self.tokens[row]
-        if self.reason[row] == "eos":
-            toks = toks[:-1]
-        return continuation_text(self.tok, self.prompt_ids[row], toks)
-
     def _show(self, row: int, final: bool = False) -> None:
-        text = self._text(row)
-        if not final:
-            text = text.rstrip("\ufffd")  # a multi-byte character still incomplete
+        if final:
+            text = finished_text(self.tok, self.prompt_ids[row], self.tokens[row], self.reason[row], self.stops)
+        else:
+            text = self.texts[row][: max(len(self.texts[row]) - self.hold, 0)]
         if len(text) > self.shown[row]:
             self.out.write(text[self.shown[row]:])
             self.shown[row] = len(text)
@@ -330,10 +332,12 @@ class _LivePrinter:
         self.tokens[row].append(token)
         if self.eos is not None and token == self.eos:
             self.reason[row] = "eos"
-        elif self.stops and any(s in self._text(row) for s in self.stops):
-            self.reason[row] = "stop"
-        elif len(self.tokens[row]) >= self.max_new:
-            self.reason[row] = "length"
+        else:
+            self.texts[row] += self.streams[row].add(token)
+            if self.scans is not None and self.scans[row].add(token):
+                self.reason[row] = "stop"
+            elif len(self.tokens[row]) >= self.max_new:
+                self.reason[row] = "length"
         if row == self.current:
             self._show(row)
         self._advance()

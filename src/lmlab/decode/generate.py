@@ -17,11 +17,31 @@ import torch
 from lmlab.decode.processors import apply_processors
 from lmlab.decode.search import greedy_pick, sample_pick
 from lmlab.models.base import LanguageModel, State, require_causal
-from lmlab.tokenizers import continuation_text
+from lmlab.tokenizers import TextStream, continuation_text
 
 # A processor maps next-token logits (B, V) and the tokens so far (B, T) to new logits
 # (see lmlab.decode.processors); LogitsProcessor instances also get num_generated (B,).
 Processor = Callable[..., torch.Tensor]
+
+
+class StopScan:
+    """Whether a stop string has appeared in a row's continuation text (``continuation_text``
+    of the tokens so far), checked token by token with bounded work: a ``TextStream`` gives the
+    new text, and only its unsettled rest and the last ``len(longest stop) - 1`` settled
+    characters are searched again."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stop_strings: Sequence[str]) -> None:
+        self.stream = TextStream(tokenizer, prompt_ids)
+        self.stop_strings = list(stop_strings)
+        self.keep = max(len(s) for s in self.stop_strings) - 1
+        self.tail = ""
+
+    def add(self, token: int) -> bool:
+        """Append ``token``; whether the text now holds a stop string."""
+        settled = self.tail + self.stream.add(token)
+        self.tail = settled[-self.keep:] if self.keep else ""
+        text = settled + self.stream.pending
+        return any(s in text for s in self.stop_strings)
 
 
 @dataclass
@@ -162,6 +182,7 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
     prompt_cols = seq[:, :longest].clone()  # forced tokens while a row is still in its prompt
     logps = torch.zeros(B, longest + max_new_tokens, dtype=torch.float32, device=device)
     per_row_python = on_token is not None or bool(stop_strings)
+    scans = [StopScan(tokenizer, p, stop_strings) for p in prompts] if stop_strings else None
     track = eos_id is not None or per_row_python
     limit = lengths + max_new_tokens  # a row's tokens end before position limit[b]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -201,10 +222,8 @@ def _run(model, prompts, max_new_tokens, *, processors, do_sample, eos_id, stop_
                 for row in generating.nonzero().flatten().tolist():
                     if on_token is not None:
                         on_token(row, int(chosen[row]))
-                    if stop_strings and not done[row]:
-                        text = tokenizer.decode(seq[row, plen[row] : position + 1].tolist())
-                        if any(s_ in text for s_ in stop_strings):
-                            finish[row], end[row], done[row] = 3, position + 1, True
+                    if scans is not None and not done[row] and scans[row].add(int(chosen[row])):
+                        finish[row], end[row], done[row] = 3, position + 1, True
         yield results
         if position >= last_position or (track and bool((done | (limit <= position + 1)).all())):
             break

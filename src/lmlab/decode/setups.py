@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from lmlab.decode.generate import generate
+from lmlab.decode.generate import StopScan, generate
 from lmlab.decode.processors import build_processors
 from lmlab.decode.search import beam_search
 from lmlab.models.base import special_token_ids
@@ -682,12 +682,10 @@ def _run_beams(model, tokenizer, ids, setup, max_new_tokens, eos_id, processors,
             body = tokens[:-1] if reason == "eos" else tokens
             text = continuation_text(tokenizer, ids[i], body)
             if stop_strings:
-                hit = [s for s in stop_strings if s in text]
-                if hit:
+                if any(s in text for s in stop_strings):
                     # the shortest prefix of tokens whose text holds a stop string (as the loop would stop)
-                    for k in range(1, len(body) + 1):
-                        if any(s in tokenizer.decode(body[:k]) for s in stop_strings):
-                            break
+                    scan = StopScan(tokenizer, ids[i], stop_strings)
+                    k = next(k for k, t in enumerate(body, 1) if scan.add(t))
                     tokens, reason = tokens[:k], "stop"
                     text = continuation_text(tokenizer, ids[i], tokens)
                     text = text[: min(text.index(s) for s in stop_strings if s in text)]

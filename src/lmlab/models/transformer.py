@@ -103,12 +103,24 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     return angles.cos(), angles.sin()
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., D) with its first half negated: the factor of ``x`` rolled by D/2 in a rotation."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (..., D) with cos, sin broadcasting to it, e.g. x (B, H, T, D) and cos (T, D), or
     x (B, T, H, D) and cos (T, 1, D); rotate pairs (i, i + D/2) by the position angle."""
-    first, second = x.chunk(2, dim=-1)  # views whose backward is one cat (a slice's fills zeros)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return rotate(x, cos, signed_sin(sin))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` with the sine table already signed (``signed_sin``): ``x * cos + [-x2, x1] * sin``
+    for x = [x1, x2], written as ``x * cos + [x2, x1] * [-sin1, sin2]`` (the same products), computed
+    in the promoted dtype of x and cos (float32 for a bfloat16 x) and rounded once to x's dtype."""
+    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
+    return (wide * cos + wide.roll(x.shape[-1] // 2, -1) * sin_signed).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +134,8 @@ class RMSNorm(nn.Module):
         shape = (x.shape[-1],)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, shape, self.weight, self.eps)  # one kernel, the same values
-        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
+        # rms_norm of a bfloat16/float16 x computes in float32 and rounds once: the same as x.float() first
+        return self.weight * F.rms_norm(x, shape, None, self.eps)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -166,7 +179,7 @@ class Attention(nn.Module):
         D = self.head_dim
         q, k, v = self.q(x), self.k(x), self.v(x)
         if rotary is not None:  # q and k heads at once, split by views (their backward: one cat, no zero fill)
-            q, k = apply_rotary(torch.cat([q, k], dim=-1).view(B, T, H + H_kv, D), *rotary).split([H, H_kv], dim=2)
+            q, k = rotate(torch.cat([q, k], dim=-1).view(B, T, H + H_kv, D), *rotary).split([H, H_kv], dim=2)
         else:
             q, k = q.view(B, T, H, D), k.view(B, T, H_kv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
@@ -237,9 +250,9 @@ def _append(cache, k, v, start):
         grown_k[:, :, :start] = ck[:, :, :start]
         grown_v[:, :, :start] = cv[:, :, :start]
         ck, cv = grown_k, grown_v
-    ck[:, :, start:end] = k
-    cv[:, :, start:end] = v
-    return ck[:, :, :end], cv[:, :, :end], (ck, cv)
+    ck.narrow(2, start, T).copy_(k)
+    cv.narrow(2, start, T).copy_(v)
+    return ck.narrow(2, 0, end), cv.narrow(2, 0, end), (ck, cv)
 
 
 class FeedForward(nn.Module):
@@ -264,6 +277,10 @@ class FeedForward(nn.Module):
         return self.proj(h)
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -275,14 +292,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache, start, rotary, need_weights=False, mask=None):
+        drop = self.drop if self.training else _unchanged  # in eval, dropout is the identity: no module call
         if self.pre_norm:
             a, cache, w = self.attn(self.ln1(x), cache, start, rotary, need_weights, mask)
-            x = x + self.drop(a)
-            x = x + self.drop(self.mlp(self.ln2(x)))
+            x = x + drop(a)
+            x = x + drop(self.mlp(self.ln2(x)))
         else:
             a, cache, w = self.attn(x, cache, start, rotary, need_weights, mask)
-            x = self.ln1(x + self.drop(a))
-            x = self.ln2(x + self.drop(self.mlp(x)))
+            x = self.ln1(x + drop(a))
+            x = self.ln2(x + drop(self.mlp(x)))
         return x, cache, w
 
 
@@ -304,10 +322,11 @@ class Transformer(LanguageModel):
         self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = make_output_head(config.n_embd, config.vocab_size, config.lm_head_bias,
                                         config.adaptive_cutoffs, config.adaptive_div_value)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not self.wte.weight.is_meta:  # a skeleton on the meta device (filled from a file) has no values to draw
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.o.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
 
@@ -389,7 +408,8 @@ class Transformer(LanguageModel):
             if positions is None:
                 positions = torch.arange(start, start + T, device=ids.device)
             cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head, self.config.rope_theta)
-            rotary = (cos[..., None, :], sin[..., None, :])  # (T, 1, D) or (B, T, 1, D) against (B, T, H, D)
+            # (T, 1, D) or (B, T, 1, D) against (B, T, H, D); the sine signed once for every layer
+            rotary = (cos[..., None, :], signed_sin(sin)[..., None, :])
         tensors: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             cache = (state.tensors[f"k{i}"], state.tensors[f"v{i}"]) if state is not None else None

@@ -19,6 +19,7 @@ a body over ``max_body_bytes`` 413, refused before it is parsed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -33,7 +34,7 @@ import torch
 
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
 from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, states_merge
-from lmlab.tokenizers import continuation_text
+from lmlab.tokenizers import TextStream, text_offsets
 
 try:
     from fastapi import FastAPI, Request
@@ -43,7 +44,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("lmlab serve needs the optional packages fastapi and uvicorn: pip install 'lmlab[serve]'") from e
 
-__all__ = ["create_app", "serve", "APIError", "DEFAULT_MAX_BODY_BYTES"]
+__all__ = ["create_app", "serve", "serving_model", "APIError", "DEFAULT_MAX_BODY_BYTES"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_LOGPROBS = 20
@@ -178,12 +179,17 @@ class _Server:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         if decoding_process is None:
             decoding_process = states_merge(model)
+        self._woken: collections.deque[_Inbox] = collections.deque()  # inboxes with news since the last delivery
+        self._delivery_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token_texts: dict[int, str] = {}
         if decoding_process:
             from lmlab.serve.worker import WorkerScheduler
 
-            self.scheduler = WorkerScheduler(model, tokenizer, max_batch=max_batch, threads=decoding_threads)
+            self.scheduler = WorkerScheduler(model, tokenizer, max_batch=max_batch, threads=decoding_threads,
+                                             on_iteration=self._deliver_soon)
         else:
-            self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+            self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, on_iteration=self._deliver_soon)
         self.context = model.max_context
         self.max_tokens_limit = max_tokens_limit or self.context or 4096
         self.created = int(time.time())
@@ -250,7 +256,42 @@ class _Server:
         return setup.processors(eos_id=self.eos_id, special_ids=specials)
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    # ------------------------------------------------------------ streamed events
+
+    def inbox(self) -> "_Inbox":
+        """An inbox for one streaming request's events (made on the event loop's thread)."""
+        self._loop = asyncio.get_running_loop()
+        return _Inbox()
+
+    def post(self, inbox: "_Inbox", item: tuple) -> None:
+        """``item`` for ``inbox`` (the scheduler's thread); it is delivered after the pass of the
+        decoding loop that made it, with the other requests' news: one wake-up of the event loop
+        per pass, not one per token."""
+        inbox.items.append(item)
+        if not inbox.flagged:
+            inbox.flagged = True
+            self._woken.append(inbox)
+
+    def _deliver_soon(self) -> None:
+        """The end of a pass of the decoding loop (the scheduler's thread)."""
+        if self._woken and not self._delivery_due and self._loop is not None:
+            self._delivery_due = True
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
+
+    def _deliver(self) -> None:
+        self._delivery_due = False
+        while self._woken:
+            inbox = self._woken.popleft()
+            inbox.flagged = False
+            inbox.ready.set()
 
     async def run(self, fn: Callable[..., Any], *args) -> Any:
         """``fn(model, tokenizer, *args)`` where the scheduler runs the model (between two decoding
@@ -266,23 +307,38 @@ class _Server:
                 "total_tokens": prompt_tokens + completion_tokens}
 
 
+class _Inbox:
+    """Events for one streaming request: ``items`` filled by the scheduler's thread, ``ready``
+    set on the event loop once a pass of the decoding loop has added some."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[tuple] = collections.deque()
+        self.ready = asyncio.Event()
+        self.flagged = False
+
+
 class _Row:
-    """Text of one streamed row so far: deltas hold back what could still become a stop string
-    or an unfinished character."""
+    """Text of one streamed row so far: each token decodes a few tokens (``TextStream``); deltas
+    hold back what is not settled yet (an unfinished character) and the last characters that
+    could still begin a stop string (the row's final text is cut before it)."""
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], eos_id: int | None) -> None:
-        self.tokenizer, self.prompt_ids, self.eos_id = tokenizer, prompt_ids, eos_id
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.tokens: list[int] = []
+        self.stream, self.eos_id = TextStream(tokenizer, prompt_ids), eos_id
+        self.hold = max((len(s) for s in stop), default=0)
+        self.unsent = ""
         self.sent = 0
+        self.offsets: list[int] = []  # per token added, where its text begins (text_offsets)
 
     def add(self, token: int) -> str:
-        if token != self.eos_id:
-            self.tokens.append(token)
-        text = continuation_text(self.tokenizer, self.prompt_ids, self.tokens).rstrip("\ufffd")
-        safe = max(len(text) - self.hold, self.sent)
-        delta = text[self.sent : safe]
-        self.sent = safe
+        self.offsets.append(self.stream.offset)
+        if token == self.eos_id:
+            return ""
+        self.unsent += self.stream.add(token)
+        cut = len(self.unsent) - self.hold
+        if cut <= 0:
+            return ""
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
+        self.sent += cut
         return delta
 
     def rest(self, final_text: str) -> str:
@@ -313,10 +369,40 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def serving_model(model, convert_hf: bool = True) -> tuple[Any, str | None]:
+    """(the model to serve, how it is served): a Hugging Face model (``hf:DIR``) of an architecture
+    that converts exactly (GPT-2, Llama: the same logits up to float rounding) becomes lmlab's
+    Transformer with its weights, whose states merge, so concurrent requests share the decoding
+    loop; other models are served as they are. ``how``: one line for the startup message and
+    ``/v1/info`` (None for a model that is lmlab's own)."""
+    converted_from = getattr(model, "converted_from", None)
+    if converted_from:
+        return model, f"lmlab's transformer, converted from the Hugging Face {converted_from} model"
+    if getattr(model, "family", None) != "hf":
+        return model, None
+    if not convert_hf:
+        return model, "the Hugging Face model as it is (conversion turned off)"
+    if getattr(model, "quantization", None):
+        return model, "the Hugging Face model as it is (quantized before it could be converted)"
+    from lmlab.hf import to_lmlab
+
+    try:
+        converted = to_lmlab(model.hf, dtype=next(model.hf.parameters()).dtype)
+    except ValueError as e:
+        return model, f"the Hugging Face model as it is ({e})"
+    converted = converted.to(model.device).eval()
+    converted.converted_from = model.config.model_type
+    return serving_model(converted)
+
+
 def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = None, max_batch: int = 16,
                max_tokens_limit: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               decoding_process: bool | None = None, decoding_threads: int | None = None) -> FastAPI:
+               decoding_process: bool | None = None, decoding_threads: int | None = None,
+               convert_hf: bool = True) -> FastAPI:
     """The FastAPI app serving ``model`` (an lmlab model) with ``tokenizer`` under the id ``name``.
+
+    ``convert_hf``: serve a Hugging Face model that converts exactly as lmlab's Transformer
+    (``serving_model``: continuous batching); False keeps it as it is (one request at a time).
 
     ``decoding_process``: run the decoding loop in a process of its own (``WorkerScheduler``)
     rather than on a thread of this one; None (default): a process when the model's states merge
@@ -325,7 +411,9 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
     process (default: every core but one)."""
     if tokenizer is None:
         raise ValueError("lmlab serve needs the model's tokenizer")
+    model, served_as = serving_model(model, convert_hf)
     server = _Server(model, tokenizer, name, max_batch, max_tokens_limit, decoding_process, decoding_threads)
+    server.served_as = served_as
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -383,7 +471,7 @@ def create_app(model, tokenizer, name: str = "lmlab", *, api_key: str | None = N
         return {"model": name, "family": getattr(model, "family", type(model).__name__),
                 "vocab_size": int(model.vocab_size), "context": server.context,
                 "layers": _attention_layers(model), "heads": _attention_heads(model),
-                "chat": _has_chat_template(tokenizer), "policy": server.scheduler.policy,
+                "chat": _has_chat_template(tokenizer), "policy": server.scheduler.policy, "served_as": served_as,
                 "max_batch": server.scheduler.max_batch, "max_tokens_limit": server.max_tokens_limit}
 
     # ------------------------------------------------------------ completions
@@ -616,6 +704,11 @@ class _Request:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        # Every streamed chunk is this request's fixed fields around its choices: serialized once.
+        head = {"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.created, "model": server.name, "system_fingerprint": None}
+        self._chunk_head = "data: " + json.dumps(head)[:-1] + ", \"choices\": "
+        self._chunk_tail = ", \"usage\": null}\n\n" if self.include_usage else "}\n\n"
 
     # ------------------------------------------------------------ running
 
@@ -706,30 +799,31 @@ class _Request:
         text = r.text
         lp = None
         prompt = self.prompts[prompt_index]
-        if self.echo:
-            text = self.server.tokenizer.decode(prompt) + text
+        tokenizer = self.server.tokenizer
+        prompt_text = tokenizer.decode(prompt) if self.echo else ""
+        text = prompt_text + text
         if self.logprobs is not None:
             tokens = list(r.token_ids)
             token_lps: list[float | None] = list(r.logprobs)
             tops: list[dict | None] = [self.top_dict((t, l) for t, l, _ in a) for a in alts]
+            offsets = [len(prompt_text) + o for o in text_offsets(tokenizer, prompt, tokens)]
             if self.echo:
                 p_lps, p_tops = prompt_lps
                 tokens = prompt + tokens
                 token_lps = [None, *p_lps, *token_lps]
                 tops = [None, *[self.top_dict(alts) for alts in p_tops], *tops]
-            lp = self.legacy_logprobs(tokens, token_lps, tops)
+                offsets = text_offsets(tokenizer, [], prompt) + offsets
+            lp = self.legacy_logprobs(tokens, token_lps, tops, offsets)
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
     def top_dict(self, alts) -> dict[str, float]:
         return {self.server.token_text(t): float(lp) for t, lp in alts}
 
-    def legacy_logprobs(self, tokens: list[int], lps: list, tops: list, offset: int = 0) -> dict:
-        texts = [self.server.token_text(t) for t in tokens]
-        offsets = []
-        for t in texts:
-            offsets.append(offset)
-            offset += len(t)
-        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    def legacy_logprobs(self, tokens: list[int], lps: list, tops: list, offsets: list[int]) -> dict:
+        """The completions API's logprobs object; ``offsets``: where each token's text begins
+        (:func:`~lmlab.tokenizers.text_offsets`)."""
+        return {"tokens": [self.server.token_text(t) for t in tokens], "token_logprobs": lps,
+                "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprob(self, token: int, logprob: float, alts) -> dict:
         text = self.server.token_text(token)
@@ -738,26 +832,23 @@ class _Request:
                                   "bytes": list(self.server.token_text(t).encode("utf-8"))} for t, lp, _ in alts]}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.name, "system_fingerprint": None, "choices": choices}
-        if usage is not None or self.include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        """One server-sent event: ``data: {id, object, created, model, system_fingerprint, choices[, usage]}``."""
+        tail = self._chunk_tail if usage is None else f", \"usage\": {json.dumps(usage)}}}\n\n"
+        return self._chunk_head + json.dumps(choices) + tail
 
     async def events(self) -> AsyncIterator[str]:
         """Server-sent events: a chunk per token per row, a last chunk with the finish reason per
         row, the usage (stream_options.include_usage), then ``data: [DONE]``."""
         server = self.server
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = server.inbox()
         rows = {(i, j): _Row(server.tokenizer, self.prompts[i], self.stop, server.eos_id)
                 for i in range(len(self.prompts)) for j in range(self.n)}
         offsets = {k: 0 for k in rows}
 
         def on_event(i: int, e: TokenEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", i, e))
+            server.post(inbox, ("token", i, e))
 
-        jobs = self.jobs(on_event=on_event, on_done=lambda: loop.call_soon_threadsafe(queue.put_nowait, ("done",)))
+        jobs = self.jobs(on_event=on_event, on_done=lambda: server.post(inbox, ("done",)))
         try:
             prompt_lps = await self.prompt_logprobs()
             if self.chat:
@@ -770,7 +861,8 @@ class _Request:
                     if self.logprobs is not None:
                         p_lps, p_tops = prompt_lps[i]
                         lp = self.legacy_logprobs(self.prompts[i], [None, *p_lps],
-                                                  [None, *[self.top_dict(a) for a in p_tops]])
+                                                  [None, *[self.top_dict(a) for a in p_tops]],
+                                                  text_offsets(server.tokenizer, [], self.prompts[i]))
                         offsets[(i, j)] = len(text)
                     yield self.chunk([{"index": i * self.n + j, "text": text, "logprobs": lp, "finish_reason": None}])
             for job in jobs:
@@ -778,9 +870,11 @@ class _Request:
             pending = len(jobs)
             while pending:
                 # Tokens that arrived while the last chunk was sent go out together, one chunk per row.
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
+                await inbox.ready.wait()
+                inbox.ready.clear()
+                items = []
+                while inbox.items:
+                    items.append(inbox.items.popleft())
                 grouped: dict[tuple[int, int], list[TokenEvent]] = {}
                 for item in items:
                     if item[0] == "done":
@@ -789,8 +883,10 @@ class _Request:
                         grouped.setdefault((item[1], item[2].row), []).append(item[2])
                 for key, events in grouped.items():
                     delta = "".join(rows[key].add(e.token_id) for e in events)
-                    yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events, offsets, key)])
+                    yield self.chunk([self.stream_choice(key[0] * self.n + key[1], delta, events,
+                                                         offsets[key], rows[key])])
             completion_tokens = 0
+            last = []  # the closing events go out in one write
             for i, job in enumerate(jobs):
                 if job.error:
                     yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
@@ -800,18 +896,20 @@ class _Request:
                     rest = rows[(i, j)].rest(r.text)
                     key = "delta" if self.chat else "text"
                     value = {"content": rest} if self.chat else rest
-                    yield self.chunk([{"index": i * self.n + j, key: value, "logprobs": None,
-                                       "finish_reason": _finish_reason(r.finish_reason)}])
+                    last.append(self.chunk([{"index": i * self.n + j, key: value, "logprobs": None,
+                                             "finish_reason": _finish_reason(r.finish_reason)}]))
             if self.include_usage:
-                yield self.chunk([], usage=server.usage(self.prompts, completion_tokens))
-            yield "data: [DONE]\n\n"
+                last.append(self.chunk([], usage=server.usage(self.prompts, completion_tokens)))
+            last.append("data: [DONE]\n\n")
+            yield "".join(last)
         finally:  # also when the client disconnects: the rows leave the batch at the next step
             for job in jobs:
                 if not job.done.is_set():
                     server.scheduler.cancel(job)
 
-    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], offsets: dict, key) -> dict:
-        """A chunk's choice for one row: the text of ``events`` (one or more new tokens)."""
+    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], base: int, row: _Row) -> dict:
+        """A chunk's choice for one row: the text of ``events`` (one or more new tokens, already
+        added to ``row``); ``base``: where the row's generated text begins (after an echoed prompt)."""
         lp = None
         if self.logprobs is not None:
             if self.chat:
@@ -819,8 +917,7 @@ class _Request:
             else:
                 lp = self.legacy_logprobs([e.token_id for e in events], [e.logprob for e in events],
                                           [self.top_dict((t, l) for t, l, _ in e.alternatives) for e in events],
-                                          offsets[key])
-                offsets[key] += sum(len(t) for t in lp["tokens"])
+                                          [base + o for o in row.offsets[len(row.offsets) - len(events):]])
                 # lmlab's extras for the playground: the processed log-prob and the alternatives before/after.
                 lp["processed_logprobs"] = [None if e.processed_logprob is None else _finite(e.processed_logprob)
                                             for e in events]
@@ -843,23 +940,29 @@ class _Empty:
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_tokens_limit: int | None = None, device: str = "cpu",
-          dtype: str | None = None, quantize: str | None = None, decoding_threads: int | None = None,
-          log_level: str = "warning") -> None:
-    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``) at the precision
-    ``dtype``/``quantize`` asks (as ``lmlab generate`` does) and serve it until interrupted."""
+          dtype: str | None = None, quantize: str | None = None, quantize_output: str | None = None,
+          decoding_threads: int | None = None, log_level: str = "warning", convert_hf: bool = True) -> None:
+    """Load ``model_spec`` (a checkpoint directory, ``gguf:FILE`` or ``hf:DIR``; an ``hf:`` model
+    that converts exactly becomes lmlab's Transformer unless ``convert_hf=False``, see
+    ``serving_model``) at the precision ``dtype``/``quantize``/``quantize_output`` asks (as
+    ``lmlab generate`` does) and serve it until interrupted."""
     import uvicorn
 
     from lmlab.checkpoints import load_checkpoint
+    from lmlab.quantize import prepare_model
 
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
-    model, tokenizer = load_checkpoint(model_spec, device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load_checkpoint(model_spec, device)
+    model, served_as = serving_model(model, convert_hf)  # converted from the float weights, then quantized
+    prepare_model(model, dtype=dtype, quantize=quantize, output=quantize_output)
     name = model_spec.rstrip("/")
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch=max_batch, max_tokens_limit=max_tokens_limit,
                      decoding_threads=decoding_threads)
     server = app.state.server
-    precision = ", ".join(p for p in (dtype, quantize) if p)
+    precision = ", ".join(p for p in (dtype, quantize, quantize_output and f"output {quantize_output}") if p)
     where = "its own process" if getattr(server.scheduler, "threads", None) else "a thread"
-    print(f"lmlab serve: {name} ({getattr(model, 'family', 'model')}{', ' + precision if precision else ''}, "
-          f"{server.scheduler.policy} on {where}, max batch {max_batch}) at http://{host}:{port}/", flush=True)
+    print(f"lmlab serve: {name} ({served_as or getattr(model, 'family', 'model')}"
+          f"{', ' + precision if precision else ''}, {server.scheduler.policy} on {where}, max batch {max_batch}) "
+          f"at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

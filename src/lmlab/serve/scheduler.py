@@ -30,30 +30,31 @@ import collections
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from lmlab.decode.generate import Generation, finished_text
-from lmlab.decode.processors import apply_processors
+from lmlab.decode.generate import Generation, StopScan, finished_text
+from lmlab.decode.processors import (EpsilonCutoff, EtaCutoff, ForceEOS, LogitBias, MinNewTokens, MinP,
+                                     SuppressTokens, Temperature, TopK, TopP, TypicalP, apply_processors)
 from lmlab.decode.search import _check_pickable, greedy_pick
 from lmlab.models.base import require_causal
 
 __all__ = ["Job", "TokenEvent", "Scheduler", "states_merge"]
 
 
-@dataclass
-class TokenEvent:
+class TokenEvent(NamedTuple):
     """A token chosen for ``row`` of a job. ``logprob``: under the model (before processors);
     ``processed_logprob``: after them (only when the job asks for ``alternatives``; -inf when
-    they cut it). ``alternatives``: the most probable tokens as (id, model logprob, processed logprob)."""
+    they cut it). ``alternatives``: the most probable tokens as (id, model logprob, processed logprob).
+    A named tuple: the decoding process sends one per token, and tuples pickle cheaply."""
 
     row: int
     token_id: int
     logprob: float
     processed_logprob: float | None
-    alternatives: list[tuple[int, float, float]] = field(default_factory=list)
+    alternatives: Sequence[tuple[int, float, float]] = ()
 
 
 @dataclass
@@ -86,10 +87,15 @@ class Job:
         self.cancelled = True
 
 
+# Processors that read only the logits and the count of generated tokens (given to them), not the ids.
+_READ_NO_IDS = (Temperature, TopK, TopP, MinP, TypicalP, EpsilonCutoff, EtaCutoff, SuppressTokens, LogitBias,
+                MinNewTokens, ForceEOS)
+
+
 class _Active:
     """A job in the running batch: its tokens so far, its generator and its rows' progress."""
 
-    def __init__(self, job: Job, device: torch.device) -> None:
+    def __init__(self, job: Job, device: torch.device, tokenizer) -> None:
         self.job = job
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
@@ -97,8 +103,13 @@ class _Active:
         self.generated = 0
         self.rows = [Generation(prompt_ids=list(job.prompt_ids)) for _ in range(job.n)]
         self.running = [True] * job.n
+        self.stop_scans = [StopScan(tokenizer, job.prompt_ids, job.stop_strings) for _ in range(job.n)] \
+            if job.stop_strings else None
         # Jobs with equal processors (frozen dataclasses: equal reprs) run them as one block.
         self.setup_key = (repr(list(job.processors)), job.alternatives > 0)
+        # Whether the processors read the tokens so far (penalties, n-gram bans; any callable not
+        # known here): only then is each row's history kept as a tensor and passed to them.
+        self.reads_ids = any(not isinstance(p, _READ_NO_IDS) for p in job.processors)
 
     @property
     def finished(self) -> bool:
@@ -252,7 +263,7 @@ class Scheduler:
                 job.results, job.error = [], "cancelled"
                 _done(job)
                 continue
-            active = _Active(job, self.device)
+            active = _Active(job, self.device, self.tokenizer)
             try:
                 logits, state = self.model.next_token_logits(active.ids, None)
             except Exception as e:
@@ -311,15 +322,17 @@ class Scheduler:
         the processors run on their rows together (their histories left-padded with -1, which
         every processor ignores), then each job draws from its rows with its own generator.
         ``logits``/``logp``: (B, V) of the whole batch; the picks are written into ``chosen`` (B,)."""
-        first = members[0][0].job
-        index = torch.cat([torch.arange(lo, lo + a.job.n) for a, lo in members]).to(self.device)
+        first = members[0][0]
+        index = torch.tensor([lo + r for a, lo in members for r in range(a.job.n)], device=self.device)
         scores = logits.index_select(0, index)
-        if first.processors:
-            width = max(a.ids.shape[1] for a, _ in members)
-            ids = torch.cat([F.pad(a.ids, (width - a.ids.shape[1], 0), value=-1) for a, _ in members])
-            num_generated = torch.cat([torch.full((a.job.n,), a.generated, dtype=torch.long) for a, _ in members])
-            scores = apply_processors(first.processors, scores, ids, num_generated=num_generated.to(self.device))
-        if first.do_sample:
+        if first.job.processors:
+            ids = None
+            if first.reads_ids:
+                width = max(a.ids.shape[1] for a, _ in members)
+                ids = torch.cat([F.pad(a.ids, (width - a.ids.shape[1], 0), value=-1) for a, _ in members])
+            num_generated = torch.tensor([a.generated for a, _ in members for _ in range(a.job.n)], device=self.device)
+            scores = apply_processors(first.job.processors, scores, ids, num_generated=num_generated)
+        if first.job.do_sample:
             _check_pickable(scores)
             probs = torch.softmax(scores, dim=-1)
             parts, offset = [], 0
@@ -341,17 +354,20 @@ class Scheduler:
             n = a.job.n
             rows = slice(offset, offset + n)
             offset += n
-            a.ids = torch.cat([a.ids, picks[rows, None]], dim=1)
+            if first.reads_ids:  # the history the processors read (the prompt's is read at admission)
+                a.ids = torch.cat([a.ids, picks[rows, None]], dim=1)
             a.generated += 1
-            self._record(a, tokens[rows], picked[rows], logp.index_select(0, index[rows]),
+            self._record(a, tokens[rows], picked[rows], logp, index[rows],
                          None if processed is None else processed[rows], picks[rows])
 
-    def _record(self, a: _Active, tokens: list[int], picked: list[float], logp: torch.Tensor,
+    def _record(self, a: _Active, tokens: list[int], picked: list[float], logp: torch.Tensor, index: torch.Tensor,
                 processed: torch.Tensor | None, picks: torch.Tensor) -> None:
-        """Append each running row's token, send its event, and apply the stop rules."""
+        """Append each running row's token, send its event, and apply the stop rules. ``logp``:
+        (B, V) of the whole batch, ``index``: this job's rows in it."""
         job = a.job
         picked_processed, top = [None] * job.n, None
         if job.alternatives:
+            logp = logp.index_select(0, index)
             picked_processed = processed.gather(1, picks[:, None]).squeeze(1).tolist()
             values, index = logp.topk(min(job.alternatives, logp.shape[-1]), dim=-1)
             top = (index.tolist(), values.tolist(), processed.gather(1, index).tolist())
@@ -366,7 +382,7 @@ class Scheduler:
                 job.on_event(TokenEvent(r, tokens[r], picked[r], picked_processed[r], alts))
             if job.eos_id is not None and tokens[r] == job.eos_id:
                 row.finish_reason = "eos"
-            elif job.stop_strings and any(s in self.tokenizer.decode(row.token_ids) for s in job.stop_strings):
+            elif a.stop_scans is not None and a.stop_scans[r].add(tokens[r]):
                 row.finish_reason = "stop"
             elif a.generated >= job.max_new_tokens:
                 row.finish_reason = "length"

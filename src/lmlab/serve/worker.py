@@ -47,16 +47,19 @@ def default_worker_threads() -> int:
 
 class WorkerScheduler:
     """``Scheduler``'s interface (submit, call, cancel, close, steps, running_rows, policy) over
-    a decoding process (see the module docstring). ``threads``: torch threads of that process."""
+    a decoding process (see the module docstring). ``threads``: torch threads of that process.
+    ``on_iteration()``, when given, is called on the reader thread after the events and ends of
+    one pass of the loop have been handed out (as ``Scheduler``'s), and once more at the end."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, threads: int | None = None,
-                 start_timeout: float = 300.0) -> None:
+                 start_timeout: float = 300.0, on_iteration: Callable[[], None] | None = None) -> None:
         require_causal(model, "serving")
         self.max_batch = check_max_batch(max_batch)
         self.threads = default_worker_threads() if threads is None else threads
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         self.steps = 0
+        self._on_iteration = on_iteration
         self._jobs: dict[int, Job] = {}
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count()
@@ -182,6 +185,8 @@ class WorkerScheduler:
                         future.set_result(item[3])
                     else:
                         future.set_exception(item[2])
+            if self._on_iteration is not None:
+                self._on_iteration()
         self._process.join(timeout=30)  # its end of the pipe is closed: it has exited or is exiting
         with self._lock:  # the process is gone: nothing pending will get an answer
             self._closed = True
@@ -195,6 +200,8 @@ class WorkerScheduler:
             _done(job)
         for future in calls:
             future.set_exception(RuntimeError(reason))
+        if self._on_iteration is not None:
+            self._on_iteration()
 
 
 # ---------------------------------------------------------------- the decoding process
