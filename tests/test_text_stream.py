@@ -109,18 +109,24 @@ def _check(tok, prompt: list[int], ids: list[int]) -> None:
     assert streamed + stream.pending == continuation_text(tok, prompt, ids)
 
 
+def token_ids(kind: str, tok) -> st.SearchStrategy[int]:
+    """Ids of ``tok``, with byte pieces and specials often: the cases where a window could decode
+    differently from the whole."""
+    ids = st.integers(0, tok.vocab_size - 1)
+    if kind == "byte-level bpe":
+        return st.one_of(ids, st.integers(4, 4 + 255))
+    if kind in ("sentencepiece bpe", "hf sentencepiece", "gguf"):
+        return st.one_of(ids, st.integers(0, 2), st.sampled_from([3 + b for b in (0x20, 0x41, 0xC3, 0xA9, 0xE2, 0x82,
+                                                                                   0xAC, 0xF0, 0x9F, 0x99, 0x80)]))
+    return ids
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @SETTINGS
 @given(data=st.data())
 def test_random_ids_stream_to_the_continuation_text(kind, data):
     tok = tokenizer(kind)
-    ids = st.integers(0, tok.vocab_size - 1)
-    # Byte pieces and specials often: the cases where a window could decode differently from the whole.
-    if kind == "byte-level bpe":
-        ids = st.one_of(ids, st.integers(4, 4 + 255))
-    elif kind in ("sentencepiece bpe", "hf sentencepiece", "gguf"):
-        ids = st.one_of(ids, st.integers(0, 2), st.sampled_from([3 + b for b in (0x20, 0x41, 0xC3, 0xA9, 0xE2, 0x82,
-                                                                                  0xAC, 0xF0, 0x9F, 0x99, 0x80)]))
+    ids = token_ids(kind, tok)
     prompt = data.draw(st.lists(ids, max_size=8), label="prompt")
     _check(tok, prompt, data.draw(st.lists(ids, max_size=14), label="ids"))
 
@@ -205,7 +211,7 @@ def test_text_offsets_point_every_part_of_a_split_character_at_its_start():
 @given(data=st.data())
 def test_text_offsets_are_the_text_before_each_token_less_an_unfinished_character(kind, data):
     tok = tokenizer(kind)
-    ids = st.integers(0, tok.vocab_size - 1)
+    ids = token_ids(kind, tok)
     prompt = data.draw(st.lists(ids, max_size=6), label="prompt")
     ids = data.draw(st.lists(ids, max_size=12), label="ids")
     offsets = text_offsets(tok, prompt, ids)
