@@ -198,7 +198,13 @@ def test_two_nodes_on_one_machine_train_as_one_process(tmp_path):
                                "-m", "lmlab", "train", "--out", str(tmp_path / "two"), *TRAIN, "--max-iters", "12",
                                "--eval-interval", "6"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outcomes = [node.communicate(timeout=180) for node in nodes]
+    try:
+        outcomes = [node.communicate(timeout=180) for node in nodes]
+    except subprocess.TimeoutExpired:  # say where each node was, not only that one of them hung
+        for node in nodes:
+            node.kill()
+        tails = [node.communicate()[1][-2000:] for node in nodes]
+        pytest.fail("the two torchrun nodes did not finish in 180 s; their stderr:\n" + "\n-----\n".join(tails))
     for node, (_, err) in zip(nodes, outcomes):
         assert node.returncode == 0, err[-3000:]
     torch.set_num_threads(1)
