@@ -313,8 +313,11 @@ def test_chat_completions_equal_lmlab_generation_on_the_template(chat_model_dir)
             deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
                 model="chat", messages=messages, max_tokens=12, stream=True, **options)]
             assert "".join(deltas) == expected.text
-        logprobs = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, seed=1,
-                                                  logprobs=True, top_logprobs=2).choices[0].logprobs.content
+        choice = client.chat.completions.create(model="chat", messages=messages, max_tokens=4, seed=1,
+                                                logprobs=True, top_logprobs=2).choices[0]
+        logprobs = choice.logprobs.content
+        # each token's bytes, parts of characters included, join to the message
+        assert b"".join(bytes(t.bytes) for t in logprobs).decode("utf-8", "replace") == choice.message.content
         assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in logprobs)
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="chat", messages=[{"role": "user"}], max_tokens=4)

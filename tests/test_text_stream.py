@@ -219,3 +219,30 @@ def test_text_offsets_are_the_text_before_each_token_less_an_unfinished_characte
     for k, offset in enumerate(offsets):
         before = continuation_text(tok, prompt, ids[:k])
         assert len(before.rstrip("\ufffd")) <= offset <= len(before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(text=TEXT)
+def test_token_bytes_join_to_the_text(kind, text):
+    """The bytes of the tokens of a text are the text's UTF-8, also where a character is split
+    across byte tokens (whose text alone is U+FFFD): SentencePiece kinds with the space of their
+    first piece (which decoding drops), a word tokenizer with its words and no spaces."""
+    tok = tokenizer(kind)
+    ids = tok.encode(text)
+    joined = b"".join(tok.token_bytes(t) for t in ids)
+    if kind == "word":
+        assert joined == "".join(tok.decode([t]) for t in ids).encode("utf-8")
+    elif kind in ("sentencepiece bpe", "hf sentencepiece", "gguf"):
+        assert joined == ((" " + tok.decode(ids)).encode("utf-8") if ids else b"")  # decode drops that space
+    elif tok.unk_id not in ids:  # char, regex, byte-level: every character in the vocabulary
+        assert joined == text.encode("utf-8")
+
+
+def test_a_byte_piece_has_its_byte():
+    tok = tokenizer("sentencepiece bpe")
+    ids = tok.encode("é")
+    assert [tok.id_to_token(t) for t in ids] == ["▁", "<0xC3>", "<0xA9>"]
+    assert [tok.token_bytes(t) for t in ids] == [b" ", b"\xc3", b"\xa9"]
+    assert tok.decode(ids[1:2]) == "\ufffd"  # what the token's text alone says
+    assert tok.token_bytes(tok.eos_id) == b""

@@ -151,6 +151,12 @@ class Tokenizer(ABC):
         together with the whole run of such pieces): streamed text waits for the next token."""
         return frozenset()
 
+    def token_bytes(self, id: int) -> bytes:
+        """The UTF-8 bytes that ``id`` contributes to a text (the chat API's ``bytes``): a token
+        holding part of a character gives those bytes, where its text alone is U+FFFD. Tokens
+        of whole characters: the UTF-8 of their text; skipped special tokens: empty."""
+        return self.decode([id]).encode("utf-8")
+
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """``[encode(t) for t in texts]`` (BPE does it in parallel)."""
         return [self.encode(t) for t in texts]
@@ -692,6 +698,57 @@ def _byte_piece_ids(vocab: dict[str, int]) -> frozenset[int]:
     return frozenset(i for t, i in vocab.items() if len(t) == 6 and _BYTE_PIECE.fullmatch(t))
 
 
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character of each byte (GPT-2's table), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _piece_bytes_function(backend: Any) -> Any:
+    """``piece -> bytes | None`` for the pieces of a ``tokenizers.Tokenizer``, by its decoder: the
+    byte-level alphabet, byte-fallback ``<0xHH>`` pieces and SentencePiece's ``▁`` (Replace or
+    Metaspace); None when the decoder is none of these (the caller decodes the token instead)."""
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    kinds = {step.get("type") for step in steps}
+    if "ByteLevel" in kinds:
+        alphabet = _gpt2_byte_alphabet()
+        return lambda piece: bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else None
+    replaces = [(step["pattern"]["String"], step["content"]) for step in steps
+                if step.get("type") == "Replace" and "String" in step.get("pattern", {})]
+    replaces += [(step.get("replacement", "▁"), " ") for step in steps if step.get("type") == "Metaspace"]
+    if not replaces and "ByteFallback" not in kinds:
+        return None
+
+    def piece_bytes(piece: str) -> bytes:
+        if "ByteFallback" in kinds and _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        for old, new in replaces:
+            piece = piece.replace(old, new)
+        return piece.encode("utf-8")
+
+    return piece_bytes
+
+
+def _backend_token_bytes(tok: Tokenizer, backend: Any, id: int) -> bytes:
+    """:meth:`Tokenizer.token_bytes` through the pieces of a ``tokenizers.Tokenizer`` (specials:
+    their decoded text, empty when skipped)."""
+    text = tok.decode([id])
+    if id in tok._special_piece_ids:
+        return text.encode("utf-8")
+    piece = backend.id_to_token(id)
+    convert = tok._piece_bytes
+    found = None if piece is None or convert is None else convert(piece)
+    return text.encode("utf-8") if found is None else found
+
+
 def _decode_segments(tok: Tokenizer, ids: list[int], dec: Any) -> str:
     """Drop pad/bos/eos, decode the runs between ``unk_id`` with ``dec`` and join them with ``unk_text``."""
     skip = {tok.pad_id, tok.bos_id, tok.eos_id}
@@ -879,6 +936,17 @@ class BPETokenizer(Tokenizer):
     def unsettled_ids(self) -> frozenset[int]:
         return _byte_piece_ids(self.backend.get_vocab(with_added_tokens=True))
 
+    @functools.cached_property
+    def _piece_bytes(self) -> Any:
+        return _piece_bytes_function(self.backend)
+
+    @functools.cached_property
+    def _special_piece_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder()) | {self.pad_id, self.bos_id, self.eos_id, self.unk_id}
+
+    def token_bytes(self, id: int) -> bytes:
+        return _backend_token_bytes(self, self.backend, id)
+
     def id_to_token(self, id: int) -> str:
         self._check_ids([id])
         tok = self.backend.id_to_token(id)
@@ -976,6 +1044,19 @@ class HFTokenizer(Tokenizer):
     @functools.cached_property
     def unsettled_ids(self) -> frozenset[int]:
         return _byte_piece_ids(self.hf.get_vocab())
+
+    @functools.cached_property
+    def _piece_bytes(self) -> Any:
+        backend = getattr(self.hf, "backend_tokenizer", None)  # fast tokenizers only
+        return None if backend is None else _piece_bytes_function(backend)
+
+    @functools.cached_property
+    def _special_piece_ids(self) -> frozenset[int]:
+        return frozenset(self.hf.all_special_ids) | {self.pad_id, self.bos_id, self.eos_id, self.unk_id}
+
+    def token_bytes(self, id: int) -> bytes:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        return super().token_bytes(id) if backend is None else _backend_token_bytes(self, backend, id)
 
     def to_json(self) -> str:
         if self.source_dir is None:

@@ -183,6 +183,7 @@ class _Server:
         self._delivery_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[int, list[int]] = {}
         if decoding_process:
             from lmlab.serve.worker import WorkerScheduler
 
@@ -260,6 +261,13 @@ class _Server:
         if text is None:
             text = self._token_texts[token] = self.tokenizer.decode([token])
         return text
+
+    def token_bytes(self, token: int) -> list[int]:
+        """The chat API's ``bytes`` of ``token``: what it adds to a text, part of a character included."""
+        found = self._token_bytes.get(token)
+        if found is None:
+            found = self._token_bytes[token] = list(self.tokenizer.token_bytes(token))
+        return found
 
     # ------------------------------------------------------------ streamed events
 
@@ -826,10 +834,10 @@ class _Request:
                 "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprob(self, token: int, logprob: float, alts) -> dict:
-        text = self.server.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": self.server.token_text(t), "logprob": lp,
-                                  "bytes": list(self.server.token_text(t).encode("utf-8"))} for t, lp, _ in alts]}
+        server = self.server
+        return {"token": server.token_text(token), "logprob": logprob, "bytes": server.token_bytes(token),
+                "top_logprobs": [{"token": server.token_text(t), "logprob": lp, "bytes": server.token_bytes(t)}
+                                 for t, lp, _ in alts]}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         """One server-sent event: ``data: {id, object, created, model, system_fingerprint, choices[, usage]}``."""
