@@ -25,6 +25,7 @@ from lmlab.decode.processors import (
     TypicalP,
     apply_processors,
     build_processors,
+    processors_read_ids,
 )
 from lmlab.decode.search import greedy_pick, sample_pick
 
@@ -404,3 +405,20 @@ def test_processors_work_with_batch_and_plain_callables():
     assert out.shape == (5, 12)
     assert (torch.isfinite(out).sum(-1) >= 4).all()
     assert torch.equal(x, x0)  # input not modified
+
+
+def test_processors_that_say_they_read_no_ids_give_the_same_without_them():
+    """``reads_ids = False`` (the serving loop then keeps no history for them) is true of each:
+    with ``num_generated`` given, ids=None gives what the real ids give; the penalties read them."""
+    torch.manual_seed(0)
+    logits, ids, num_generated = torch.randn(3, 12), torch.randint(0, 12, (3, 5)), torch.tensor([0, 2, 7])
+    blind = [Temperature(0.7), TopK(3), TopP(0.8), MinP(0.1), TypicalP(0.9), EpsilonCutoff(0.02), EtaCutoff(0.02),
+             SuppressTokens((1, 2)), LogitBias({3: 2.0}), MinNewTokens(3, 4), ForceEOS(4, 5)]
+    for proc in blind:
+        assert not processors_read_ids([proc])
+        assert torch.equal(proc(logits, None, num_generated=num_generated),
+                           proc(logits, ids, num_generated=num_generated)), proc
+    reading = [RepetitionPenalty(1.3), PresencePenalty(0.5), FrequencyPenalty(0.5), NoRepeatNGram(2)]
+    assert all(processors_read_ids([proc]) for proc in reading)
+    assert processors_read_ids([lambda scores, ids: scores])  # a plain callable may read them
+    assert not processors_read_ids([])

@@ -137,10 +137,20 @@ def _ids_for(ids: Tensor | None, logits: Tensor, name: str) -> Tensor:
 
 
 class LogitsProcessor:
-    """Base class: ``__call__(logits (B, V), ids (B, T), num_generated=None) -> (B, V)``."""
+    """Base class: ``__call__(logits (B, V), ids (B, T), num_generated=None) -> (B, V)``.
+    ``reads_ids``: whether the result depends on ``ids`` (False: on the logits and, given,
+    ``num_generated`` only, so a caller that passes ``num_generated`` may pass ``ids=None``)."""
+
+    reads_ids = True
 
     def __call__(self, logits: Tensor, ids: Tensor | None, num_generated: int | Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+
+def processors_read_ids(processors: Iterable[Callable] | None) -> bool:
+    """Whether any of ``processors`` reads the tokens so far (a callable that is not a
+    ``LogitsProcessor`` is taken to)."""
+    return any(getattr(proc, "reads_ids", True) for proc in processors or ())
 
 
 def apply_processors(
@@ -171,6 +181,8 @@ class Temperature(LogitsProcessor):
     logits of each row are kept (all of them on a tie), the rest become -inf — the
     limit of the tempered distribution as t -> 0. As t -> inf it tends to uniform."""
 
+    reads_ids = False
+
     t: float
 
     def __post_init__(self) -> None:
@@ -191,6 +203,8 @@ class TopK(LogitsProcessor):
     """Keep the ``k`` largest logits per row and every logit tied with the k-th
     largest (as Hugging Face: mask ``logits < kth value``). 1 <= k <= V."""
 
+    reads_ids = False
+
     k: int
 
     def __post_init__(self) -> None:
@@ -210,6 +224,8 @@ class TopP(LogitsProcessor):
     """Nucleus: keep the smallest set of most probable tokens whose probability sums
     to >= p (at least one token), plus every token tied with the least probable kept
     one. p = 1 returns the logits unchanged; p = 0 keeps the argmax (with ties)."""
+
+    reads_ids = False
 
     p: float
 
@@ -234,6 +250,8 @@ class MinP(LogitsProcessor):
     as Hugging Face), i.e. logit >= max logit + log p. p in [0, 1]; the argmax
     always survives; p = 0 is the identity, p = 1 keeps the argmax set."""
 
+    reads_ids = False
+
     p: float
 
     def __post_init__(self) -> None:
@@ -254,6 +272,8 @@ class TypicalP(LogitsProcessor):
     |-log p - H| (H the entropy) ascending and keep the shortest prefix whose
     probability sums to >= p, plus tokens as typical as the last kept one (ties).
     p in [0, 1]; p = 1 is the identity; p = 0 keeps the most typical token(s)."""
+
+    reads_ids = False
 
     p: float
 
@@ -280,6 +300,8 @@ class EpsilonCutoff(LogitsProcessor):
     """Epsilon sampling (Hewitt et al. 2022, as Hugging Face): drop tokens with
     probability < eps, always keeping the argmax (with ties). eps in [0, 1]."""
 
+    reads_ids = False
+
     eps: float
 
     def __post_init__(self) -> None:
@@ -299,6 +321,8 @@ class EtaCutoff(LogitsProcessor):
     """Eta sampling (Hewitt et al. 2022, as Hugging Face): drop tokens with probability
     < min(eta, sqrt(eta) * exp(-H)), H the entropy of the row; the argmax (with ties)
     always survives. eta in [0, 1]."""
+
+    reads_ids = False
 
     eta: float
 
@@ -403,6 +427,8 @@ class NoRepeatNGram(LogitsProcessor):
 class SuppressTokens(LogitsProcessor):
     """Set the logits of ``token_ids`` to -inf (every step)."""
 
+    reads_ids = False
+
     token_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
@@ -421,6 +447,8 @@ class SuppressTokens(LogitsProcessor):
 @dataclass(frozen=True)
 class LogitBias(LogitsProcessor):
     """Add ``bias[id]`` to the logit of each listed token; a bias of -inf bans it."""
+
+    reads_ids = False
 
     bias: Mapping[int, float]
 
@@ -467,6 +495,8 @@ class MinNewTokens(LogitsProcessor):
     """Ban ``eos_id`` (an id or a list) while fewer than ``n`` tokens have been
     generated. Needs ``num_generated`` at call time, or ``prompt_length``."""
 
+    reads_ids = False
+
     n: int
     eos_id: int | Sequence[int]
     prompt_length: int | None = None
@@ -493,6 +523,8 @@ class ForceEOS(LogitsProcessor):
     """Once ``after`` tokens have been generated, only ``eos_id`` (an id or a list)
     stays allowed, so a sequence has at most ``after + 1`` new tokens, the last one
     EOS. Needs ``num_generated`` at call time, or ``prompt_length``."""
+
+    reads_ids = False
 
     eos_id: int | Sequence[int]
     after: int

@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.decode.generate import Generation, StopScan, finished_text
-from lmlab.decode.processors import (EpsilonCutoff, EtaCutoff, ForceEOS, LogitBias, MinNewTokens, MinP,
-                                     SuppressTokens, Temperature, TopK, TopP, TypicalP, apply_processors)
+from lmlab.decode.processors import apply_processors, processors_read_ids
 from lmlab.decode.search import _check_pickable, greedy_pick
 from lmlab.models.base import require_causal
 
@@ -87,11 +86,6 @@ class Job:
         self.cancelled = True
 
 
-# Processors that read only the logits and the count of generated tokens (given to them), not the ids.
-_READ_NO_IDS = (Temperature, TopK, TopP, MinP, TypicalP, EpsilonCutoff, EtaCutoff, SuppressTokens, LogitBias,
-                MinNewTokens, ForceEOS)
-
-
 class _Active:
     """A job in the running batch: its tokens so far, its generator and its rows' progress."""
 
@@ -107,9 +101,9 @@ class _Active:
             if job.stop_strings else None
         # Jobs with equal processors (frozen dataclasses: equal reprs) run them as one block.
         self.setup_key = (repr(list(job.processors)), job.alternatives > 0)
-        # Whether the processors read the tokens so far (penalties, n-gram bans; any callable not
-        # known here): only then is each row's history kept as a tensor and passed to them.
-        self.reads_ids = any(not isinstance(p, _READ_NO_IDS) for p in job.processors)
+        # Only when the processors read the tokens so far (penalties, n-gram bans) is each row's
+        # history kept as a tensor and passed to them.
+        self.reads_ids = processors_read_ids(job.processors)
 
     @property
     def finished(self) -> bool:
