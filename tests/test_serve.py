@@ -490,14 +490,13 @@ def test_lmlab_serve_decodes_in_its_own_process_and_leaves_none_behind(checkpoin
 def test_streamed_deltas_never_pass_the_final_text(ids, prompt, stop):
     """The deltas of a streamed row are a prefix of its final text (cut before a stop string),
     whatever token ends it: never a character of the stop string."""
-    from lmlab.decode.generate import StopScan, finished_text
-    from lmlab.serve.app import _Row
+    from lmlab.decode.generate import StopScan, StreamedRow, finished_text
     from lmlab.tokenizers import CharTokenizer
 
     from serve_helpers import TEXT
 
     tok = CharTokenizer.train(TEXT)
-    row, scan = _Row(tok, prompt, stop, tok.eos_id), StopScan(tok, prompt, stop) if stop else None
+    row, scan = StreamedRow(tok, prompt, stop, tok.eos_id), StopScan(tok, prompt, stop) if stop else None
     sent, reason = "", "length"
     for k, t in enumerate(ids, 1):
         sent += row.add(t)

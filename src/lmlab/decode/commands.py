@@ -26,8 +26,8 @@ import torch
 
 from lmlab import data
 from lmlab.checkpoints import TRUST_REMOTE_CODE_HELP, add_precision_arguments
-from lmlab.decode.generate import StopScan, finished_text
-from lmlab.tokenizers import TextStream, continuation_text
+from lmlab.decode.generate import StopScan, StreamedRow, finished_text
+from lmlab.tokenizers import continuation_text
 from lmlab.decode.setups import (
     SPECIALS_POLICIES,
     DecodingSetup,
@@ -296,8 +296,8 @@ class _LivePrinter:
     """Prints the rows of one batched generation as their tokens arrive: the first
     unfinished row live, the others as soon as every row before them is done
     (rows are produced in lock-step, so the text is the same as without --stream).
-    Each token decodes a few tokens (``TextStream``); the last characters that could still
-    start a stop string are held back until the row's end."""
+    Each row's text comes from a ``StreamedRow``: what could still start a stop string is
+    held back until the row's end."""
 
     def __init__(self, tokenizer, prompts: list[str], setup: DecodingSetup, args, out: TextIO) -> None:
         self.tok, self.prompts, self.setup, self.out = tokenizer, prompts, setup, out
@@ -306,10 +306,9 @@ class _LivePrinter:
         self.eos = tokenizer.eos_id if setup.suppress_specials != "all" else None
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.reason: list[str | None] = [None] * len(prompts)
-        self.streams = [TextStream(tokenizer, p) for p in self.prompt_ids]
+        self.rows = [StreamedRow(tokenizer, p, self.stops, None) for p in self.prompt_ids]
         self.scans = [StopScan(tokenizer, p, self.stops) for p in self.prompt_ids] if self.stops else None
-        self.hold = max((len(s) for s in self.stops), default=0)
-        self.texts = [""] * len(prompts)  # settled text of each row
+        self.texts = [""] * len(prompts)  # what each row's StreamedRow has let out
         self.shown = [0] * len(prompts)
         self.current = 0
         self._header(0)
@@ -322,7 +321,7 @@ class _LivePrinter:
         if final:
             text = finished_text(self.tok, self.prompt_ids[row], self.tokens[row], self.reason[row], self.stops)
         else:
-            text = self.texts[row][: max(len(self.texts[row]) - self.hold, 0)]
+            text = self.texts[row]
         if len(text) > self.shown[row]:
             self.out.write(text[self.shown[row]:])
             self.shown[row] = len(text)
@@ -333,7 +332,7 @@ class _LivePrinter:
         if self.eos is not None and token == self.eos:
             self.reason[row] = "eos"
         else:
-            self.texts[row] += self.streams[row].add(token)
+            self.texts[row] += self.rows[row].add(token)
             if self.scans is not None and self.scans[row].add(token):
                 self.reason[row] = "stop"
             elif len(self.tokens[row]) >= self.max_new:

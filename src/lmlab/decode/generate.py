@@ -44,6 +44,35 @@ class StopScan:
         return any(s in text for s in self.stop_strings)
 
 
+class StreamedRow:
+    """Text of one streamed row so far (``lmlab generate --stream``, ``lmlab serve``): each token
+    decodes a few tokens (``TextStream``); deltas hold back what is not settled yet (an
+    unfinished character) and the last characters that could still begin a stop string (the
+    row's final text, ``finished_text``, is cut before it); ``rest`` is what is left of it."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], eos_id: int | None) -> None:
+        self.stream, self.eos_id = TextStream(tokenizer, prompt_ids), eos_id
+        self.hold = max((len(s) for s in stop), default=0)
+        self.unsent = ""
+        self.sent = 0
+        self.offsets: list[int] = []  # per token added, where its text begins (text_offsets)
+
+    def add(self, token: int) -> str:
+        self.offsets.append(self.stream.offset)
+        if token == self.eos_id:
+            return ""
+        self.unsent += self.stream.add(token)
+        cut = len(self.unsent) - self.hold
+        if cut <= 0:
+            return ""
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
+        self.sent += cut
+        return delta
+
+    def rest(self, final_text: str) -> str:
+        return final_text[self.sent :]
+
+
 @dataclass
 class Generation:
     """One row's result. ``token_ids`` are the new tokens (with the <eos> if one ended it);

@@ -32,9 +32,10 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from lmlab.decode.generate import StreamedRow
 from lmlab.decode.setups import DecodingSetup, run_setup, special_ids_to_suppress
 from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, states_merge
-from lmlab.tokenizers import TextStream, text_offsets
+from lmlab.tokenizers import text_offsets
 
 try:
     from fastapi import FastAPI, Request
@@ -323,34 +324,6 @@ class _Inbox:
         self.items: collections.deque[tuple] = collections.deque()
         self.ready = asyncio.Event()
         self.flagged = False
-
-
-class _Row:
-    """Text of one streamed row so far: each token decodes a few tokens (``TextStream``); deltas
-    hold back what is not settled yet (an unfinished character) and the last characters that
-    could still begin a stop string (the row's final text is cut before it)."""
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], eos_id: int | None) -> None:
-        self.stream, self.eos_id = TextStream(tokenizer, prompt_ids), eos_id
-        self.hold = max((len(s) for s in stop), default=0)
-        self.unsent = ""
-        self.sent = 0
-        self.offsets: list[int] = []  # per token added, where its text begins (text_offsets)
-
-    def add(self, token: int) -> str:
-        self.offsets.append(self.stream.offset)
-        if token == self.eos_id:
-            return ""
-        self.unsent += self.stream.add(token)
-        cut = len(self.unsent) - self.hold
-        if cut <= 0:
-            return ""
-        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
-        self.sent += cut
-        return delta
-
-    def rest(self, final_text: str) -> str:
-        return final_text[self.sent :]
 
 
 class _RequireKey:
@@ -849,7 +822,7 @@ class _Request:
         row, the usage (stream_options.include_usage), then ``data: [DONE]``."""
         server = self.server
         inbox = server.inbox()
-        rows = {(i, j): _Row(server.tokenizer, self.prompts[i], self.stop, server.eos_id)
+        rows = {(i, j): StreamedRow(server.tokenizer, self.prompts[i], self.stop, server.eos_id)
                 for i in range(len(self.prompts)) for j in range(self.n)}
         offsets = {k: 0 for k in rows}
 
@@ -915,7 +888,7 @@ class _Request:
                 if not job.done.is_set():
                     server.scheduler.cancel(job)
 
-    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], base: int, row: _Row) -> dict:
+    def stream_choice(self, index: int, delta: str, events: list[TokenEvent], base: int, row: StreamedRow) -> dict:
         """A chunk's choice for one row: the text of ``events`` (one or more new tokens, already
         added to ``row``); ``base``: where the row's generated text begins (after an echoed prompt)."""
         lp = None
