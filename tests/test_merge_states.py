@@ -61,14 +61,43 @@ def test_merged_rows_continue_as_if_alone(family, config):
     torch.testing.assert_close(logits[:, 0], alone[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family,config", FAMILIES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(FAMILIES)])
+def test_prompt_blocks_read_together_as_if_alone(family, config):
+    """read_prompt_blocks (the transformer: one padded pass) gives every row the logits and the
+    state it gets read alone and merged: the next steps continue the same."""
+    model = _model(family, config)
+    g = torch.Generator().manual_seed(2)
+    blocks = [torch.randint(0, V, (1, 6), generator=g), torch.randint(0, V, (2, 2), generator=g),
+              torch.randint(0, V, (1, 6), generator=g), torch.randint(0, V, (1, 1), generator=g)]
+    logits, state = model.read_prompt_blocks(blocks)
+    read = [model.next_token_logits(block, None) for block in blocks]
+    torch.testing.assert_close(logits, torch.cat([l for l, _ in read]), atol=1e-5, rtol=1e-5)
+    assert state.positions.tolist() == [6, 2, 2, 6, 1]
+    steps = torch.randint(0, V, (5, 3), generator=g)
+    together, _ = model(steps, state)
+    alone, _ = model(steps, model.merge_states([s for _, s in read]))
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    same_length, _ = model.read_prompt_blocks([blocks[0], blocks[2]])
+    torch.testing.assert_close(same_length, torch.cat([read[0][0], read[2][0]]), atol=1e-5, rtol=1e-5)
+
+
 def test_transformer_merge_pads_the_cache_at_the_start():
     model = _model(*FAMILIES[0])
     _, long = model(torch.ones(1, 5, dtype=torch.long))
     _, short = model(torch.ones(1, 2, dtype=torch.long))
     merged = model.merge_states([long, short])
     assert merged.length == 5 and merged.offsets.tolist() == [0, 3]
-    assert merged.tensors["k0"].shape[2] == 5
-    assert torch.equal(merged.tensors["k0"][1, :, :3], torch.zeros_like(merged.tensors["k0"][1, :, :3]))
+    k0 = merged.tensors["k0"]
+    assert k0.shape[2] >= 5  # room to grow: the next steps write in place
+    assert torch.equal(k0[1, :, :3], torch.zeros_like(k0[1, :, :3]))
+    assert torch.equal(k0[0, :, :5], long.tensors["k0"][0, :, :5])
+    assert torch.equal(k0[1, :, 3:5], short.tensors["k0"][0, :, :2])
+    _, after = model(torch.ones(2, 1, dtype=torch.long), merged)
+    assert after.tensors["k0"].data_ptr() == k0.data_ptr()
+    # Compacting what is left after the long row leaves drops its slots without a copy.
+    rest = model.merge_states([after.select(torch.tensor([1]))])
+    assert rest.length == 3 and rest.offsets is None
+    assert torch.equal(rest.tensors["k0"][0, :, :3], after.tensors["k0"][1, :, 3:6])
 
 
 def test_attention_weights_never_read_empty_slots():

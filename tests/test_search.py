@@ -15,7 +15,7 @@ from lmlab.decode.processors import (
     TopK,
     apply_processors,
 )
-from lmlab.decode.search import beam_search, greedy_pick, sample_pick
+from lmlab.decode.search import beam_search, draw, greedy_pick, sample_pick, sampling_noise
 from lmlab.models.base import LanguageModel, State
 
 
@@ -107,6 +107,44 @@ def test_greedy_pick_and_sample_pick_shapes():
     assert s[1] != 1
     with pytest.raises(ValueError, match=r"logits must have shape \(B, V\)"):
         greedy_pick(torch.zeros(3))
+
+
+@pytest.mark.parametrize("vocab", [2, 68, 1000, 49152])
+def test_sample_pick_draws_what_torch_multinomial_draws(vocab):
+    """sample_pick (noise, then draw) makes torch.multinomial's draw with the same generator,
+    token for token, zero-probability tokens included: the serving loop and generate rely on it."""
+    for seed in range(25):
+        g = torch.Generator().manual_seed(1000 + seed)
+        logits = 3 * torch.randn(1 + seed % 4, vocab, generator=g)
+        logits[:, ::3] = -float("inf")
+        logits[:, 1] = 0.0
+        probs = torch.softmax(logits, dim=-1)
+        expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        assert torch.equal(sample_pick(logits, torch.Generator().manual_seed(seed)), expected)
+
+
+def test_draw_takes_each_blocks_noise_from_its_own_generator():
+    """Rows of one batch drawn at once, each block's noise from its own generator, get the
+    tokens each block gets alone (what continuous batching needs)."""
+    g = torch.Generator().manual_seed(7)
+    probs = torch.softmax(2 * torch.randn(5, 50, generator=g), dim=-1)
+    blocks, seeds = [(0, 2), (2, 3), (3, 5)], [11, 12, 13]
+    noise = torch.cat([sampling_noise(hi - lo, 50, torch.Generator().manual_seed(s)) for (lo, hi), s in zip(blocks, seeds)])
+    together = draw(probs, noise)
+    for (lo, hi), s in zip(blocks, seeds):
+        alone = torch.multinomial(probs[lo:hi], 1, generator=torch.Generator().manual_seed(s)).squeeze(1)
+        assert torch.equal(together[lo:hi], alone)
+
+
+def test_sample_pick_follows_the_distribution():
+    """Chi-square goodness of fit of 20,000 draws from a fixed distribution (fixed seed)."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    draws = sample_pick(probs.log().expand(20000, -1).contiguous(), torch.Generator().manual_seed(3))
+    counts = torch.bincount(draws, minlength=5).double()
+    assert counts[4] == 0
+    expected = 20000 * probs[:4].double()
+    chi2 = float(((counts[:4] - expected) ** 2 / expected).sum())
+    assert chi2 < 11.34  # the 0.99 quantile of chi-square with 3 degrees of freedom
 
 
 # ---------------------------------------------------------------- beam search: exactness

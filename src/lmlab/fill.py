@@ -125,6 +125,7 @@ def fill_ids(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tenso
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[FillStep]]:
     """ids: (T,) with ``mask_id`` at the gaps -> (filled ids (T,), the steps in the order taken)."""
     from lmlab.decode.processors import Temperature, TopK, TopP, apply_processors
+    from lmlab.decode.search import sample_pick
 
     if order not in ORDERS:
         raise ValueError(f"order={order!r}; accepted: {', '.join(ORDERS)}")
@@ -151,8 +152,7 @@ def fill_ids(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tenso
         else:
             rows = probs.max(-1).values.argmax().reshape(1)
         if sample:
-            weights = apply_processors(processors, logits[rows], None).softmax(-1)
-            tokens = torch.multinomial(weights, 1, generator=generator).flatten()
+            tokens = sample_pick(apply_processors(processors, logits[rows], None), generator)
         else:
             tokens = logits[rows].argmax(-1)
         for r, tok in zip(rows.tolist(), tokens.tolist()):

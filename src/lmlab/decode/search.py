@@ -2,6 +2,8 @@
 
     greedy_pick(logits)                -> (B,) argmax
     sample_pick(logits, generator)     -> (B,) one draw from softmax(logits)
+    draw(probs, sampling_noise(...))   -> (B,) the same draw in two parts, for rows whose noise
+                                          comes from different generators (the serving loop)
     beam_search(model, prompts, ...)   -> per prompt, an n-best list of Hypothesis
 
 The picks are the per-step pieces of a generation loop (``decode/generate.py``);
@@ -24,7 +26,7 @@ from lmlab.models.base import require_causal
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
 
-__all__ = ["Hypothesis", "greedy_pick", "sample_pick", "beam_search"]
+__all__ = ["Hypothesis", "greedy_pick", "sample_pick", "sampling_noise", "draw", "beam_search"]
 
 
 # ---------------------------------------------------------------- picks
@@ -67,7 +69,24 @@ def sample_pick(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     Rows with no finite logit or with NaN raise ValueError."""
     _check_pickable(logits)
     probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, sampling_noise(probs.shape[0], probs.shape[1], generator, probs.device))
+
+
+def sampling_noise(rows: int, vocab: int, generator: torch.Generator | None, device=None) -> Tensor:
+    """(rows, vocab) float32 draws from Exp(1) with ``generator``: what ``draw`` divides by."""
+    return torch.empty(rows, vocab, device=device).exponential_(1, generator=generator)
+
+
+def draw(probs: Tensor, noise: Tensor) -> Tensor:
+    """probs (B, V) float32, noise (B, V) from ``sampling_noise`` -> (B,) int64: per row the
+    index of the largest probs / noise, a draw from that row (the exponential race: the
+    Gumbel-max trick with the logarithms left out).
+
+    It is the draw ``torch.multinomial(probs, 1, generator=g)`` makes, which computes
+    exactly this with noise from ``g`` (tested); split in two, the rows of one batch can take
+    their noise from generators of their own and still be picked in one operation.
+    """
+    return (probs / noise).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- beam search

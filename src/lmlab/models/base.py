@@ -127,6 +127,17 @@ class LanguageModel(nn.Module):
         logits, state = self(ids, state)
         return logits[:, -1], state
 
+    def read_prompt_blocks(self, blocks: "list[torch.Tensor]") -> tuple[torch.Tensor, State]:
+        """blocks: (n_i, T_i) int64 prompts of any lengths (T_i >= 1) -> the next-token logits of
+        every row (sum n_i, V) and one state holding them all, each row at its own position: what
+        ``next_token_logits`` of each block alone and ``merge_states`` of their states give. The
+        default does exactly that; a family may read the blocks in one padded pass (the
+        transformer does), with logits equal to those within float rounding."""
+        read = [self.next_token_logits(block, None) for block in blocks]
+        if len(read) == 1:
+            return read[0]
+        return torch.cat([logits for logits, _ in read]), self.merge_states([state for _, state in read])
+
     def merge_states(self, states: "list[State]") -> State:
         """One state holding the rows of ``states`` in order; each may be at a different length.
 
@@ -134,7 +145,9 @@ class LanguageModel(nn.Module):
         (``State.offsets``), and slots no row fills are dropped, so ``merge_states([s.select(i)])``
         also compacts a batch after rows leave it. The default concatenates every tensor along
         the batch, which is right for states that summarise a row (hidden vectors, the last
-        tokens, a running sum); families with a time axis (the KV cache) override it. A state of
+        tokens, a running sum); families with a time axis (the KV cache) override it (the
+        transformer returns one state's tensors as views: continue either that state or the
+        result, or clone first, as with any state). A state of
         another kind (a Hugging Face cache, RAG's) raises NotImplementedError: such models
         decode one request at a time.
         """

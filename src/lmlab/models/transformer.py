@@ -378,12 +378,29 @@ class Transformer(LanguageModel):
         hidden, state = self.hidden_states(ids, state)
         return self.lm_head(hidden[:, -1]), state
 
+    def read_prompt_blocks(self, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, State]:
+        """As ``LanguageModel.read_prompt_blocks``, in one pass: the blocks are padded at the start
+        to the longest, and the padding is masked out and recorded as empty slots (``State.offsets``)."""
+        if len(blocks) == 1 or not self.config.causal:
+            return super().read_prompt_blocks(blocks)
+        longest = max(block.shape[1] for block in blocks)
+        ids = torch.cat([F.pad(block, (longest - block.shape[1], 0)) for block in blocks])
+        padding = torch.cat([torch.full((block.shape[0],), longest - block.shape[1], dtype=torch.long)
+                             for block in blocks]).to(ids.device)
+        hidden, state = self.hidden_states(ids, padding=padding if bool(padding.any()) else None)
+        return self.lm_head(hidden[:, -1]), state
+
     def hidden_states(
-        self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False
+        self, ids: torch.Tensor, state: State | None = None, return_attention: bool = False,
+        padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
         """ids: (B, T) -> the final hidden vectors (B, T, C) the LM head reads, and the state.
+        ``padding`` (B,) int64, without a state: row b's first ``padding[b]`` ids are filler,
+        masked out of attention and left in the state as empty slots.
 
         Classifiers and probes read these (see ``lmlab.finetune``)."""
+        if padding is not None and state is not None:
+            raise ValueError("padding is for reading from the start; a state records its own empty slots")
         B, T = ids.shape
         start = state.length if state is not None else 0
         if start and not self.config.causal:
@@ -394,14 +411,17 @@ class Transformer(LanguageModel):
                 f"{start + T} positions exceed the model's block_size={self.config.block_size}; "
                 "crop the input or continue with a fresh state over the last block_size tokens"
             )
-        offsets = state.offsets if state is not None else None
+        offsets = state.offsets if state is not None else padding
         positions = mask = None
         if offsets is not None:
-            # Row b's tokens sit at its own positions; its empty slots are masked out.
-            positions = (start - offsets)[:, None] + torch.arange(T, device=ids.device)  # (B, T)
+            # Row b's tokens sit at its own positions; its empty slots are masked out. A filler
+            # token (padding) reads only its own slot, so that no query has every key masked.
+            positions = ((start - offsets)[:, None] + torch.arange(T, device=ids.device)).clamp_(min=0)  # (B, T)
             slots = torch.arange(start + T, device=ids.device)
-            mask = _causal_mask(T, start, ids.device)[None] & (slots[None, None, :] >= offsets[:, None, None])
-            mask = mask[:, None]  # (B, 1, T, start + T)
+            readable = slots[None, None, :] >= offsets[:, None, None]
+            if padding is not None:
+                readable = readable | (slots[None, :] == slots[-T:, None])[None]
+            mask = (_causal_mask(T, start, ids.device)[None] & readable)[:, None]  # (B, 1, T, start + T)
         x = self.embed(ids, start, positions)
         rotary = None
         if self.config.positions == "rotary":
@@ -417,7 +437,7 @@ class Transformer(LanguageModel):
             tensors[f"k{i}"], tensors[f"v{i}"] = ck, cv
             if w is not None:
                 tensors[f"attention{i}"] = w
-        return self.ln_f(x), State(tensors, start + T, offsets=offsets)
+        return self.ln_f(x), State(tensors, start + T, offsets=offsets if padding is None else _or_none(offsets, tensors))
 
     def merge_states(self, states: list[State]) -> State:
         """The rows of ``states`` (KV caches at any lengths) as one batch, aligned at their ends:
@@ -429,15 +449,26 @@ class Transformer(LanguageModel):
         length = max(s.length for s in states)
         offsets = _merged_offsets(states, length)
         trim = int(offsets.min())
+        names = [f"{kv}{i}" for i in range(len(self.blocks)) for kv in "kv"]
+        if len(states) == 1:  # rows left the batch: drop the slots none of them fills, as views
+            tensors = {name: states[0].tensors[name][:, :, trim:] for name in names}
+            return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))
+        # One copy into caches with room to grow (as _append leaves them), so that the next steps
+        # write in place; the empty slots are zeros (masked out, and 0 x NaN would not be).
+        slots = length - trim
+        capacity = max(slots, min(2 * slots, self.config.block_size))
+        rows = [s.batch_size for s in states]
         tensors = {}
-        for i in range(len(self.blocks)):
-            for name in (f"k{i}", f"v{i}"):
-                parts = []
-                for s in states:
-                    t = s.tensors[name][:, :, : s.length]
-                    pad = length - s.length
-                    if pad:
-                        t = torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
-                    parts.append(t[:, :, trim:])
-                tensors[name] = torch.cat(parts)
-        return State(tensors, length - trim, offsets=_or_none(offsets - trim, tensors))
+        for name in names:
+            first = states[0].tensors[name]
+            merged = first.new_empty(sum(rows), first.shape[1], capacity, first.shape[3])
+            row = 0
+            for s, n in zip(states, rows):
+                pad = length - s.length  # this state's slot 0 is the merged slot pad - trim
+                skip = max(0, trim - pad)  # its first slots that every row leaves empty
+                begin = pad + skip - trim
+                merged[row : row + n, :, :begin].zero_()
+                merged[row : row + n, :, begin:slots].copy_(s.tensors[name][:, :, skip : s.length])
+                row += n
+            tensors[name] = merged
+        return State(tensors, slots, offsets=_or_none(offsets - trim, tensors))

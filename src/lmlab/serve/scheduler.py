@@ -8,13 +8,13 @@
     scheduler.cancel(job)          # the job leaves the batch at the next step
 
 A job is one request: ``n`` rows continuing the same prompt with one decoding setup and one
-``torch.Generator``. Between two steps the loop admits waiting jobs (each prompt is read by
-the model alone, then its state is merged into the batch with ``model.merge_states``: rows
-keep their own positions) and retires finished or cancelled ones. Every step makes one
+``torch.Generator``. Between two steps the loop admits waiting jobs (the new prompts are read
+together by ``model.read_prompt_blocks``, then their state is merged into the batch with
+``model.merge_states``: rows keep their own positions) and retires finished or cancelled ones. Every step makes one
 ``model.next_token_logits`` call for all rows; then the jobs that share a decoding setup
-run its processors on their rows together and each job picks its tokens (the argmax, or a
-draw from the softmax with its own generator): the same operations, row by row, as
-``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in the batch,
+run its processors on their rows together and pick the tokens (the argmax, or one draw from
+the softmax over the block, each job's rows with noise from its own generator): the same
+operations, row by row, as ``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in the batch,
 and equal those of ``generate`` with the same prompt, setup and seed.
 
 Policy for models whose states cannot be merged (a Hugging Face cache, RAG-token): one job
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from lmlab.decode.generate import Generation, StopScan, finished_text
 from lmlab.decode.processors import apply_processors, processors_read_ids
-from lmlab.decode.search import _check_pickable, greedy_pick
+from lmlab.decode.search import _check_pickable, draw, greedy_pick, sampling_noise
 from lmlab.models.base import require_causal
 
 __all__ = ["Job", "TokenEvent", "Scheduler", "states_merge"]
@@ -242,13 +242,13 @@ class Scheduler:
     def _admit(self) -> None:
         """Move waiting jobs into the batch while their rows fit (one job at a time when the
         model's states cannot be merged)."""
-        new_states, new_logits = [], []
+        admitted: list[_Active] = []
         while True:
             with self._wake:
                 if not self._waiting:
                     break
                 job = self._waiting[0]
-                rows = self.running_rows + sum(s.batch_size for s in new_states)
+                rows = self.running_rows + sum(a.job.n for a in admitted)
                 fits = rows + job.n <= self.max_batch and (self.batchable or (rows == 0))
                 if not fits and not job.cancelled:
                     break
@@ -257,21 +257,32 @@ class Scheduler:
                 job.results, job.error = [], "cancelled"
                 _done(job)
                 continue
-            active = _Active(job, self.device, self.tokenizer)
-            try:
-                logits, state = self.model.next_token_logits(active.ids, None)
-            except Exception as e:
-                self._finish(active, error=f"{type(e).__name__}: {e}")
-                continue
-            new_states.append(state)
-            new_logits.append(logits)
-            self._active.append(active)
-        if not new_states:
+            admitted.append(_Active(job, self.device, self.tokenizer))
+        if not admitted:
             return
-        states = ([self._state] if self._state is not None else []) + new_states
-        self._state = states[0] if len(states) == 1 else self.model.merge_states(states)
-        logits = ([self._logits] if self._logits is not None else []) + new_logits
-        self._logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        try:  # the new prompts in one pass (``read_prompt_blocks``)
+            logits, state = self.model.read_prompt_blocks([a.ids for a in admitted])
+        except Exception:  # read each alone, so that only the job at fault fails
+            admitted, logits, state = self._read_alone(admitted)
+            if not admitted:
+                return
+        self._active.extend(admitted)
+        self._state = state if self._state is None else self.model.merge_states([self._state, state])
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+
+    def _read_alone(self, admitted: list[_Active]) -> tuple[list[_Active], torch.Tensor | None, object]:
+        """Read each new prompt on its own; a job whose prompt fails is finished with the error."""
+        read = []
+        for a in admitted:
+            try:
+                read.append((a, *self.model.next_token_logits(a.ids, None)))
+            except Exception as e:
+                self._finish(a, error=f"{type(e).__name__}: {e}")
+        if not read:
+            return [], None, None
+        states = [state for _, _, state in read]
+        state = states[0] if len(states) == 1 else self.model.merge_states(states)
+        return [a for a, _, _ in read], torch.cat([logits for _, logits, _ in read]), state
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -314,7 +325,8 @@ class Scheduler:
                 chosen: torch.Tensor) -> None:
         """Pick the next token of every row of jobs that share one setup, as ``generate`` does:
         the processors run on their rows together (their histories left-padded with -1, which
-        every processor ignores), then each job draws from its rows with its own generator.
+        every processor ignores), then one pick for the block (a draw takes each job's noise from
+        its own generator).
         ``logits``/``logp``: (B, V) of the whole batch; the picks are written into ``chosen`` (B,)."""
         first = members[0][0]
         index = torch.tensor([lo + r for a, lo in members for r in range(a.job.n)], device=self.device)
@@ -326,15 +338,11 @@ class Scheduler:
                 ids = torch.cat([F.pad(a.ids, (width - a.ids.shape[1], 0), value=-1) for a, _ in members])
             num_generated = torch.tensor([a.generated for a, _ in members for _ in range(a.job.n)], device=self.device)
             scores = apply_processors(first.job.processors, scores, ids, num_generated=num_generated)
-        if first.job.do_sample:
+        if first.job.do_sample:  # sample_pick's draw, each job's rows with noise from its own generator
             _check_pickable(scores)
-            probs = torch.softmax(scores, dim=-1)
-            parts, offset = [], 0
-            for a, _ in members:
-                rows = probs[offset : offset + a.job.n]
-                parts.append(torch.multinomial(rows, 1, generator=a.generator).squeeze(1))
-                offset += a.job.n
-            picks = torch.cat(parts)
+            vocab = scores.shape[-1]
+            noise = [sampling_noise(a.job.n, vocab, a.generator, self.device) for a, _ in members]
+            picks = draw(torch.softmax(scores, dim=-1), noise[0] if len(noise) == 1 else torch.cat(noise))
         else:
             picks = greedy_pick(scores)
         chosen[index] = picks
