@@ -120,3 +120,19 @@ def test_merge_refuses_unknown_state_kinds():
         model.merge_states([s, OtherState(dict(s.tensors), 2)])
     with pytest.raises(ValueError, match="at least one state"):
         model.merge_states([])
+
+
+def test_fill_rows_moves_only_the_last_rows_into_the_holes():
+    t = torch.arange(5 * 2 * 3, dtype=torch.float32).view(5, 2, 3)
+    state = State({"h": t.clone()}, 3, offsets=torch.tensor([0, 1, 2, 0, 1]))
+    out = state.fill_rows(torch.tensor([1]), torch.tensor([4]), 4)  # row 1 leaves; row 4 takes its place
+    assert out.batch_size == 4 and out.length == 3
+    assert torch.equal(out.tensors["h"], t[[0, 4, 2, 3]])
+    assert out.offsets.tolist() == [0, 1, 2, 0]
+    assert out.tensors["h"].data_ptr() == state.tensors["h"].data_ptr()  # a view: no copy of the rows that stay
+    model = _model(*FAMILIES[0])
+    _, s = model(torch.ones(3, 4, dtype=torch.long))
+    ref = s.select(torch.tensor([0, 2]))
+    moved = s.clone().fill_rows(torch.tensor([1]), torch.tensor([2]), 2)
+    step = torch.tensor([[5], [6]])
+    torch.testing.assert_close(model(step, moved)[0], model(step, ref)[0], atol=0, rtol=0)

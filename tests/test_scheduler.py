@@ -8,7 +8,7 @@ import torch
 from lmlab.decode.generate import generate
 from lmlab.decode.setups import DecodingSetup
 from lmlab.models import build_model
-from lmlab.models.base import State
+from lmlab.models.base import LanguageModel, State
 from lmlab.serve.scheduler import Job, Scheduler
 
 V = 13
@@ -92,6 +92,8 @@ class _Opaque(torch.nn.Module):
 
     def merge_states(self, states):
         return self.inner.merge_states(states)
+
+    read_prompt_blocks = LanguageModel.read_prompt_blocks
 
 
 def test_models_whose_states_cannot_merge_run_one_request_at_a_time():

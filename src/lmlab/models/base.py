@@ -58,6 +58,24 @@ class State:
         offsets = None if self.offsets is None else self.offsets.index_select(0, index.to(self.offsets.device))
         return State({k: v.index_select(0, index) for k, v in self.tensors.items()}, self.length, offsets=offsets)
 
+    def fill_rows(self, holes: torch.Tensor, sources: torch.Tensor, size: int) -> "State":
+        """The first ``size`` rows, after rows ``sources`` were copied over rows ``holes`` (both
+        (k,) int64; every source at or past ``size``): rows leave a batch by copying only the
+        last rows into their places, where ``select`` copies every row. Writes into this state's
+        tensors (the result's are views of them): continue the result, not this state."""
+        if type(self) is not State:  # a state of another shape (parts, a cache object) selects
+            keep = torch.arange(size, device=holes.device)
+            keep[holes] = sources
+            return self.select(keep)
+        for t in self.tensors.values():
+            t.index_copy_(0, holes.to(t.device), t.index_select(0, sources.to(t.device)))
+        offsets = None
+        if self.offsets is not None:
+            offsets = self.offsets.clone()
+            offsets[holes.to(offsets.device)] = offsets[sources.to(offsets.device)]
+            offsets = offsets[:size]
+        return State({k: v[:size] for k, v in self.tensors.items()}, self.length, offsets=offsets)
+
     def clone(self) -> "State":
         """An independent copy. Models may update a state's buffers in place
         (the KV cache does), so clone a state before branching from it twice."""

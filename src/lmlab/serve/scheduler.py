@@ -302,24 +302,50 @@ class Scheduler:
                 groups.setdefault((a.setup_key, a.job.do_sample), []).append((a, lo))
             for members in groups.values():
                 self._choose(members, logits, logp, chosen)
-        keep, survivors = [], []
-        for a, lo in spans:
-            if a.job.cancelled or a.finished:
-                self._finish(a, error="cancelled" if a.job.cancelled else None)
-            else:
-                survivors.append(a)
-                keep.extend(range(lo, lo + a.job.n))
-        self._active = survivors
-        if not survivors:
-            self._state, self._logits = None, None
-            return
+        leaving = [(a, lo) for a, lo in spans if a.job.cancelled or a.finished]
+        for a, _ in leaving:
+            self._finish(a, error="cancelled" if a.job.cancelled else None)
         state = self._state
-        if len(keep) < state.batch_size:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            state = state.select(index)
-            chosen = chosen.index_select(0, index)
-            state = self.model.merge_states([state]) if self.batchable else state
+        if leaving:
+            self._active, state, chosen = self._without(spans, leaving, state, chosen)
+            if not self._active:
+                self._state, self._logits = None, None
+                return
         self._logits, self._state = self.model.next_token_logits(chosen[:, None], state)
+
+    def _without(self, spans: list[tuple[_Active, int]], leaving: list[tuple[_Active, int]], state, chosen: torch.Tensor):
+        """The jobs, state and chosen tokens (B,) once the ``leaving`` jobs' rows are gone. The jobs
+        past the new end of the batch move into the rows the leaving ones free, so only their rows
+        are copied (``State.fill_rows``; when the blocks pair up by size, else every row is
+        selected); then slots no row fills any more are dropped."""
+        gone = {id(a) for a, _ in leaving}
+        staying = [(a, lo) for a, lo in spans if id(a) not in gone]
+        size = sum(a.job.n for a, _ in staying)
+        if size == 0:
+            return [], state, chosen
+        holes = [lo for a, lo in leaving if lo < size]
+        movers = [(a, lo) for a, lo in staying if lo >= size]
+        pairs_up = len(holes) == len(movers) \
+            and all(hole + h.job.n <= size and h.job.n == m.job.n
+                    for (h, hole), (m, _) in zip([(a, lo) for a, lo in leaving if lo < size], movers)) \
+            and all(lo + a.job.n <= size for a, lo in staying if lo < size)
+        if pairs_up:
+            to = {id(a): lo for a, lo in staying}
+            for hole, (mover, _) in zip(holes, movers):
+                to[id(mover)] = hole
+            dst = torch.tensor([to[id(a)] + r for a, _ in movers for r in range(a.job.n)], dtype=torch.long,
+                               device=self.device)
+            src = torch.tensor([lo + r for a, lo in movers for r in range(a.job.n)], dtype=torch.long,
+                               device=self.device)
+            state = state.fill_rows(dst, src, size)
+            chosen[dst] = chosen[src]
+            chosen = chosen[:size]
+            survivors = sorted((a for a, _ in staying), key=lambda a: to[id(a)])
+        else:
+            keep = torch.tensor([lo + r for a, lo in staying for r in range(a.job.n)], device=self.device)
+            state, chosen = state.select(keep), chosen.index_select(0, keep)
+            survivors = [a for a, _ in staying]
+        return survivors, self.model.merge_states([state]) if self.batchable else state, chosen
 
     def _choose(self, members: list[tuple[_Active, int]], logits: torch.Tensor, logp: torch.Tensor,
                 chosen: torch.Tensor) -> None:
