@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
     python benchmarks/serve_load.py loop --out runs/serve_loop.json
     python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
+    python benchmarks/serve_load.py single --repeats 20 --chunk 8 --out runs/serve_single.json
     python benchmarks/serve_load.py throughput --model gguf:SmolLM2.gguf --dtype bfloat16 --max-tokens 16 --out ...
 
 throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transformer of the
@@ -12,14 +13,17 @@ throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transfo
     connection); 1 and 16 clients against a server with --max-batch 1 (one request at a
     time); with --compare-thread, 1 and 16 clients against the decoding loop on a thread of
     the HTTP process. All servers are up at once and measured in --repeats interleaved rounds
-    (the settings compared see the same load of a shared machine), each round ending with
-    ``lmlab generate``'s loop on requests of the same size in this process (what a single
-    client loses to the server). Aggregate tokens/s, tokens per CPU second of the server's
+    (the settings compared see the same load of a shared machine); right after the batching
+    server's one-client row, ``lmlab generate``'s loop runs the same requests in this process
+    (what a single client loses to the server). Aggregate tokens/s, tokens per CPU second of the server's
     processes, the clients' CPU, time to first token and inter-token latency (p50, p99), the
     load average; the median run per row and the medians of the rounds' ratios.
 loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
     N jobs submitted together against the same jobs one at a time, to show what the HTTP
     layer costs.
+single: one client of the batching server against ``lmlab generate`` in this process on the
+    same requests, alternated in chunks of --chunk requests, --repeats pairs: the single-client
+    comparison with the machine's speed changes spread over both sides.
 soak: --requests requests from --clients concurrent clients, a mix of streaming and
     non-streaming, some cancelled after a few tokens, some invalid (answered 400). Checks that
     every request is answered exactly once (or refused with a clear error), that no response
@@ -238,22 +242,24 @@ class Generate:
         self.measure(1)  # warm-up
 
     def measure(self, requests: int = 3) -> tuple[float, float]:
+        """(tokens/s, tokens per CPU s) over ``requests`` requests one after another, as one client
+        of a server sends them."""
         from lmlab.decode.setups import run_setup
 
-        times, cpu = [], []
+        tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
         for r in range(requests):
-            t0, c0 = time.perf_counter(), time.process_time()
             out = run_setup(self.model, self.tokenizer, [PROMPTS[r % len(PROMPTS)]], self.setup, self.max_tokens, seed=r)
-            times.append((time.perf_counter() - t0) / len(out[0][0].token_ids))
-            cpu.append((time.process_time() - c0) / len(out[0][0].token_ids))
-        return 1.0 / statistics.median(times), 1.0 / statistics.median(cpu)
+            tokens += len(out[0][0].token_ids)
+        return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
 def throughput(args, model_spec: str) -> dict:
     """Every setting's server up at once; --repeats rounds, each measuring every (setting, client
     count) once, so that the settings compared see the same load of a shared machine; per row the
     run with the median tokens/s is kept, and the speed-up of 16 clients over one request at a
-    time is the median of the rounds' ratios. Then ``lmlab generate`` on one request."""
+    time is the median of the rounds' ratios. Right after the batching server's one-client row,
+    ``lmlab generate`` runs the same requests one after another in this process (the single-client
+    comparison: the two measured back to back, so a shared machine's speed moves them together)."""
     eos_id = _eos_id(model_spec)
     body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
     precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
@@ -276,9 +282,12 @@ def throughput(args, model_spec: str) -> dict:
                     runs.setdefault((label, clients), []).append({**row, "server": label, "round": round_,
                                                                   "policy": server.info["policy"]})
                     print(_row(row | {"server": f"{label}, round {round_ + 1}"}), flush=True)
-            generated.append(generate.measure())
-            print(f"lmlab generate, round {round_ + 1}: {generated[-1][0]:.0f} tokens/s, {generated[-1][1]:.0f} tokens per CPU s",
-                  flush=True)
+                    if server is servers[0][1] and clients == 1:  # the same requests in-process, right after
+                        generated.append(generate.measure(args.requests_per_setting))
+                        print(f"lmlab generate, round {round_ + 1}: {generated[-1][0]:.0f} tokens/s, "
+                              f"{generated[-1][1]:.0f} tokens per CPU s", flush=True)
+            if 1 not in servers[0][2]:
+                generated.append(generate.measure(args.requests_per_setting))
     finally:
         for _, server, _ in servers:
             server.close()
@@ -436,9 +445,36 @@ def loop(args, model_spec: str) -> dict:
     return {"rows": rows}
 
 
+def single(args, model_spec: str) -> dict:
+    """One client of the batching server against ``lmlab generate`` in this process on the same
+    requests, alternated in short chunks (``--chunk`` requests each, ``--repeats`` pairs), so that
+    a shared machine's speed changes reach both sides alike."""
+    eos_id = _eos_id(model_spec)
+    body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
+    precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
+    generate = Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
+    server = Server(model_spec, max_batch=32, threads=args.threads, options=precision)
+    pairs = []
+    try:
+        drive(server, 1, 4, body)  # warm-up
+        for _ in range(args.repeats):
+            served = drive(server, 1, args.chunk, body)
+            local = generate.measure(args.chunk)
+            pairs.append({"server_tokens_per_s": served["tokens_per_s"], "generate_tokens_per_s": local[0],
+                          "server_seconds": served["seconds"], "server_tokens": served["tokens"],
+                          "load_average_1min": served["load_average_1min"]})
+    finally:
+        server.close()
+    ratios = [q["server_tokens_per_s"] / q["generate_tokens_per_s"] for q in pairs]
+    served_tokens = sum(q["server_tokens"] for q in pairs)
+    generated_seconds = sum(q["server_tokens"] / q["generate_tokens_per_s"] for q in pairs)
+    return {"pairs": pairs, "ratio_by_pair": ratios, "ratio_median": statistics.median(ratios),
+            "ratio_of_totals": (served_tokens / sum(q["server_seconds"] for q in pairs)) / (served_tokens / generated_seconds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["throughput", "loop", "soak"])
+    parser.add_argument("mode", choices=["throughput", "loop", "soak", "single"])
     parser.add_argument("--model", help="a checkpoint or hf:DIR (default: a demo-size random transformer)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32], help="throughput: client counts")
@@ -447,7 +483,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="soak: requests in all")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server and of the in-process lmlab generate run (OMP_NUM_THREADS)")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput: runs per setting (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="throughput: runs per setting (the median is kept); single: server/generate pairs")
+    parser.add_argument("--chunk", type=int, default=8, help="single: requests per side of a pair")
     parser.add_argument("--compare-thread", action="store_true",
                         help="throughput: also the decoding loop on a thread of the HTTP process (1 and 16 clients)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="lmlab serve --dtype")
@@ -476,11 +514,18 @@ def main() -> None:
             if result["speedup_16_clients_median"] is not None:
                 print(f"16 clients, batched / one request at a time: {result['speedup_16_clients_median']:.1f}x "
                       f"(median of the rounds; per server CPU s: {result['speedup_16_clients_per_cpu_median']:.1f}x)")
-            print(f"\nlmlab generate, one request in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
+            print(f"\nlmlab generate, the same requests one after another in-process: {result['lmlab_generate_tokens_per_s']:.0f} tokens/s, "
                   f"{result['lmlab_generate_tokens_per_cpu_s']:.0f} tokens per CPU s (medians of the rounds)")
             if result["single_client_over_generate_median"] is not None:
                 print(f"one client of the server / lmlab generate: {result['single_client_over_generate_median']:.2f} "
                       f"(median of the rounds' ratios; per CPU s: {result['single_client_over_generate_per_cpu_median']:.2f})")
+        elif args.mode == "single":
+            result = {**meta, **single(args, model_spec)}
+            for q in result["pairs"]:
+                print(f"server {q['server_tokens_per_s']:.0f} tokens/s, lmlab generate {q['generate_tokens_per_s']:.0f} "
+                      f"tokens/s: {q['server_tokens_per_s'] / q['generate_tokens_per_s']:.2f} (load {q['load_average_1min']:.1f})")
+            print(f"one client of the server / lmlab generate: median of the pairs {result['ratio_median']:.3f}, "
+                  f"ratio of the totals {result['ratio_of_totals']:.3f} ({len(result['pairs'])} pairs of {args.chunk} requests)")
         elif args.mode == "loop":
             print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
             print("|---|---|---|---|")
