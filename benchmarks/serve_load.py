@@ -461,6 +461,9 @@ def single(args, model_spec: str) -> dict:
             served = drive(server, 1, args.chunk, body)
             local = generate.measure(args.chunk)
             pairs.append({"server_tokens_per_s": served["tokens_per_s"], "generate_tokens_per_s": local[0],
+                          "decoder_cpu_ms_per_token": served["decoder_cpu_ms_per_token"],
+                          "http_cpu_ms_per_token": served["http_cpu_ms_per_token"],
+                          "generate_cpu_ms_per_token": 1000 / local[1],
                           "server_seconds": served["seconds"], "server_tokens": served["tokens"],
                           "load_average_1min": served["load_average_1min"]})
     finally:
@@ -523,7 +526,9 @@ def main() -> None:
             result = {**meta, **single(args, model_spec)}
             for q in result["pairs"]:
                 print(f"server {q['server_tokens_per_s']:.0f} tokens/s, lmlab generate {q['generate_tokens_per_s']:.0f} "
-                      f"tokens/s: {q['server_tokens_per_s'] / q['generate_tokens_per_s']:.2f} (load {q['load_average_1min']:.1f})")
+                      f"tokens/s: {q['server_tokens_per_s'] / q['generate_tokens_per_s']:.2f}; CPU ms per token: decoding "
+                      f"process {q['decoder_cpu_ms_per_token']:.3f}, HTTP process {q['http_cpu_ms_per_token']:.3f}, "
+                      f"lmlab generate {q['generate_cpu_ms_per_token']:.3f} (load {q['load_average_1min']:.1f})")
             print(f"one client of the server / lmlab generate: median of the pairs {result['ratio_median']:.3f}, "
                   f"ratio of the totals {result['ratio_of_totals']:.3f} ({len(result['pairs'])} pairs of {args.chunk} requests)")
         elif args.mode == "loop":
