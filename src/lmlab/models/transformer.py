@@ -437,7 +437,9 @@ class Transformer(LanguageModel):
             tensors[f"k{i}"], tensors[f"v{i}"] = ck, cv
             if w is not None:
                 tensors[f"attention{i}"] = w
-        return self.ln_f(x), State(tensors, start + T, offsets=offsets if padding is None else _or_none(offsets, tensors))
+        if padding is not None:  # the empty slots padding leaves, on the cache's device (None: none)
+            offsets = _or_none(offsets, tensors)
+        return self.ln_f(x), State(tensors, start + T, offsets=offsets)
 
     def merge_states(self, states: list[State]) -> State:
         """The rows of ``states`` (KV caches at any lengths) as one batch, aligned at their ends:

@@ -10,12 +10,13 @@
 A job is one request: ``n`` rows continuing the same prompt with one decoding setup and one
 ``torch.Generator``. Between two steps the loop admits waiting jobs (the new prompts are read
 together by ``model.read_prompt_blocks``, then their state is merged into the batch with
-``model.merge_states``: rows keep their own positions) and retires finished or cancelled ones. Every step makes one
-``model.next_token_logits`` call for all rows; then the jobs that share a decoding setup
-run its processors on their rows together and pick the tokens (the argmax, or one draw from
-the softmax over the block, each job's rows with noise from its own generator): the same
-operations, row by row, as ``lmlab.decode.generate``, so a job's tokens do not depend on the other jobs in the batch,
-and equal those of ``generate`` with the same prompt, setup and seed.
+``model.merge_states``: rows keep their own positions) and retires finished or cancelled
+ones. Every step makes one ``model.next_token_logits`` call for all rows; then the jobs that
+share a decoding setup run its processors on their rows together and pick the tokens (the
+argmax, or one draw from the softmax over the block, each job's rows with noise from its own
+generator): the same operations, row by row, as ``lmlab.decode.generate``, so a job's tokens
+do not depend on the other jobs in the batch, and equal those of ``generate`` with the same
+prompt, setup and seed.
 
 Policy for models whose states cannot be merged (a Hugging Face cache, RAG-token): one job
 at a time, in arrival order; the rows of one job still share each step.
@@ -313,7 +314,8 @@ class Scheduler:
                 return
         self._logits, self._state = self.model.next_token_logits(chosen[:, None], state)
 
-    def _without(self, spans: list[tuple[_Active, int]], leaving: list[tuple[_Active, int]], state, chosen: torch.Tensor):
+    def _without(self, spans: list[tuple[_Active, int]], leaving: list[tuple[_Active, int]], state,
+                 chosen: torch.Tensor):
         """The jobs, state and chosen tokens (B,) once the ``leaving`` jobs' rows are gone. The jobs
         past the new end of the batch move into the rows the leaving ones free, so only their rows
         are copied (``State.fill_rows``; when the blocks pair up by size, else every row is
@@ -323,15 +325,14 @@ class Scheduler:
         size = sum(a.job.n for a, _ in staying)
         if size == 0:
             return [], state, chosen
-        holes = [lo for a, lo in leaving if lo < size]
-        movers = [(a, lo) for a, lo in staying if lo >= size]
+        holes = [(a, lo) for a, lo in leaving if lo < size]  # freed rows inside the new batch
+        movers = [(a, lo) for a, lo in staying if lo >= size]  # jobs past its end
         pairs_up = len(holes) == len(movers) \
-            and all(hole + h.job.n <= size and h.job.n == m.job.n
-                    for (h, hole), (m, _) in zip([(a, lo) for a, lo in leaving if lo < size], movers)) \
+            and all(lo + h.job.n <= size and h.job.n == m.job.n for (h, lo), (m, _) in zip(holes, movers)) \
             and all(lo + a.job.n <= size for a, lo in staying if lo < size)
         if pairs_up:
             to = {id(a): lo for a, lo in staying}
-            for hole, (mover, _) in zip(holes, movers):
+            for (_, hole), (mover, _) in zip(holes, movers):
                 to[id(mover)] = hole
             dst = torch.tensor([to[id(a)] + r for a, _ in movers for r in range(a.job.n)], dtype=torch.long,
                                device=self.device)
