@@ -260,9 +260,7 @@ def throughput(args, model_spec: str) -> dict:
     time is the median of the rounds' ratios. Right after the batching server's one-client row,
     ``lmlab generate`` runs the same requests one after another in this process (the single-client
     comparison: the two measured back to back, so a shared machine's speed moves them together)."""
-    eos_id = _eos_id(model_spec)
-    body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
-    precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
+    body, precision = _measured_request(args, model_spec)
     settings = [("continuous batching (--max-batch 32)", dict(max_batch=32), args.clients),
                 ("one request at a time (--max-batch 1)", dict(max_batch=1), [1, 16])]
     if args.compare_thread:
@@ -312,6 +310,14 @@ def throughput(args, model_spec: str) -> dict:
             "lmlab_generate_tokens_per_cpu_s": median([g[1] for g in generated]),
             "single_client_over_generate_by_round": single, "single_client_over_generate_median": median(single),
             "single_client_over_generate_per_cpu_median": median(single_cpu)}
+
+
+def _measured_request(args, model_spec: str) -> tuple[dict, tuple[str, ...]]:
+    """The request body every measured request sends (``--max-tokens`` tokens, <eos> banned so
+    each makes exactly that many) and the server's precision options (--dtype, --quantize)."""
+    body = {"max_tokens": args.max_tokens, "logit_bias": {str(_eos_id(model_spec)): -100}}
+    precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
+    return body, precision
 
 
 def _eos_id(model_spec: str) -> int:
@@ -449,9 +455,7 @@ def single(args, model_spec: str) -> dict:
     """One client of the batching server against ``lmlab generate`` in this process on the same
     requests, alternated in short chunks (``--chunk`` requests each, ``--repeats`` pairs), so that
     a shared machine's speed changes reach both sides alike."""
-    eos_id = _eos_id(model_spec)
-    body = {"max_tokens": args.max_tokens, "logit_bias": {str(eos_id): -100}}
-    precision = tuple(f for name in ("dtype", "quantize") if getattr(args, name) for f in (f"--{name}", getattr(args, name)))
+    body, precision = _measured_request(args, model_spec)
     generate = Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
     server = Server(model_spec, max_batch=32, threads=args.threads, options=precision)
     pairs = []
