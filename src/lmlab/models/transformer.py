@@ -416,10 +416,11 @@ class Transformer(LanguageModel):
         if offsets is not None:
             # Row b's tokens sit at its own positions; its empty slots are masked out. A filler
             # token (padding) reads only its own slot, so that no query has every key masked.
-            positions = ((start - offsets)[:, None] + torch.arange(T, device=ids.device)).clamp_(min=0)  # (B, T)
+            positions = (start - offsets)[:, None] + torch.arange(T, device=ids.device)  # (B, T)
             slots = torch.arange(start + T, device=ids.device)
             readable = slots[None, None, :] >= offsets[:, None, None]
-            if padding is not None:
+            if padding is not None:  # filler tokens sit at negative positions: read as position 0
+                positions = positions.clamp_(min=0)
                 readable = readable | (slots[None, :] == slots[-T:, None])[None]
             mask = (_causal_mask(T, start, ids.device)[None] & readable)[:, None]  # (B, 1, T, start + T)
         x = self.embed(ids, start, positions)
