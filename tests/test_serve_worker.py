@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +140,86 @@ def test_requests_fail_with_a_clear_error_when_the_decoding_process_dies():
             worker.call(process_id)
     finally:
         worker.close()
+
+
+def test_a_job_without_on_event_costs_one_message_not_one_per_token():
+    passes = []
+    worker = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1, on_iteration=lambda: passes.append(1))
+    try:
+        quiet = worker.submit(Job(prompt_ids=[3], max_new_tokens=20, seed=0))
+        assert quiet.done.wait(30) and len(quiet.results[0].token_ids) == 20
+        messages_quiet = len(passes)
+        heard = []
+        loud = worker.submit(Job(prompt_ids=[3], max_new_tokens=20, seed=0, on_event=heard.append))
+        assert loud.done.wait(30)
+    finally:
+        worker.close()
+    assert messages_quiet == 1  # its end only
+    assert [e.token_id for e in heard] == loud.results[0].token_ids == quiet.results[0].token_ids
+
+
+def test_messages_read_on_an_event_loop_reach_the_callbacks_on_its_thread():
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        here = threading.get_ident()
+        threads = set()
+        finished = loop.create_future()
+        worker = WorkerScheduler(peaked("transformer"), None, max_batch=4, threads=1,
+                                 on_iteration=lambda: threads.add(threading.get_ident()))
+        worker.read_on(loop)
+        worker.read_on(loop)  # again: nothing
+        events = []
+        job = Job(prompt_ids=[3, 4], max_new_tokens=6, seed=0,
+                  on_event=lambda e: (threads.add(threading.get_ident()), events.append(e.token_id)),
+                  on_done=lambda: finished.set_result(threading.get_ident()))
+        worker.submit(job)
+        done_on = await asyncio.wait_for(finished, 30)
+        size = await asyncio.wait_for(asyncio.wrap_future(worker.call(vocabulary_size, 1)), 30)
+        endless = worker.submit(Job(prompt_ids=[3], max_new_tokens=10**7, seed=1))
+        await asyncio.sleep(0.05)
+        worker.close()  # on the loop's thread: it reads what is left itself
+        return here, threads, done_on, events, job, size, endless, worker
+
+    here, threads, done_on, events, job, size, endless, worker = asyncio.run(main())
+    assert threads == {here} and done_on == here
+    assert events == job.results[0].token_ids and len(events) == 6 and job.error is None
+    assert size == peaked("transformer").vocab_size + 1
+    assert endless.done.is_set() and endless.error == "the server is shutting down"
+    assert wait_gone(worker._process.pid)
+    with pytest.raises(RuntimeError, match="before the first submit"):
+        other = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1)
+        try:
+            other.call(process_id).result(30)  # a reader thread starts here
+            asyncio.run(_read_on_running_loop(other))
+        finally:
+            other.close()
+
+
+async def _read_on_running_loop(worker):
+    import asyncio
+
+    worker.read_on(asyncio.get_running_loop())
+
+
+def test_on_an_event_loop_a_dying_process_fails_what_is_pending():
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        worker = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1)
+        worker.read_on(loop)
+        job = worker.submit(Job(prompt_ids=[3], max_new_tokens=10**7, seed=0,
+                                on_done=lambda: finished.set_result(None)))
+        await asyncio.sleep(0.05)
+        os.kill(worker._process.pid, signal.SIGKILL)
+        await asyncio.wait_for(finished, 30)
+        worker.close()
+        return job, worker
+
+    job, worker = asyncio.run(main())
+    assert job.error == "the decoding process exited (code -9)"
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(Job(prompt_ids=[3], max_new_tokens=2))

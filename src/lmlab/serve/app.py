@@ -272,9 +272,24 @@ class _Server:
 
     # ------------------------------------------------------------ streamed events
 
+    def bind_loop(self) -> None:
+        """Before each submit or call, on the event loop: the decoding process's messages are read
+        by the running loop itself (``WorkerScheduler.read_on``), one wake-up per pass of the
+        decoding loop instead of a reader thread's and then the loop's."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            read_on = getattr(self.scheduler, "read_on", None)
+            if read_on is not None:
+                read_on(loop)
+
+    def submit(self, job: Job) -> None:
+        self.bind_loop()
+        self.scheduler.submit(job)
+
     def inbox(self) -> "_Inbox":
         """An inbox for one streaming request's events (made on the event loop's thread)."""
-        self._loop = asyncio.get_running_loop()
+        self.bind_loop()
         return _Inbox()
 
     def post(self, inbox: "_Inbox", item: tuple) -> None:
@@ -287,8 +302,12 @@ class _Server:
             self._woken.append(inbox)
 
     def _deliver_soon(self) -> None:
-        """The end of a pass of the decoding loop (the scheduler's thread)."""
+        """The end of a pass of the decoding loop (where the scheduler's messages are read: the
+        event loop itself, or another thread)."""
         if self._woken and not self._delivery_due and self._loop is not None:
+            if _running_loop() is self._loop:
+                self._deliver()
+                return
             self._delivery_due = True
             try:
                 self._loop.call_soon_threadsafe(self._deliver)
@@ -306,6 +325,7 @@ class _Server:
         """``fn(model, tokenizer, *args)`` where the scheduler runs the model (between two decoding
         steps); ``fn`` is a module-level function (it may be sent to the decoding process)."""
         try:
+            self.bind_loop()
             return await asyncio.wrap_future(self.scheduler.call(fn, *args))
         except ValueError as e:
             raise APIError(str(e)) from None
@@ -344,6 +364,13 @@ class _RequireKey:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _finish_reason(reason: str) -> str:
@@ -736,7 +763,7 @@ class _Request:
 
         jobs = self.jobs(on_event=on_event if self.logprobs else None, on_done=on_done)
         for job in jobs:
-            server.scheduler.submit(job)
+            server.submit(job)
         try:
             await finished
         except asyncio.CancelledError:  # the client went away: free the rows
@@ -847,7 +874,7 @@ class _Request:
                         offsets[(i, j)] = len(text)
                     yield self.chunk([{"index": i * self.n + j, "text": text, "logprobs": lp, "finish_reason": None}])
             for job in jobs:
-                server.scheduler.submit(job)
+                server.submit(job)
             pending = len(jobs)
             while pending:
                 # Tokens that arrived while the last chunk was sent go out together, one chunk per row.

@@ -8,18 +8,28 @@
 
 Why: in one process the decoding loop and the HTTP layer (JSON, server-sent events, asyncio)
 share one interpreter lock, so the per-token work of one waits for the other's. Here the
-process (started with ``spawn``) runs a ``Scheduler`` on the model; the pipe carries job
-descriptions one way and, once per pass of the loop, that pass's token events and finished
-jobs the other way (token ids and log-probabilities: the text is made by the caller).
-The model's tensors go to the process through shared memory (``torch.multiprocessing``),
-not copied; ``fn`` must be a module-level function (it is pickled by name).
+process (started with ``spawn``) runs a ``Scheduler`` on the model. One pipe carries job
+descriptions to it; another brings back, once per pass of the loop, that pass's token events
+and finished jobs (token ids and log-probabilities: the text is made by the caller), pickled
+plainly: multiprocessing's own pickler (torch's shared-memory reductions in its dispatch table)
+costs about ten times more per small message. Events cross only for jobs that have an
+``on_event``. The model's tensors go to the process through shared memory
+(``torch.multiprocessing``), not copied; ``fn`` must be a module-level function (it is pickled
+by name).
+
+Who reads what comes back: a reader thread, started with the first submit or call; or, after
+``read_on(loop)``, the asyncio event loop ``loop`` itself (``loop.add_reader``), so that the
+callbacks run on the loop's thread and each pass of the decoding loop wakes one thread of the
+caller, not a reader thread and then the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -48,8 +58,9 @@ def default_worker_threads() -> int:
 class WorkerScheduler:
     """``Scheduler``'s interface (submit, call, cancel, close, steps, running_rows, policy) over
     a decoding process (see the module docstring). ``threads``: torch threads of that process.
-    ``on_iteration()``, when given, is called on the reader thread after the events and ends of
-    one pass of the loop have been handed out (as ``Scheduler``'s), and once more at the end."""
+    ``on_iteration()``, when given, is called where the messages are read (see ``read_on``) after
+    the events and ends of one pass of the loop have been handed out (as ``Scheduler``'s), and
+    once more at the end."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, threads: int | None = None,
                  start_timeout: float = 300.0, on_iteration: Callable[[], None] | None = None) -> None:
@@ -63,20 +74,26 @@ class WorkerScheduler:
         self._jobs: dict[int, Job] = {}
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards _jobs, _calls, _closed and the sending end
+        self._lock = threading.Lock()  # guards _jobs, _calls, _closed, the sending end and who reads
         self._closed = False
+        self._reader: threading.Thread | None = None
+        self._reader_loop: asyncio.AbstractEventLoop | None = None
+        self._gone = False  # the end of the process's messages has been read
         context = mp.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve_jobs, args=(child, model, tokenizer, self.max_batch, self.threads),
-                                         name="lmlab-decoder", daemon=True)
+        self._from_worker, child_out = context.Pipe(duplex=False)
+        child_in, self._to_worker = context.Pipe(duplex=False)
+        self._process = context.Process(target=_serve_jobs,
+                                        args=(child_in, child_out, model, tokenizer, self.max_batch, self.threads),
+                                        name="lmlab-decoder", daemon=True)
         with _main_script_hidden():
             self._process.start()
-        child.close()
-        if not self._conn.poll(start_timeout):
+        child_in.close()
+        child_out.close()
+        if not self._from_worker.poll(start_timeout):
             self._stop_process()
             raise RuntimeError(f"the decoding process did not start within {start_timeout:.0f} s")
         try:
-            message = self._conn.recv()
+            message = self._from_worker.recv()
         except EOFError:
             self._stop_process()
             raise RuntimeError(f"the decoding process exited at start (code {self._process.exitcode}); "
@@ -85,8 +102,6 @@ class WorkerScheduler:
             self._stop_process()
             raise RuntimeError(f"the decoding process could not start: {message[1]}")
         self.batchable = message[1]
-        self._reader = threading.Thread(target=self._read, name="lmlab-decoder-reader", daemon=True)
-        self._reader.start()
 
     @property
     def policy(self) -> str:
@@ -98,13 +113,38 @@ class WorkerScheduler:
         with self._lock:
             return sum(job.n for job in self._jobs.values())
 
+    def read_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the process's messages on the event loop ``loop`` (call it on that loop's thread,
+        before the first submit or call): the jobs' callbacks, the calls' futures and
+        ``on_iteration`` then run there. ``close`` must then be called on that thread too, or once
+        the loop has stopped. Again with the same loop: nothing; with another one: the reading
+        moves there, once the first loop has stopped."""
+        with self._lock:
+            if self._reader_loop is loop:
+                return
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if self._reader is not None:
+                raise RuntimeError("read_on must come before the first submit or call")
+            previous = self._reader_loop
+            if previous is not None:
+                if previous.is_running():
+                    raise RuntimeError("the messages are read on another event loop, which is still running")
+                if not previous.is_closed():
+                    previous.remove_reader(self._from_worker.fileno())
+            self._reader_loop = loop
+            if not self._gone:
+                loop.add_reader(self._from_worker.fileno(), self._read_one)
+
     def submit(self, job: Job) -> Job:
         check_job(job, self.max_batch)
         fields = {name: getattr(job, name) for name in _JOB_FIELDS}
         fields["prompt_ids"], fields["stop_strings"] = list(job.prompt_ids), list(job.stop_strings)
+        fields["events"] = job.on_event is not None
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
+            self._start_reading()
             key = next(self._ids)
             job._worker_key = key
             self._jobs[key] = job
@@ -126,14 +166,21 @@ class WorkerScheduler:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
+            self._start_reading()
             key = next(self._ids)
             self._calls[key] = future
             self._send(("call", key, fn, args))
         return future
 
+    def _start_reading(self) -> None:
+        """A reader thread, unless the messages are read on an event loop (under ``_lock``)."""
+        if self._reader is None and self._reader_loop is None:
+            self._reader = threading.Thread(target=self._read, name="lmlab-decoder-reader", daemon=True)
+            self._reader.start()
+
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            self._to_worker.send(message)
         except OSError:
             raise RuntimeError(f"the decoding process is gone (exit code {self._process.exitcode})") from None
 
@@ -144,10 +191,16 @@ class WorkerScheduler:
                 return
             self._closed = True
             try:
-                self._conn.send(("close",))
+                self._to_worker.send(("close",))
             except OSError:
                 pass
-        self._reader.join(timeout=30)
+            reader, loop = self._reader, self._reader_loop
+        if reader is not None:
+            reader.join(timeout=30)
+        elif loop is not None:  # this thread reads what is left
+            if not loop.is_closed():
+                loop.remove_reader(self._from_worker.fileno())
+            self._read()
         self._stop_process()
 
     def _stop_process(self) -> None:
@@ -155,38 +208,53 @@ class WorkerScheduler:
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        self._conn.close()
+        self._from_worker.close()
+        self._to_worker.close()
 
-    # ------------------------------------------------------------ the reader thread
+    # ------------------------------------------------------------ reading what comes back
 
     def _read(self) -> None:
-        """Hand each pass's events and ends to the jobs and calls they belong to."""
-        while True:
-            try:
-                items, self.steps = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            for item in items:
-                kind, key = item[0], item[1]
-                if kind == "event":
-                    job = self._jobs.get(key)
-                    if job is not None and job.on_event is not None:
-                        job.on_event(item[2])
-                elif kind == "done":
-                    with self._lock:
-                        job = self._jobs.pop(key, None)
-                    if job is not None:
-                        job.results, job.error = item[2], item[3]
-                        _done(job)
-                else:  # "result"
-                    with self._lock:
-                        future = self._calls.pop(key)
-                    if item[2] is None:
-                        future.set_result(item[3])
-                    else:
-                        future.set_exception(item[2])
-            if self._on_iteration is not None:
-                self._on_iteration()
+        """Read messages until the process's end of the pipe closes (the reader thread's loop)."""
+        while not self._gone:
+            self._read_one()
+
+    def _read_one(self) -> None:
+        """Read one message (a pass's events, ends and call results) and hand each item to the job
+        or call it belongs to; at the end of the messages, fail whatever is still pending."""
+        if self._gone:
+            return
+        try:
+            items, self.steps = pickle.loads(self._from_worker.recv_bytes())
+        except (EOFError, OSError):
+            self._end()
+            return
+        for item in items:
+            kind, key = item[0], item[1]
+            if kind == "event":
+                job = self._jobs.get(key)
+                if job is not None and job.on_event is not None:
+                    job.on_event(item[2])
+            elif kind == "done":
+                with self._lock:
+                    job = self._jobs.pop(key, None)
+                if job is not None:
+                    job.results, job.error = item[2], item[3]
+                    _done(job)
+            else:  # "result"
+                with self._lock:
+                    future = self._calls.pop(key)
+                if item[2] is None:
+                    future.set_result(item[3])
+                else:
+                    future.set_exception(item[2])
+        if self._on_iteration is not None:
+            self._on_iteration()
+
+    def _end(self) -> None:
+        self._gone = True
+        loop = self._reader_loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._from_worker.fileno())
         self._process.join(timeout=30)  # its end of the pipe is closed: it has exited or is exiting
         with self._lock:  # the process is gone: nothing pending will get an answer
             self._closed = True
@@ -207,11 +275,11 @@ class WorkerScheduler:
 # ---------------------------------------------------------------- the decoding process
 
 
-def _serve_jobs(conn, model, tokenizer, max_batch: int, threads: int) -> None:
-    """The process: a Scheduler on ``model``; jobs and calls come in on ``conn``; each pass's
-    events, ends and call results go back as one message. Ends when told, or when the other
-    end of the pipe is gone (the serving process died): no orphan. Ctrl-C in the terminal reaches
-    this process too: it is ignored here, the serving process closes it in order."""
+def _serve_jobs(requests, replies, model, tokenizer, max_batch: int, threads: int) -> None:
+    """The process: a Scheduler on ``model``; jobs and calls come in on ``requests``; each pass's
+    events, ends and call results go back on ``replies`` as one message. Ends when told, or when
+    the other end of ``requests`` is gone (the serving process died): no orphan. Ctrl-C in the
+    terminal reaches this process too: it is ignored here, the serving process closes it in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     outbox: list[tuple] = []
@@ -224,16 +292,17 @@ def _serve_jobs(conn, model, tokenizer, max_batch: int, threads: int) -> None:
                 items = outbox[:]
                 outbox.clear()
                 try:
-                    conn.send((items, scheduler.steps if scheduler is not None else 0))
+                    replies.send_bytes(pickle.dumps((items, scheduler.steps if scheduler is not None else 0),
+                                                    pickle.HIGHEST_PROTOCOL))
                 except (OSError, ValueError):  # the serving process is gone
                     pass
 
     try:
         scheduler = Scheduler(model, tokenizer, max_batch=max_batch, on_iteration=flush)
     except Exception as e:
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        replies.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", scheduler.batchable))
+    replies.send(("ready", scheduler.batchable))
     jobs: dict[int, Job] = {}
 
     def finished(key: int, job: Job) -> None:
@@ -255,13 +324,14 @@ def _serve_jobs(conn, model, tokenizer, max_batch: int, threads: int) -> None:
     try:
         while True:
             try:
-                message = conn.recv()
+                message = requests.recv()
             except (EOFError, OSError):
                 break
             kind = message[0]
             if kind == "submit":
                 key, fields = message[1], message[2]
-                job = Job(**fields, on_event=lambda e, key=key: on_event(key, e))
+                events = fields.pop("events")
+                job = Job(**fields, on_event=(lambda e, key=key: on_event(key, e)) if events else None)
                 job.on_done = lambda key=key, job=job: finished(key, job)
                 jobs[key] = job
                 scheduler.submit(job)
@@ -277,7 +347,7 @@ def _serve_jobs(conn, model, tokenizer, max_batch: int, threads: int) -> None:
     finally:
         scheduler.close()
         flush()
-        conn.close()
+        replies.close()
 
 
 @contextlib.contextmanager
