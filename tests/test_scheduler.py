@@ -149,3 +149,35 @@ def test_bad_arguments():
             scheduler.submit(Job(prompt_ids=[], max_new_tokens=2))
     finally:
         scheduler.close()
+
+
+def test_each_step_reports_its_tokens_before_the_model_runs_on_them():
+    """on_iteration comes after a step's choice and before the forward pass that feeds those
+    tokens: a streamed token is on its way while the model works on the next."""
+    model = peaked("transformer")
+    forward_passes, depth = [], [0]
+
+    def counted(method):
+        def call(*args, **kwargs):
+            depth[0] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    forward_passes.append(1)
+        return call
+
+    tokens, seen = [], []
+    scheduler = Scheduler(model, None, max_batch=2,
+                          on_iteration=lambda: seen.append((len(tokens), len(forward_passes))))
+    for name in ("next_token_logits", "read_prompt_blocks"):
+        setattr(model, name, counted(getattr(model, name)))
+    try:
+        job = scheduler.submit(Job(prompt_ids=[3, 4], max_new_tokens=5, seed=0, on_event=tokens.append))
+        assert job.done.wait(30)
+    finally:
+        scheduler.close()
+    # token k is chosen from the k-th pass (the prompt's, then k - 1 of the chosen tokens)
+    assert [(k, k) for k in range(1, 6)] == [s for s in seen if s[0] > 0][:5]
+    assert len(forward_passes) == 5

@@ -144,8 +144,10 @@ def check_job(job: Job, max_batch: int) -> None:
 
 class Scheduler:
     """One thread runs the decoding loop over the jobs submitted to it (see the module docstring).
-    ``on_iteration()``, when given, is called on that thread after each pass of the loop (the
-    events and ends of that pass have all been reported) and once more at the end."""
+    ``on_iteration()``, when given, is called on that thread after each pass of the loop has
+    chosen its tokens (the events and ends of that pass have all been reported), before the
+    model runs on those tokens (so they can be on their way while it does), and once more at
+    the end."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, on_iteration: Callable[[], None] | None = None) -> None:
         require_causal(model, "serving")
@@ -160,6 +162,7 @@ class Scheduler:
         self._active: list[_Active] = []
         self._state = None
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the running rows
+        self._chosen: torch.Tensor | None = None  # (B,) tokens chosen, not yet fed to the model
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="lmlab-scheduler", daemon=True)
         self._thread.start()
@@ -224,11 +227,14 @@ class Scheduler:
                 if self._active:
                     self._step()
             except Exception as e:  # a failing step fails the jobs in it, never the loop
-                for a in self._active:
-                    self._finish(a, error=f"{type(e).__name__}: {e}")
-                self._active, self._state, self._logits = [], None, None
-            if self._on_iteration is not None:
+                self._fail_all(e)
+            if self._on_iteration is not None:  # the step's tokens go out before the model runs on them
                 self._on_iteration()
+            if self._chosen is not None:
+                try:
+                    self._advance()
+                except Exception as e:
+                    self._fail_all(e)
         for a in self._active:
             self._finish(a, error="the server is shutting down")
         for job in self._waiting:
@@ -238,6 +244,11 @@ class Scheduler:
             future.cancel()
         if self._on_iteration is not None:
             self._on_iteration()
+
+    def _fail_all(self, error: Exception) -> None:
+        for a in self._active:
+            self._finish(a, error=f"{type(error).__name__}: {error}")
+        self._active, self._state, self._logits, self._chosen = [], None, None, None
 
     @torch.no_grad()
     def _admit(self) -> None:
@@ -287,7 +298,8 @@ class Scheduler:
 
     @torch.no_grad()
     def _step(self) -> None:
-        """Choose one token for every row, retire the finished jobs, feed the rest."""
+        """Choose one token for every row and retire the finished jobs; the tokens of the rest
+        wait in ``_chosen`` for ``_advance`` (after ``on_iteration`` has sent the step's news)."""
         self.steps += 1
         spans, start = [], 0
         for a in self._active:
@@ -312,7 +324,13 @@ class Scheduler:
             if not self._active:
                 self._state, self._logits = None, None
                 return
-        self._logits, self._state = self.model.next_token_logits(chosen[:, None], state)
+        self._state, self._chosen = state, chosen
+
+    @torch.no_grad()
+    def _advance(self) -> None:
+        """Feed the chosen tokens (B,) to the model: the logits and state of the next step."""
+        chosen, self._chosen = self._chosen, None
+        self._logits, self._state = self.model.next_token_logits(chosen[:, None], self._state)
 
     def _without(self, spans: list[tuple[_Active, int]], leaving: list[tuple[_Active, int]], state,
                  chosen: torch.Tensor):
