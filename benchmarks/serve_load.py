@@ -3,7 +3,8 @@
     python benchmarks/serve_load.py throughput --out runs/serve_throughput.json
     python benchmarks/serve_load.py loop --out runs/serve_loop.json
     python benchmarks/serve_load.py soak --requests 500 --soak-clients 32 --out runs/serve_soak.json
-    python benchmarks/serve_load.py single --repeats 20 --chunk 8 --out runs/serve_single.json
+    python benchmarks/serve_load.py single --repeats 30 --chunk 8 --out runs/serve_single.json
+    python benchmarks/serve_load.py single --compare-source ../old/src --repeats 30 --out runs/serve_single_ab.json
     python benchmarks/serve_load.py throughput --model gguf:SmolLM2.gguf --dtype bfloat16 --max-tokens 16 --out ...
 
 throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transformer of the
@@ -21,9 +22,11 @@ throughput: a server (a subprocess of ``lmlab serve`` on 127.0.0.1) on a transfo
 loop: the same figures for the decoding loop alone (``Scheduler`` in this process, no HTTP):
     N jobs submitted together against the same jobs one at a time, to show what the HTTP
     layer costs.
-single: one client of the batching server against ``lmlab generate`` in this process on the
-    same requests, alternated in chunks of --chunk requests, --repeats pairs: the single-client
-    comparison with the machine's speed changes spread over both sides.
+single: one client of the batching server, streaming and not, against ``lmlab generate`` in
+    this process on the same requests, alternated in chunks of --chunk requests, --repeats
+    rounds: the single-client comparison with the machine's speed changes spread over every side.
+    --compare-source DIR adds a streaming client of another version's server (its ``src``
+    directory), in the same rounds: a before/after comparison.
 soak: --requests requests from --clients concurrent clients, a mix of streaming and
     non-streaming, some cancelled after a few tokens, some invalid (answered 400). Checks that
     every request is answered exactly once (or refused with a clear error), that no response
@@ -79,10 +82,11 @@ _THREAD_SERVER = ("import sys, uvicorn; from lmlab.checkpoints import load_check
 class Server:
     """``lmlab serve`` in a subprocess on a free loopback port (``decoder="thread"``: the decoding
     loop on a thread of the HTTP process instead of a process of its own). ``options``: more
-    ``lmlab serve`` flags (``--dtype``, ``--quantize``)."""
+    ``lmlab serve`` flags (``--dtype``, ``--quantize``). ``source``: the ``src`` directory of
+    another version of lmlab to serve (its PYTHONPATH)."""
 
     def __init__(self, model: str, max_batch: int, max_tokens_limit: int = 4096, threads: int = 1,
-                 decoder: str = "process", options: tuple[str, ...] = ()) -> None:
+                 decoder: str = "process", options: tuple[str, ...] = (), source: str | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -93,7 +97,8 @@ class Server:
             command = ["-m", "lmlab", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
                        "--max-batch", str(max_batch), "--max-tokens-limit", str(max_tokens_limit), *options]
         self.proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads),
+                                                     **({"PYTHONPATH": source} if source else {})})
         deadline = time.time() + 300
         while True:
             try:
@@ -451,32 +456,63 @@ def loop(args, model_spec: str) -> dict:
     return {"rows": rows}
 
 
+def plain_requests(server: "Server", count: int, body: dict) -> dict:
+    """``count`` non-streaming completions one after another on one kept-alive connection, with
+    the requests (prompts, seeds) of ``drive``'s first client."""
+    with httpx.Client() as client:
+        tokens, t0, cpu0 = 0, time.perf_counter(), server.cpu_by_process()
+        for r in range(count):
+            response = client.post(server.url + "/v1/completions", timeout=600,
+                                   json={**body, "prompt": PROMPTS[r % len(PROMPTS)], "seed": r})
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+        wall, cpu1 = time.perf_counter() - t0, server.cpu_by_process()
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "http_cpu_ms_per_token": 1000 * (cpu1[0] - cpu0[0]) / tokens,
+            "decoder_cpu_ms_per_token": 1000 * (cpu1[1] - cpu0[1]) / tokens}
+
+
 def single(args, model_spec: str) -> dict:
-    """One client of the batching server against ``lmlab generate`` in this process on the same
-    requests, alternated in short chunks (``--chunk`` requests each, ``--repeats`` pairs), so that
-    a shared machine's speed changes reach both sides alike."""
+    """One client of the batching server, streaming and not, against ``lmlab generate`` in this
+    process on the same requests, alternated in short chunks (``--chunk`` requests each,
+    ``--repeats`` rounds; the two server sides swap order every round), so that a shared
+    machine's speed changes reach every side alike."""
     body, precision = _measured_request(args, model_spec)
     generate = Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
     server = Server(model_spec, max_batch=32, threads=args.threads, options=precision)
-    pairs = []
+    other = Server(model_spec, max_batch=32, threads=args.threads, options=precision, source=args.compare_source) \
+        if args.compare_source else None
+    rounds = []
     try:
         drive(server, 1, 4, body)  # warm-up
-        for _ in range(args.repeats):
-            served = drive(server, 1, args.chunk, body)
+        plain_requests(server, 2, body)
+        sides = [("streaming", lambda: drive(server, 1, args.chunk, body)),
+                 ("plain", lambda: plain_requests(server, args.chunk, body))]
+        if other is not None:
+            drive(other, 1, 4, body)
+            sides.append(("other_streaming", lambda: drive(other, 1, args.chunk, body)))
+        for i in range(args.repeats):
+            measured = {name: run() for name, run in sides[i % len(sides):] + sides[:i % len(sides)]}
             local = generate.measure(args.chunk)
-            pairs.append({"server_tokens_per_s": served["tokens_per_s"], "generate_tokens_per_s": local[0],
-                          "decoder_cpu_ms_per_token": served["decoder_cpu_ms_per_token"],
-                          "http_cpu_ms_per_token": served["http_cpu_ms_per_token"],
-                          "generate_cpu_ms_per_token": 1000 / local[1],
-                          "server_seconds": served["seconds"], "server_tokens": served["tokens"],
-                          "load_average_1min": served["load_average_1min"]})
+            rounds.append({"generate_tokens_per_s": local[0], "generate_cpu_ms_per_token": 1000 / local[1],
+                           "load_average_1min": os.getloadavg()[0],
+                           **{f"{name}_{key}": value[key] for name, value in measured.items()
+                              for key in ("tokens_per_s", "tokens", "seconds", "http_cpu_ms_per_token",
+                                          "decoder_cpu_ms_per_token")}})
     finally:
         server.close()
-    ratios = [q["server_tokens_per_s"] / q["generate_tokens_per_s"] for q in pairs]
-    served_tokens = sum(q["server_tokens"] for q in pairs)
-    generated_seconds = sum(q["server_tokens"] / q["generate_tokens_per_s"] for q in pairs)
-    return {"pairs": pairs, "ratio_by_pair": ratios, "ratio_median": statistics.median(ratios),
-            "ratio_of_totals": (served_tokens / sum(q["server_seconds"] for q in pairs)) / (served_tokens / generated_seconds)}
+        if other is not None:
+            other.close()
+    result = {"rounds": rounds, "compare_source": args.compare_source}
+    for name, _ in sides:
+        ratios = [q[f"{name}_tokens_per_s"] / q["generate_tokens_per_s"] for q in rounds]
+        generated_seconds = sum(q[f"{name}_tokens"] / q["generate_tokens_per_s"] for q in rounds)
+        result[name] = {"ratio_by_round": ratios, "ratio_median": statistics.median(ratios),
+                        "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios,
+                        "ratio_of_totals": generated_seconds / sum(q[f"{name}_seconds"] for q in rounds),
+                        "decoder_over_generate_cpu_median": statistics.median(
+                            q[f"{name}_decoder_cpu_ms_per_token"] / q["generate_cpu_ms_per_token"] for q in rounds)}
+    return result
 
 
 def main() -> None:
@@ -491,8 +527,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the server and of the in-process lmlab generate run (OMP_NUM_THREADS)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="throughput: runs per setting (the median is kept); single: server/generate pairs")
-    parser.add_argument("--chunk", type=int, default=8, help="single: requests per side of a pair")
+                        help="throughput: runs per setting (the median is kept); single: rounds")
+    parser.add_argument("--chunk", type=int, default=8, help="single: requests per side of a round")
+    parser.add_argument("--compare-source", help="single: also a server of the lmlab in this src directory, "
+                        "streaming, alternated with the others (a before/after comparison)")
     parser.add_argument("--compare-thread", action="store_true",
                         help="throughput: also the decoding loop on a thread of the HTTP process (1 and 16 clients)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="lmlab serve --dtype")
@@ -528,13 +566,23 @@ def main() -> None:
                       f"(median of the rounds' ratios; per CPU s: {result['single_client_over_generate_per_cpu_median']:.2f})")
         elif args.mode == "single":
             result = {**meta, **single(args, model_spec)}
-            for q in result["pairs"]:
-                print(f"server {q['server_tokens_per_s']:.0f} tokens/s, lmlab generate {q['generate_tokens_per_s']:.0f} "
-                      f"tokens/s: {q['server_tokens_per_s'] / q['generate_tokens_per_s']:.2f}; CPU ms per token: decoding "
-                      f"process {q['decoder_cpu_ms_per_token']:.3f}, HTTP process {q['http_cpu_ms_per_token']:.3f}, "
-                      f"lmlab generate {q['generate_cpu_ms_per_token']:.3f} (load {q['load_average_1min']:.1f})")
-            print(f"one client of the server / lmlab generate: median of the pairs {result['ratio_median']:.3f}, "
-                  f"ratio of the totals {result['ratio_of_totals']:.3f} ({len(result['pairs'])} pairs of {args.chunk} requests)")
+            for q in result["rounds"]:
+                print(f"lmlab generate {q['generate_tokens_per_s']:.0f} tokens/s; server streaming "
+                      f"{q['streaming_tokens_per_s']:.0f} ({q['streaming_tokens_per_s'] / q['generate_tokens_per_s']:.2f}), "
+                      f"not streaming {q['plain_tokens_per_s']:.0f} ({q['plain_tokens_per_s'] / q['generate_tokens_per_s']:.2f}); "
+                      f"CPU ms per token streaming: decoding process {q['streaming_decoder_cpu_ms_per_token']:.3f}, "
+                      f"HTTP process {q['streaming_http_cpu_ms_per_token']:.3f}, lmlab generate "
+                      f"{q['generate_cpu_ms_per_token']:.3f} (load {q['load_average_1min']:.1f})")
+            for name, label in (("streaming", "streaming"), ("plain", "not streaming"),
+                                ("other_streaming", f"streaming, {args.compare_source}")):
+                if name not in result:
+                    continue
+                r = result[name]
+                quartiles = ", ".join(f"{v:.3f}" for v in r["ratio_quartiles"])
+                print(f"one client of the server, {label} / lmlab generate: median {r['ratio_median']:.3f} "
+                      f"(quartiles {quartiles}), ratio of the totals {r['ratio_of_totals']:.3f}; decoding process CPU "
+                      f"per token / generate's {r['decoder_over_generate_cpu_median']:.3f} "
+                      f"({len(result['rounds'])} rounds of {args.chunk} requests)")
         elif args.mode == "loop":
             print("| jobs | together tokens/s | one at a time tokens/s | speed-up |")
             print("|---|---|---|---|")
