@@ -181,3 +181,27 @@ def test_each_step_reports_its_tokens_before_the_model_runs_on_them():
     # token k is chosen from the k-th pass (the prompt's, then k - 1 of the chosen tokens)
     assert [(k, k) for k in range(1, 6)] == [s for s in seen if s[0] > 0][:5]
     assert len(forward_passes) == 5
+
+
+def test_a_forward_pass_that_fails_fails_its_jobs_and_reports_them_at_once():
+    model = peaked("transformer")
+    job = Job(prompt_ids=[3, 4], max_new_tokens=10, seed=0)
+    reported = threading.Event()  # set by a pass that comes after the job's end
+    scheduler = Scheduler(model, None, max_batch=2, on_iteration=lambda: reported.set() if job.done.is_set() else None)
+    forward = model.next_token_logits
+    calls = []
+
+    def failing(ids, state=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return forward(ids, state)
+
+    model.next_token_logits = failing
+    try:
+        scheduler.submit(job)
+        assert job.done.wait(30) and job.error == "RuntimeError: out of memory"
+        assert reported.wait(10)  # not only when the scheduler closes
+        assert len(job.results[0].token_ids) == len(calls) - 1  # a token from each forward pass that worked
+    finally:
+        scheduler.close()

@@ -235,6 +235,8 @@ class Scheduler:
                     self._advance()
                 except Exception as e:
                     self._fail_all(e)
+                    if self._on_iteration is not None:  # the ends go out now, not with some later pass
+                        self._on_iteration()
         for a in self._active:
             self._finish(a, error="the server is shutting down")
         for job in self._waiting:
