@@ -1,7 +1,8 @@
 """The decoding loop in a process of its own, behind the ``Scheduler``'s interface.
 
     scheduler = WorkerScheduler(model, tokenizer, max_batch=16)   # starts the process
-    scheduler.submit(job)       # as Scheduler.submit: job.on_event / on_done run here, on a reader thread
+    scheduler.read_on(loop)     # optional, first: messages read by this asyncio loop, not a reader thread
+    scheduler.submit(job)       # as Scheduler.submit: job.on_event / on_done run here (reader thread or loop)
     scheduler.call(fn, *args)   # fn(model, tokenizer, *args) in the process, between two steps: a Future
     scheduler.cancel(job)
     scheduler.close()           # the process ends; no orphan is left
