@@ -189,14 +189,18 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def drive(server: "Server", clients: int, requests_per_client: int, body: dict) -> dict:
+def drive(server: "Server", clients: int, requests_per_client: int, body: dict,
+          connections: list[httpx.Client] | None = None) -> dict:
     """``clients`` threads, each sending its requests one after another on its own kept-alive
-    connection; aggregate figures, the server's CPU time (on a shared machine, tokens per CPU
-    second depend less on the load) and the clients' (this process's)."""
+    connection (``connections``: kept open by the caller across calls; else opened here);
+    aggregate figures, the server's CPU time (on a shared machine, tokens per CPU second
+    depend less on the load) and the clients' (this process's)."""
     url = server.url
     results: list[dict] = []
     lock = threading.Lock()
-    connections = [httpx.Client() for _ in range(clients)]
+    own = connections is None
+    if own:
+        connections = [httpx.Client() for _ in range(clients)]
 
     def client(c: int) -> None:
         for r in range(requests_per_client):
@@ -216,8 +220,9 @@ def drive(server: "Server", clients: int, requests_per_client: int, body: dict) 
     http_cpu, decoder_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     cpu = http_cpu + decoder_cpu
     client_cpu = time.process_time() - client_cpu0
-    for connection in connections:
-        connection.close()
+    if own:
+        for connection in connections:
+            connection.close()
     ok = [r for r in results if r["status"] == 200]
     tokens = sum(len(r["times"]) for r in ok)
     ttft = [r["times"][0] for r in ok if r["times"]]
@@ -456,17 +461,16 @@ def loop(args, model_spec: str) -> dict:
     return {"rows": rows}
 
 
-def plain_requests(server: "Server", count: int, body: dict) -> dict:
-    """``count`` non-streaming completions one after another on one kept-alive connection, with
-    the requests (prompts, seeds) of ``drive``'s first client."""
-    with httpx.Client() as client:
-        tokens, t0, cpu0 = 0, time.perf_counter(), server.cpu_by_process()
-        for r in range(count):
-            response = client.post(server.url + "/v1/completions", timeout=600,
-                                   json={**body, "prompt": PROMPTS[r % len(PROMPTS)], "seed": r})
-            response.raise_for_status()
-            tokens += response.json()["usage"]["completion_tokens"]
-        wall, cpu1 = time.perf_counter() - t0, server.cpu_by_process()
+def plain_requests(server: "Server", count: int, body: dict, client: httpx.Client) -> dict:
+    """``count`` non-streaming completions one after another on ``client``'s kept-alive
+    connection, with the requests (prompts, seeds) of ``drive``'s first client."""
+    tokens, t0, cpu0 = 0, time.perf_counter(), server.cpu_by_process()
+    for r in range(count):
+        response = client.post(server.url + "/v1/completions", timeout=600,
+                               json={**body, "prompt": PROMPTS[r % len(PROMPTS)], "seed": r})
+        response.raise_for_status()
+        tokens += response.json()["usage"]["completion_tokens"]
+    wall, cpu1 = time.perf_counter() - t0, server.cpu_by_process()
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "http_cpu_ms_per_token": 1000 * (cpu1[0] - cpu0[0]) / tokens,
             "decoder_cpu_ms_per_token": 1000 * (cpu1[1] - cpu0[1]) / tokens}
@@ -483,14 +487,16 @@ def single(args, model_spec: str) -> dict:
     other = Server(model_spec, max_batch=32, threads=args.threads, options=precision, source=args.compare_source) \
         if args.compare_source else None
     rounds = []
+    # One kept-alive connection per side for the whole run, as a client of a server keeps it.
+    streaming, plain, other_streaming = httpx.Client(), httpx.Client(), httpx.Client()
     try:
-        drive(server, 1, 4, body)  # warm-up
-        plain_requests(server, 2, body)
-        sides = [("streaming", lambda: drive(server, 1, args.chunk, body)),
-                 ("plain", lambda: plain_requests(server, args.chunk, body))]
+        drive(server, 1, 4, body, [streaming])  # warm-up
+        plain_requests(server, 2, body, plain)
+        sides = [("streaming", lambda: drive(server, 1, args.chunk, body, [streaming])),
+                 ("plain", lambda: plain_requests(server, args.chunk, body, plain))]
         if other is not None:
-            drive(other, 1, 4, body)
-            sides.append(("other_streaming", lambda: drive(other, 1, args.chunk, body)))
+            drive(other, 1, 4, body, [other_streaming])
+            sides.append(("other_streaming", lambda: drive(other, 1, args.chunk, body, [other_streaming])))
         for i in range(args.repeats):
             measured = {name: run() for name, run in sides[i % len(sides):] + sides[:i % len(sides)]}
             local = generate.measure(args.chunk)
@@ -500,6 +506,8 @@ def single(args, model_spec: str) -> dict:
                               for key in ("tokens_per_s", "tokens", "seconds", "http_cpu_ms_per_token",
                                           "decoder_cpu_ms_per_token")}})
     finally:
+        for connection in (streaming, plain, other_streaming):
+            connection.close()
         server.close()
         if other is not None:
             other.close()
