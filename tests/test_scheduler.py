@@ -205,3 +205,16 @@ def test_a_forward_pass_that_fails_fails_its_jobs_and_reports_them_at_once():
         assert len(job.results[0].token_ids) == len(calls) - 1  # a token from each forward pass that worked
     finally:
         scheduler.close()
+
+
+def test_the_loop_runs_without_autograd():
+    scheduler = Scheduler(peaked("gru"), None, max_batch=2)
+    try:
+        assert scheduler.call(lambda model, tokenizer: torch.is_grad_enabled()).result(30) is False
+        job = scheduler.submit(Job(prompt_ids=[3], max_new_tokens=3, seed=0))
+        assert job.done.wait(30) and scheduler._state is None
+        states = scheduler.call(lambda model, tokenizer: model.next_token_logits(torch.tensor([[3]]), None)).result(30)
+        assert states[0].grad_fn is None
+    finally:
+        scheduler.close()
+    assert torch.is_grad_enabled()  # the caller's thread is untouched

@@ -208,6 +208,7 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        torch.set_grad_enabled(False)  # for this thread's life (grad mode is per thread): no autograd in serving
         while True:
             with self._wake:
                 while not (self._closed or self._waiting or self._calls or self._active):
@@ -252,7 +253,6 @@ class Scheduler:
             self._finish(a, error=f"{type(error).__name__}: {error}")
         self._active, self._state, self._logits, self._chosen = [], None, None, None
 
-    @torch.no_grad()
     def _admit(self) -> None:
         """Move waiting jobs into the batch while their rows fit (one job at a time when the
         model's states cannot be merged)."""
@@ -298,7 +298,6 @@ class Scheduler:
         state = states[0] if len(states) == 1 else self.model.merge_states(states)
         return [a for a, _, _ in read], torch.cat([logits for _, logits, _ in read]), state
 
-    @torch.no_grad()
     def _step(self) -> None:
         """Choose one token for every row and retire the finished jobs; the tokens of the rest
         wait in ``_chosen`` for ``_advance`` (after ``on_iteration`` has sent the step's news)."""
@@ -328,7 +327,6 @@ class Scheduler:
                 return
         self._state, self._chosen = state, chosen
 
-    @torch.no_grad()
     def _advance(self) -> None:
         """Feed the chosen tokens (B,) to the model: the logits and state of the next step."""
         chosen, self._chosen = self._chosen, None
