@@ -48,7 +48,7 @@ class TokenEvent(NamedTuple):
     """A token chosen for ``row`` of a job. ``logprob``: under the model (before processors);
     ``processed_logprob``: after them (only when the job asks for ``alternatives``; -inf when
     they cut it). ``alternatives``: the most probable tokens as (id, model logprob, processed logprob).
-    A named tuple: the decoding process sends one per token, and tuples pickle cheaply."""
+    A named tuple: the decoding process sends its fields, one event per token, as a plain tuple."""
 
     row: int
     token_id: int

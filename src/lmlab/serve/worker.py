@@ -41,7 +41,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lmlab.models.base import require_causal
-from lmlab.serve.scheduler import Job, Scheduler, _done, batching_policy, check_job, check_max_batch
+from lmlab.serve.scheduler import Job, Scheduler, TokenEvent, _done, batching_policy, check_job, check_max_batch
 
 __all__ = ["WorkerScheduler", "default_worker_threads"]
 
@@ -234,7 +234,7 @@ class WorkerScheduler:
             if kind == "event":
                 job = self._jobs.get(key)
                 if job is not None and job.on_event is not None:
-                    job.on_event(item[2])
+                    job.on_event(TokenEvent(*item[2:]))
             elif kind == "done":
                 with self._lock:
                     job = self._jobs.pop(key, None)
@@ -320,7 +320,9 @@ def _serve_jobs(requests, replies, model, tokenizer, max_batch: int, threads: in
                 outbox.append(("result", key, _portable(error), None))
 
     def on_event(key: int, event) -> None:
-        outbox.append(("event", key, event))  # the loop's thread; sent by flush() at the end of the pass
+        # The loop's thread; sent by flush() at the end of the pass. The fields as a plain tuple:
+        # a named tuple pickles through a Python-level __getnewargs__, about 4x slower.
+        outbox.append(("event", key, *event))
 
     try:
         while True:
