@@ -13,7 +13,7 @@ process (started with ``spawn``) runs a ``Scheduler`` on the model. One pipe car
 descriptions to it; another brings back, once per pass of the loop, that pass's token events
 and finished jobs (token ids and log-probabilities: the text is made by the caller), pickled
 plainly: multiprocessing's own pickler (torch's shared-memory reductions in its dispatch table)
-costs about ten times more per small message. Events cross only for jobs that have an
+costs about 2.5 times more per small message. Events cross only for jobs that have an
 ``on_event``. The model's tensors go to the process through shared memory
 (``torch.multiprocessing``), not copied; ``fn`` must be a module-level function (it is pickled
 by name).
