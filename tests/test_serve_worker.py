@@ -223,3 +223,25 @@ def test_on_an_event_loop_a_dying_process_fails_what_is_pending():
     assert job.error == "the decoding process exited (code -9)"
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(Job(prompt_ids=[3], max_new_tokens=2))
+
+
+def test_the_reading_moves_to_a_new_event_loop_once_the_first_has_stopped():
+    import asyncio
+
+    worker = WorkerScheduler(peaked("gru"), None, max_batch=2, threads=1)
+
+    async def one_job(seed):
+        loop = asyncio.get_running_loop()
+        worker.read_on(loop)
+        finished = loop.create_future()
+        job = worker.submit(Job(prompt_ids=[3], max_new_tokens=4, seed=seed,
+                                on_done=lambda: finished.set_result(threading.get_ident())))
+        return job, await asyncio.wait_for(finished, 30)
+
+    try:
+        first, _ = asyncio.run(one_job(0))  # this loop is closed when run() returns
+        second, done_on = asyncio.run(one_job(1))
+    finally:
+        worker.close()
+    assert first.error is None and second.error is None and done_on == threading.get_ident()
+    assert len(second.results[0].token_ids) == 4
