@@ -479,8 +479,8 @@ def plain_requests(server: "Server", count: int, body: dict, client: httpx.Clien
 def single(args, model_spec: str) -> dict:
     """One client of the batching server, streaming and not, against ``lmlab generate`` in this
     process on the same requests, alternated in short chunks (``--chunk`` requests each,
-    ``--repeats`` rounds; the two server sides swap order every round), so that a shared
-    machine's speed changes reach every side alike."""
+    ``--repeats`` rounds; the server sides take turns going first), so that a shared machine's
+    speed changes reach every side alike."""
     body, precision = _measured_request(args, model_spec)
     generate = Generate(model_spec, args.max_tokens, body["logit_bias"], precision)
     server = Server(model_spec, max_batch=32, threads=args.threads, options=precision)
